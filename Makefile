@@ -1,0 +1,34 @@
+# One-command entry points (see README). Override PYTHON to pick another interpreter.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU torch from the local wheel; GPU users: TORCH_SPEC="torch" with their CUDA index.
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION ?= 1
+
+.PHONY: install test run lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps "animal-mnist==0.4"
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+run: install
+	$(BIN)/python -m fedmosaic_core.cli main-job
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""fedmosaic_core/pqlora."""
