@@ -1,0 +1,132 @@
+"""A client's state on its own disk, one snapshot per completed round.
+
+In a deployment every message starts a fresh ClientApp process and ``context.state`` lives only in
+the SuperNode's memory, so everything a client carries across rounds is saved here, keyed by its
+**stable client id**:
+
+``<state-root>/<run-name>/client-<id>/round-0003/``
+    ``tensors.safetensors`` (adapter incl. global branch and gate, optimizer moments, task-vector
+    accumulator) and ``state.json`` (stream position, replay memory, optimizer step counts).
+
+Round ``t`` starts from the snapshot of round ``t-1`` (round 1 from scratch), so a client that
+crashed mid-round, or a server that resumed from its round-``k`` checkpoint, replays the round
+from exactly the same state. Snapshots are written to a temporary directory and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+class ClientStateError(RuntimeError):
+    """A needed snapshot is missing or unreadable; the message names the directory."""
+
+
+@dataclass
+class ClientSnapshot:
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ClientStateStore:
+    """Snapshots of one client's state, by round."""
+
+    def __init__(self, root: Path, run_name: str, client_id: str, keep: int = 2) -> None:
+        safe_id = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in client_id)
+        self.dir = Path(root) / run_name / f"client-{safe_id}"
+        self.keep = keep
+
+    def _round_dir(self, server_round: int) -> Path:
+        return self.dir / f"round-{server_round:04d}"
+
+    def load(self, server_round: int) -> ClientSnapshot | None:
+        """State after ``server_round`` (None for round 0: start from scratch)."""
+        if server_round <= 0:
+            return None
+        folder = self._round_dir(server_round)
+        if not folder.exists():
+            raise ClientStateError(
+                f"client state {folder} is missing: round {server_round + 1} needs the state "
+                f"saved after round {server_round} (was the state directory moved or cleared?)"
+            )
+        try:
+            meta = json.loads((folder / "state.json").read_text())
+            tensors = load_file(str(folder / "tensors.safetensors"))
+        except (OSError, ValueError) as err:
+            raise ClientStateError(f"client state {folder} is unreadable: {err}") from None
+        return ClientSnapshot(tensors=tensors, meta=meta)
+
+    def save(self, server_round: int, snapshot: ClientSnapshot) -> Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self._round_dir(server_round)
+        tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".round-{server_round:04d}."))
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in snapshot.tensors.items()}
+            save_file(tensors, str(tmp / "tensors.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(snapshot.meta, sort_keys=True))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        rounds = sorted(p for p in self.dir.glob("round-*") if p.is_dir())
+        for old in rounds[: -self.keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def optimizer_to_snapshot(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], prefix: str = "optim/"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """AdamW-style state → (tensors keyed by parameter name, JSON meta). No pickle."""
+    tensors: dict[str, torch.Tensor] = {}
+    steps: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            name = names[id(param)]
+            for key, value in state.items():
+                if key == "step":
+                    steps[name] = float(value)
+                elif torch.is_tensor(value):
+                    tensors[f"{prefix}{name}/{key}"] = value
+    return tensors, {"steps": steps}
+
+
+def optimizer_from_snapshot(
+    optimizer: torch.optim.Optimizer,
+    names: dict[int, str],
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    prefix: str = "optim/",
+) -> None:
+    steps = meta.get("steps", {})
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            if name not in steps:
+                continue
+            state: dict[str, Any] = {"step": torch.tensor(steps[name], dtype=torch.float32)}
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                value = tensors.get(f"{prefix}{name}/{key}")
+                if value is not None:
+                    if value.shape != param.shape:
+                        raise ClientStateError(
+                            f"optimizer state {name}/{key}: shape {tuple(value.shape)} "
+                            f"!= parameter {tuple(param.shape)}"
+                        )
+                    state[key] = value.to(param.device, param.dtype).clone()
+            optimizer.state[param] = state

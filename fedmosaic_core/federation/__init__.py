@@ -1,0 +1,1 @@
+"""Shared federation protocol: run configuration and message encoding (no server/client code)."""

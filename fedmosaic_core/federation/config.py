@@ -1,0 +1,115 @@
+"""Run configuration of a FedMosaic federation, validated once when a run starts.
+
+The single source of defaults is ``[tool.flwr.app.config]`` in ``pyproject.toml`` (kebab-case keys);
+``--run-config`` overrides them. :func:`parse_run_config` turns that flat mapping into a validated
+:class:`FederationConfig` or raises :class:`ConfigError` with one line naming the bad key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "local"]
+STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "local")
+
+
+class ConfigError(ValueError):
+    """A run-config value is wrong; the message names the key."""
+
+
+def default_home() -> Path:
+    """Root for caches, data, runs and client state: ``$FEDMOSAIC_HOME`` or ``~/.cache/fedmosaic``."""
+    return Path(os.environ.get("FEDMOSAIC_HOME", Path.home() / ".cache" / "fedmosaic")).expanduser()
+
+
+class FederationConfig(BaseModel):
+    """All knobs of a run. Field names are snake_case; run-config keys are their kebab-case form."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # --- federation ---
+    num_server_rounds: int = Field(8, ge=1)
+    strategy: Strategy = "fedmosaic"
+    seed: int = Field(0, ge=0)
+    run_name: str = ""
+    output_dir: str = ""
+    resume: bool = False
+    round_timeout: float = Field(900.0, gt=0)
+    min_clients: int = Field(2, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    max_reply_mb: float = Field(64.0, gt=0)
+    # --- benchmark / data ---
+    scenario: str = "two-families"
+    data_root: str = ""
+    stream_mode: Literal["dynamic", "static"] = "dynamic"
+    rounds_per_task: int = Field(4, ge=1)
+    eval_others_every: int = Field(0, ge=0)
+    eval_unseen: bool = True
+    eval_max_samples: int = Field(24, ge=1)
+    max_new_tokens: int = Field(6, ge=1)
+    max_length: int = Field(96, ge=16)
+    # --- local training ---
+    local_steps: int = Field(16, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr_pq: float = Field(2e-3, gt=0)
+    lr_lora: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    # --- PQ-LoRA ---
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    # --- RELA ---
+    tau: float = Field(0.5, gt=0)
+    probe_model: str = ""
+    probe_every: int = Field(4, ge=1)
+    rows_fraction: float = Field(0.4, gt=0, le=1)
+    noise_std: float = Field(1e-4, ge=0)
+    # --- resources ---
+    torch_threads: int = Field(0, ge=0)
+
+    @field_validator("output_dir", "data_root")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        # ServerApp/ClientApp run from a copy under $FLWR_HOME: relative paths would point there.
+        if value and not Path(value).expanduser().is_absolute():
+            raise ValueError(f"must be an absolute path (the app runs from a copy), got {value!r}")
+        return value
+
+    # --- derived paths ---
+    @property
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.scenario.rsplit('/', 1)[-1].removesuffix('.json')}-{self.strategy}-seed{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        base = Path(self.output_dir).expanduser() if self.output_dir else default_home() / "runs"
+        return base / self.resolved_run_name
+
+    def to_flat(self) -> dict[str, Any]:
+        """The kebab-case mapping (what ``--run-config`` and a Flower ConfigRecord carry)."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump().items()}
+
+
+def parse_run_config(raw: Mapping[str, Any]) -> FederationConfig:
+    """Validate a flat kebab-case run config; unknown keys and bad values raise ConfigError."""
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in FederationConfig.model_fields:
+            known = ", ".join(sorted(k.replace("_", "-") for k in FederationConfig.model_fields))
+            raise ConfigError(f"run config: unknown key {key!r} (known keys: {known})")
+        data[name] = value
+    try:
+        return FederationConfig(**data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"]).replace("_", "-") or "<config>"
+        raise ConfigError(
+            f"run config: bad value for {key!r}: {first['msg']} (got {first.get('input')!r})"
+        ) from None

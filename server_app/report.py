@@ -1,0 +1,140 @@
+"""End-of-run report: the Self/Others table, a JSON summary and PNG plots.
+
+Per client and round the log row carries ``scores = {"self": {task: s}, "others": {...},
+"unseen": {...}}`` (self: the client's own tasks already started; others: every other client's
+tasks; unseen: the held-out tasks). From these:
+
+* ``A_last`` — the mean score in the final round;
+* ``A_AUC`` — the mean over the rounds in which the split was measured (area under the
+  score-vs-round curve normalised by its length; DESIGN §6).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server_app.checkpoint import atomic_write_text
+
+SPLITS = ("self", "others", "unseen")
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def split_score(row: dict[str, Any], split: str) -> float:
+    scores = row.get("scores", {}).get(split) or {}
+    return _mean([float(v) for v in scores.values()])
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-client and overall A_last / A_AUC for each split, bytes per round."""
+    by_client: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_client[str(row["client"])].append(row)
+    clients: dict[str, dict[str, Any]] = {}
+    for client, client_rows in sorted(by_client.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        client_rows.sort(key=lambda r: int(r["round"]))
+        entry: dict[str, Any] = {"model_id": client_rows[-1].get("model_id", ""), "rounds": len(client_rows)}
+        for split in SPLITS:
+            curve = [(int(r["round"]), split_score(r, split)) for r in client_rows]
+            curve = [(k, v) for k, v in curve if not math.isnan(v)]
+            entry[f"{split}_last"] = curve[-1][1] if curve else math.nan
+            entry[f"{split}_auc"] = _mean([v for _, v in curve])
+            entry[f"{split}_curve"] = curve
+        entry["bytes_up_per_round"] = _mean([float(r.get("bytes_up", 0)) for r in client_rows])
+        entry["bytes_down_per_round"] = _mean([float(r.get("bytes_down", 0)) for r in client_rows])
+        clients[client] = entry
+    overall = {
+        key: _mean([c[key] for c in clients.values() if not math.isnan(c[key])])
+        for key in [f"{s}_{m}" for s in SPLITS for m in ("last", "auc")]
+        + ["bytes_up_per_round", "bytes_down_per_round"]
+    }
+    return {"clients": clients, "overall": overall}
+
+
+def format_table(summary: dict[str, Any], title: str = "") -> str:
+    """A plain-text (Markdown) table; also what the CLI prints."""
+    def fmt(x: float) -> str:
+        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+    lines = [f"### {title}" if title else ""]
+    lines.append("| client | model | Self A_last | Self A_AUC | Others A_last | Others A_AUC | Unseen A_last |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for client, c in summary["clients"].items():
+        lines.append(
+            f"| {client} | {c['model_id']} | {fmt(c['self_last'])} | {fmt(c['self_auc'])} | "
+            f"{fmt(c['others_last'])} | {fmt(c['others_auc'])} | {fmt(c['unseen_last'])} |"
+        )
+    o = summary["overall"]
+    lines.append(
+        f"| **mean** | | {fmt(o['self_last'])} | {fmt(o['self_auc'])} | {fmt(o['others_last'])} | "
+        f"{fmt(o['others_auc'])} | {fmt(o['unseen_last'])} |"
+    )
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def plot_scores(summary: dict[str, Any], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for ax, split in zip(axes, ("self", "others"), strict=True):
+        for client, c in summary["clients"].items():
+            curve = c[f"{split}_curve"]
+            if curve:
+                ax.plot([k for k, _ in curve], [100 * v for _, v in curve], marker="o", label=client)
+        ax.set_title(f"{split.capitalize()} score vs round")
+        ax.set_xlabel("round")
+        ax.set_ylabel("score (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_relevance(weights: np.ndarray, ids: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5 + 0.2 * len(ids), 4 + 0.2 * len(ids)), constrained_layout=True)
+    image = ax.imshow(weights, cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(len(ids)), ids, rotation=90)
+    ax.set_yticks(range(len(ids)), ids)
+    ax.set_xlabel("peer j")
+    ax.set_ylabel("client i")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="w_ij")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    weights: np.ndarray | None,
+    weight_ids: list[str],
+    title: str,
+) -> tuple[dict[str, Any], str]:
+    """Write ``report/{summary.json,table.md,scores.png,relevance.png}``; return (summary, table)."""
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    table = format_table(summary, title)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
+    atomic_write_text(out / "table.md", table)
+    plot_scores(summary, out / "scores.png", title)
+    if weights is not None and weights.size:
+        plot_relevance(weights, weight_ids, out / "relevance.png", f"{title}: relevance weights")
+    return summary, table
