@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from fedmosaic_core.federation.prepare import prepare_federation
 from flwr.app import Context
@@ -24,7 +23,7 @@ def main(grid: Grid, context: Context) -> None:
         config = parse_run_config(context.run_config)
     except ConfigError as err:
         log.error("%s", err)
-        sys.exit(2)
+        raise  # Flower marks the run failed (a SystemExit would be reported as completed)
     prepare_federation(config)
     result = run_federation(grid, config)
     strategy = result.strategy

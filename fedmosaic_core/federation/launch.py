@@ -1,0 +1,194 @@
+"""Run the Flower app with ``flwr run`` on a SuperLink this process starts and stops.
+
+Why not the managed local SuperLink of a plain ``flwr run .``: it is started detached (no pid to
+stop), outlives the command, is reused by later runs with its old settings, and by default
+``uv sync``s the app's dependencies (a CUDA torch that shadows the installed one). Here the
+SuperLink is started in simulation mode with ``--disable-runtime-dependency-installation`` on
+free loopback ports under a private ``FLWR_HOME``, the run is submitted with ``flwr run``, its
+final status is read with ``flwr ls`` (``flwr run --stream`` exits 0 even when the run failed),
+and the SuperLink's process group is stopped by pid, also on failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+CONNECTION = "fedmosaic-sim"
+
+
+class LaunchError(RuntimeError):
+    """The Flower run could not be started, or did not finish successfully."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_config_args(overrides: Mapping[str, Any]) -> list[str]:
+    args: list[str] = []
+    for key, value in overrides.items():
+        args += ["--run-config", f"{key}={toml_value(value)}"]
+    return args
+
+
+@dataclass
+class SuperLinkHandle:
+    process: subprocess.Popen[bytes]
+    control_address: str
+    flwr_home: Path
+    env: dict[str, str]
+    log_file: Path
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, log_file: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise LaunchError(f"flower-superlink did not open port {port} within {timeout:.0f}s; see {log_file}")
+
+
+def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+    """SIGTERM the process group of ``process`` (started with a new session), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=grace)
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkHandle]:
+    """A SuperLink in simulation mode on free loopback ports, stopped on exit."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
+    http_port, health_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    control = f"127.0.0.1:{http_port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{control}"\ninsecure = true\n'
+    )
+    log_file = flwr_home / "superlink.log"
+    command = [
+        _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--health-server-address", f"127.0.0.1:{health_port}",
+        "--host", "127.0.0.1", "--port", str(http_port),
+        "--database", str(flwr_home / "state.db"),
+    ]
+    with open(log_file, "ab") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_port(http_port, process, 60.0, log_file)
+        yield SuperLinkHandle(process, control, flwr_home, env, log_file)
+    finally:
+        stop_process_group(process)
+
+
+def run_status(handle: SuperLinkHandle, run_id: int) -> str:
+    """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+    out = subprocess.run(
+        [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        env=handle.env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        payload = json.loads(out.stdout)
+        runs = payload.get("runs") or payload.get("run") or []
+        run = runs[0] if isinstance(runs, list) else runs
+        return str(run.get("status", "unknown"))
+    except (json.JSONDecodeError, IndexError, AttributeError):
+        raise LaunchError(f"cannot read the status of run {run_id}: {out.stdout[-500:]} {out.stderr[-500:]}") from None
+
+
+def flwr_run(
+    app_dir: Path,
+    handle: SuperLinkHandle,
+    *,
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    num_cpus_per_client: int,
+    log_path: Path | None = None,
+    timeout: float = 3600.0,
+) -> tuple[int, str, str]:
+    """Submit the app and stream its logs; returns (run_id, final status, captured output)."""
+    command = [
+        _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
+        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_client}",
+        *run_config_args(run_config),
+    ]
+    started = time.monotonic()
+    process = subprocess.Popen(
+        command, env=handle.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    run_id: int | None = None
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line)
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None and "run" in line.lower():
+                for token in line.replace(":", " ").split():
+                    if token.isdigit() and len(token) >= 6:
+                        run_id = int(token)
+                        break
+            if time.monotonic() - started > timeout:
+                raise LaunchError(f"flwr run exceeded {timeout:.0f}s")
+        process.wait(timeout=60)
+    finally:
+        stop_process_group(process)
+    output = "".join(lines)
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_path.write_text(output)
+    if run_id is None:
+        raise LaunchError(f"flwr run did not report a run id (exit {process.returncode}):\n{output[-2000:]}")
+    status = run_status(handle, run_id)
+    return run_id, status, output
