@@ -1,0 +1,52 @@
+"""An in-process Flower ``Grid`` that hands each message to a Python callable (no SuperLink).
+
+Used to drive the ServerApp's strategy and round loop with mock (or in-process ClientApp)
+replies. A callable that returns ``None`` simulates a client that does not answer in time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+Handler = Callable[[Message], Message | None]
+
+
+class InProcessGrid(Grid):
+    def __init__(self, handlers: dict[int, Handler]) -> None:
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = 1
+        TaskIdentity.node_id = 0
+        self.handlers = handlers
+        self.sent: list[Message] = []
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]
+        self._run = run
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        return getattr(self, "_run", None)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # type: ignore[no-untyped-def]
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return sorted(self.handlers)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            self.sent.append(message)
+            reply = self.handlers[message.metadata.dst_node_id](message)
+            if reply is not None:
+                replies.append(reply)
+        return replies

@@ -1,0 +1,219 @@
+"""The ServerApp's strategy and round loop, driven by mock clients on an in-process grid."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flower_fakes import InProcessGrid
+
+from fedmosaic_core.federation import protocol as proto
+from fedmosaic_core.federation.config import parse_run_config
+from fedmosaic_core.rela import relevance_weights, task_similarity
+from server_app.report import write_report
+from server_app.runner import RunStateError, run_federation
+
+R = 4
+WIDTH = {"arch-a": 16, "arch-b": 24}
+
+
+def _seeded(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(abs(hash(json.dumps([str(p) for p in parts]))) % 2**31)
+
+
+class MockClient:
+    """A deterministic stand-in for a ClientApp: local state = f(received global, round)."""
+
+    def __init__(self, client_id: str, arch: str, group: int, *, fault: str = "") -> None:
+        self.client_id, self.arch, self.group, self.fault = client_id, arch, group, fault
+        self.received: dict[int, dict[str, torch.Tensor]] = {}
+        d = WIDTH[arch]
+        self.shared_schema = {f"pq.{k}.q_proj.{n}": ([R, R] if n == "P" else [R]) for k in range(2) for n in "PQ"}
+        self.same_schema = {f"lora.{i}.q_proj.{n}": ([R, d] if n == "A" else [d, R]) for i in (0, 2) for n in "AB"}
+
+    def task_vector(self) -> np.ndarray:
+        base = np.random.default_rng(100 + self.group).normal(size=(8, 32))
+        noise = np.random.default_rng(abs(hash(self.client_id)) % 2**31).normal(size=(8, 32))
+        return (base + 0.3 * noise).astype(np.float32)
+
+    def __call__(self, msg: Message) -> Message | None:
+        if msg.metadata.message_type == MessageType.QUERY:
+            info = proto.make_client_info(
+                self.client_id, self.arch, f"model-{self.arch}",
+                schema={"shared": self.shared_schema, "same-arch": self.same_schema},
+            )
+            return Message(RecordDict({proto.CLIENT_INFO: info}), reply_to=msg)
+        server_round = int(msg.content.config_records[proto.CONFIG]["server-round"])
+        if self.fault == "silent":
+            return None
+        received = {}
+        if proto.GLOBAL_SHARED in msg.content.array_records:
+            received = proto.decode_state(msg.content.array_records[proto.GLOBAL_SHARED], "g")
+        self.received[server_round] = received
+        gen = _seeded(self.client_id, server_round)
+        shared = {
+            k: torch.randn(tuple(s), generator=gen) + 0.5 * received.get(k, torch.zeros(tuple(s)))
+            for k, s in self.shared_schema.items()
+        }
+        same = {k: torch.randn(tuple(s), generator=gen) for k, s in self.same_schema.items()}
+        vector = self.task_vector()
+        if self.fault == "nan":
+            shared["pq.0.q_proj.P"][0, 0] = float("nan")
+        elif self.fault == "missing":
+            del shared["pq.1.q_proj.Q"]
+        elif self.fault == "shape":
+            same["lora.0.q_proj.A"] = torch.zeros(R + 1, WIDTH[self.arch])
+        elif self.fault == "oversized":
+            same["lora.0.q_proj.pad"] = torch.zeros(600_000)
+        content = RecordDict(
+            {
+                proto.LOCAL_SHARED: proto.encode_state(shared),
+                proto.LOCAL_SAME_ARCH: proto.encode_state(same),
+                proto.TASK_VECTOR: proto.encode_task_vector(vector),
+                proto.METRICS: MetricRecord({"train-loss": 1.0 / server_round}),
+                proto.CLIENT_INFO: proto.make_client_info(
+                    self.client_id, self.arch, f"model-{self.arch}",
+                    scores={"self": {"t": 0.1 * server_round}, "others": {}, "unseen": {}},
+                ),
+            }
+        )
+        if self.fault == "no-info":
+            del content.config_records[proto.CLIENT_INFO]
+        return Message(content, reply_to=msg)
+
+
+def _clients(faults: dict[str, str] | None = None) -> dict[int, MockClient]:
+    faults = faults or {}
+    specs = [("c0", "arch-a", 0), ("c1", "arch-a", 0), ("c2", "arch-b", 1), ("c3", "arch-b", 1), ("c4", "arch-a", 1)]
+    return {100 + i: MockClient(cid, arch, g, fault=faults.get(cid, "")) for i, (cid, arch, g) in enumerate(specs)}
+
+
+def _config(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]
+    raw = {"num-server-rounds": 3, "output-dir": str(tmp_path), "run-name": "t", "max-reply-mb": 1.0}
+    raw.update(extra)
+    return parse_run_config(raw)
+
+
+def _expected_globals(clients: dict[int, MockClient], server_round: int, ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """Recompute what RELA should have sent for ``server_round + 1`` (a slow, explicit loop)."""
+    by_id = {c.client_id: c for c in clients.values()}
+    weights = relevance_weights(task_similarity([by_id[c].task_vector() for c in ids]), tau=0.5)
+    locals_ = {}
+    for cid in ids:
+        c = by_id[cid]
+        gen = _seeded(cid, server_round)
+        received = c.received[server_round]
+        locals_[cid] = {
+            k: torch.randn(tuple(s), generator=gen) + 0.5 * received.get(k, torch.zeros(tuple(s)))
+            for k, s in c.shared_schema.items()
+        }
+    out = {}
+    for i, cid in enumerate(ids):
+        out[cid] = {k: sum(weights[i, j] * locals_[other][k] for j, other in enumerate(ids)) for k in locals_[cid]}
+    return out
+
+
+def test_each_client_gets_its_own_relevance_weighted_global(tmp_path: Path) -> None:
+    clients = _clients()
+    grid = InProcessGrid(dict(clients))
+    result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 2}))
+    ids = result.strategy.last_weight_ids
+    assert sorted(ids) == ["c0", "c1", "c2", "c3", "c4"]
+    expected = _expected_globals(clients, 1, ids)
+    by_id = {c.client_id: c for c in clients.values()}
+    received = {cid: by_id[cid].received[2] for cid in ids}
+    for cid in ids:
+        for key, value in expected[cid].items():
+            torch.testing.assert_close(received[cid][key], value.float(), rtol=1e-5, atol=1e-6)
+    # every client got a different global state
+    flat = [torch.cat([received[c][k].flatten() for k in sorted(received[c])]) for c in ids]
+    for i in range(len(flat)):
+        for j in range(i + 1, len(flat)):
+            assert not torch.allclose(flat[i], flat[j])
+    # related clients (same task group) weigh each other more than unrelated ones
+    w = result.strategy.last_weights
+    assert w is not None
+    i0, i1, i2 = ids.index("c0"), ids.index("c1"), ids.index("c2")
+    assert w[i0, i1] > w[i0, i2]
+    # round 1 carried no global state; the log has one row per client and round
+    assert all(not by_id[c].received[1] for c in ids)
+    assert len(result.rows) == 10
+    assert (tmp_path / "t" / "rounds.jsonl").exists()
+
+
+@pytest.mark.parametrize("fault", ["nan", "missing", "shape", "oversized", "no-info"])
+def test_malformed_reply_is_excluded_and_round_completes(tmp_path: Path, fault: str, caplog: pytest.LogCaptureFixture) -> None:
+    clients = _clients({"c3": fault})
+    grid = InProcessGrid(dict(clients))
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 2}))
+    assert result.last_round == 2
+    assert "c3" not in result.strategy.last_weight_ids
+    assert len(result.strategy.last_weight_ids) == 4
+    reasons = [r.getMessage() for r in caplog.records if "excluded" in r.getMessage()]
+    assert reasons, "an exclusion must be logged with its reason"
+    assert any(("c3" in m) or ("node-103" in m) for m in reasons)
+
+
+def test_silent_client_is_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clients = _clients({"c1": "silent"})
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 1}))
+    assert "c1" not in result.strategy.last_weight_ids
+    assert any("did not reply in time" in r.getMessage() and "c1" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    full_clients = _clients()
+    full = run_federation(InProcessGrid(dict(full_clients)), _config(tmp_path / "full"))
+
+    part_clients = _clients()
+    run_federation(InProcessGrid(dict(part_clients)), _config(tmp_path / "part"), stop_after=2)
+    resumed_clients = _clients()  # fresh processes: the mock clients are deterministic in (id, round)
+    for node, client in resumed_clients.items():
+        client.received = dict(part_clients[node].received)
+    resumed = run_federation(InProcessGrid(dict(resumed_clients)), _config(tmp_path / "part", resume=True))
+    assert resumed.last_round == 3
+    for cid, state in full.strategy.globals.items():
+        other = resumed.strategy.globals[cid]
+        for key, value in state.shared.items():
+            torch.testing.assert_close(other.shared[key], value, rtol=0, atol=0)
+    assert [r["round"] for r in resumed.rows] == [r["round"] for r in full.rows]
+
+
+def test_resume_with_changed_config_is_refused(tmp_path: Path) -> None:
+    run_federation(InProcessGrid(dict(_clients())), _config(tmp_path), stop_after=1)
+    with pytest.raises(RunStateError, match="tau"):
+        run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, resume=True, tau=0.9))
+
+
+def test_local_strategy_sends_no_global_state(tmp_path: Path) -> None:
+    clients = _clients()
+    run_federation(InProcessGrid(dict(clients)), _config(tmp_path, strategy="local", **{"num-server-rounds": 2}))
+    assert all(not c.received[2] for c in clients.values())
+
+
+def test_report_writes_table_and_plots(tmp_path: Path) -> None:
+    result = run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, **{"num-server-rounds": 2}))
+    summary, table = write_report(
+        result.run_dir, result.rows, result.strategy.last_weights, result.strategy.last_weight_ids, "mock"
+    )
+    assert "| c0 |" in table
+    assert summary["clients"]["c0"]["self_last"] == pytest.approx(0.2)
+    assert summary["clients"]["c0"]["self_auc"] == pytest.approx(0.15)
+    for name in ("summary.json", "table.md", "scores.png", "relevance.png"):
+        assert (result.run_dir / "report" / name).stat().st_size > 0
+
+
+def test_round_config_marks_last_round_for_others(tmp_path: Path) -> None:
+    from server_app.runner import round_config
+
+    config = _config(tmp_path, **{"eval-others-every": 2, "num-server-rounds": 3})
+    flags = [bool(round_config(config, r)["eval-others"]) for r in (1, 2, 3)]
+    assert flags == [False, True, True]
+    assert isinstance(round_config(config, 1), ConfigRecord)
