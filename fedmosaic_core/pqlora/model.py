@@ -1,0 +1,522 @@
+"""Injection of PQ-LoRA into a Hugging Face decoder and the wrapper that owns its state."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fedmosaic_core.modeling import decoder_parts
+
+from .config import PQLoRAConfig
+from .layer import BRANCHES, DualLoRALinear, GateContext, PQLoRALinear, _GatedDualAdapter, base_kind
+from .orthonormal import orthonormal_bases, seeded_generator
+from .state import (
+    AdapterStateError,
+    Spec,
+    gate_key,
+    lora_key,
+    raise_if_problems,
+    shared_key,
+    state_problems,
+)
+
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_FORMAT = "fedmosaic-pqlora"
+ADAPTER_FORMAT_VERSION = 1
+# Config fields that change the function an adapter file computes: they must match on load.
+_MUST_MATCH = ("r", "alpha", "lora_r", "target_modules", "num_blocks")
+
+
+def pq_layer_indices(num_layers: int, num_blocks: int = 4) -> list[int]:
+    """Indices of the PQ layers: the last layer of each of ``num_blocks`` equal blocks.
+
+    ``[L//n − 1, 2·(L//n) − 1, …, (n−1)·(L//n) − 1, L − 1]`` for L layers and n blocks
+    (16 layers → [3, 7, 11, 15]; 28 → [6, 13, 20, 27]). ``ValueError`` when L < n.
+    """
+    for name, value in (("num_layers", num_layers), ("num_blocks", num_blocks)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if num_layers < num_blocks:
+        raise ValueError(
+            f"num_layers={num_layers} is smaller than num_blocks={num_blocks}: "
+            "every block needs at least one decoder layer"
+        )
+    size = num_layers // num_blocks
+    return [size * (k + 1) - 1 for k in range(num_blocks - 1)] + [num_layers - 1]
+
+
+@dataclass(frozen=True)
+class AdaptedModule:
+    """One adapted linear: decoder layer index, target name, PQ block position (None for plain
+    LoRA), qualified path inside the top-level model, and the adapter layer itself."""
+
+    layer: int
+    module: str
+    block: int | None
+    path: str
+    adapter: _GatedDualAdapter
+
+
+def _find_target(layer: nn.Module, target: str, layer_index: int, prefix: str) -> tuple[str, nn.Module]:
+    named = [(n, m) for n, m in layer.named_modules() if n]
+    matches = [(n, m) for n, m in named if n == target or n.endswith("." + target)]
+    if not matches:
+        linears = [n for n, m in named if isinstance(m, nn.Linear)]
+        raise ValueError(
+            f"target module {target!r} matches nothing in decoder layer {layer_index} "
+            f"({prefix}.{layer_index}); its linear layers are {linears}"
+        )
+    if len(matches) > 1:
+        raise ValueError(
+            f"target module {target!r} is ambiguous in decoder layer {layer_index}: "
+            f"{[n for n, _ in matches]}"
+        )
+    name, module = matches[0]
+    try:
+        base_kind(module)
+    except TypeError as err:
+        raise ValueError(f"{prefix}.{layer_index}.{name}: {err}") from None
+    return name, module
+
+
+def inject_pqlora(model: nn.Module, config: PQLoRAConfig) -> PQLoRAModel:
+    """Wrap every target linear of the language model's decoder layers with PQ-LoRA.
+
+    PQ layers (:func:`pq_layer_indices`) get :class:`PQLoRALinear` with seeded orthonormal A/B
+    (from ``config.seed``, block position and target name); all other decoder layers get
+    :class:`DualLoRALinear`. The vision tower, projector and lm_head are untouched; every base
+    parameter is frozen. Everything is checked before the model is modified (``ValueError``).
+    """
+    if not isinstance(config, PQLoRAConfig):
+        raise TypeError(f"config must be a PQLoRAConfig, got {type(config).__name__}")
+    if any(isinstance(m, _GatedDualAdapter) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} already carries PQ-LoRA adapters")
+    parts = decoder_parts(model)
+    num_layers = len(parts.layers)
+    pq_indices = pq_layer_indices(num_layers, config.num_blocks)
+    block_of = {layer: k for k, layer in enumerate(pq_indices)}
+
+    plan: list[tuple[int, str, str, nn.Module]] = []
+    for li, layer in enumerate(parts.layers):
+        seen: dict[int, str] = {}
+        for target in config.target_modules:
+            name, module = _find_target(layer, target, li, parts.layers_prefix)
+            if id(module) in seen:
+                raise ValueError(
+                    f"targets {seen[id(module)]!r} and {target!r} select the same module "
+                    f"{parts.layers_prefix}.{li}.{name}"
+                )
+            seen[id(module)] = target
+            if li in block_of:
+                d_in, d_out = int(module.in_features), int(module.out_features)
+                if config.r > min(d_in, d_out):
+                    raise ValueError(
+                        f"r={config.r} is larger than module {target!r} of decoder layer {li} "
+                        f"allows (d_in={d_in}, d_out={d_out}): orthonormal A needs r ≤ d_in "
+                        "and B needs r ≤ d_out"
+                    )
+            plan.append((li, target, name, module))
+
+    model.requires_grad_(False)
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is not None:  # DESIGN §8, for every 4-bit layer (adapted or not)
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                module.support_avx512bf16_for_cpu = False
+
+    context = GateContext()
+    adapted: list[AdaptedModule] = []
+    for li, target, name, module in plan:
+        block = block_of.get(li)
+        adapter: _GatedDualAdapter
+        if block is not None:
+            a, b = orthonormal_bases(
+                int(module.in_features), int(module.out_features), config.r, config.seed, block, target
+            )
+            adapter = PQLoRALinear(
+                module, context, r=config.r, alpha=config.alpha, A=a, B=b,
+                dropout=config.dropout, gate_noise=config.gate_noise,
+            )
+        else:
+            assert config.lora_r is not None
+            adapter = DualLoRALinear(
+                module, context, r=config.lora_r, alpha=config.alpha,
+                generator=seeded_generator(config.seed, "lora", li, target),
+                dropout=config.dropout, gate_noise=config.gate_noise,
+            )
+        adapter.train(module.training)  # keep the replaced module's train/eval mode
+        path = f"{parts.layers_prefix}.{li}.{name}"
+        parent_path, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, adapter)
+        adapted.append(AdaptedModule(li, target, block, path, adapter))
+    return PQLoRAModel(model, config, context, adapted, pq_indices, num_layers)
+
+
+def load_pqlora(model: nn.Module, directory: str | os.PathLike[str]) -> PQLoRAModel:
+    """Inject PQ-LoRA with the configuration saved in ``directory`` and load its weights."""
+    config, _ = _read_adapter_config(Path(directory))
+    wrapped = inject_pqlora(model, config)
+    wrapped.load_adapter(directory)
+    return wrapped
+
+
+def _read_adapter_config(directory: Path) -> tuple[PQLoRAConfig, dict[str, Any]]:
+    path = directory / ADAPTER_CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise AdapterStateError(f"cannot read {path}: {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != ADAPTER_FORMAT:
+        raise AdapterStateError(f"{path} is not a {ADAPTER_FORMAT} adapter config")
+    if meta.get("version") != ADAPTER_FORMAT_VERSION:
+        raise AdapterStateError(
+            f"{path}: unsupported format version {meta.get('version')!r} "
+            f"(expected {ADAPTER_FORMAT_VERSION})"
+        )
+    try:
+        config = PQLoRAConfig.from_dict(meta.get("config", {}))
+    except (TypeError, ValueError) as err:
+        raise AdapterStateError(f"{path}: {err}") from None
+    return config, meta
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class PQLoRAModel(nn.Module):
+    """A Hugging Face model with PQ-LoRA injected (see :func:`inject_pqlora`).
+
+    ``forward(**batch)`` and ``generate(...)`` delegate to the wrapped model; a forward pre-hook
+    on it hands the call's ``attention_mask`` to every gate, so padding tokens do not count in
+    the gate's mean. Other attributes are looked up on the wrapped model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: PQLoRAConfig,
+        context: GateContext,
+        adapted: list[AdaptedModule],
+        pq_indices: list[int],
+        num_layers: int,
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        self.pqlora_config = config
+        self.pq_layer_indices = list(pq_indices)
+        self.num_layers = num_layers
+        self._context = context
+        self._adapted = list(adapted)
+        self._merged = False
+        self._mask_position = self._attention_mask_position(model)
+        self._mask_hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
+        self.training = model.training
+
+    # -- delegation ------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @staticmethod
+    def _attention_mask_position(model: nn.Module) -> int | None:
+        try:
+            names = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            return None
+        return names.index("attention_mask") if "attention_mask" in names else None
+
+    def _capture_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_position is not None and len(args) > self._mask_position:
+            mask = args[self._mask_position]
+        self._context.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_not_merged()
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_not_merged()
+        return self.base_model.generate(*args, **kwargs)
+
+    def _check_not_merged(self) -> None:
+        if self._merged:
+            raise RuntimeError("this PQLoRAModel was merged and unloaded; use the returned model")
+
+    # -- structure -------------------------------------------------------------------------
+    @property
+    def adapted_modules(self) -> list[AdaptedModule]:
+        return list(self._adapted)
+
+    def _pq(self) -> Iterator[tuple[int, str, PQLoRALinear]]:
+        for item in self._adapted:
+            if item.block is not None:
+                assert isinstance(item.adapter, PQLoRALinear)
+                yield item.block, item.module, item.adapter
+
+    def _lora(self) -> Iterator[tuple[int, str, DualLoRALinear]]:
+        for item in self._adapted:
+            if item.block is None:
+                assert isinstance(item.adapter, DualLoRALinear)
+                yield item.layer, item.module, item.adapter
+
+    def set_fixed_beta(self, beta: float | None) -> None:
+        """Fix every gate to β (``None``: back to the learned, input-dependent gate)."""
+        if beta is not None and not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+            raise ValueError(f"fixed beta must be a number in [0, 1] or None, got {beta!r}")
+        self._context.fixed_beta = None if beta is None else float(beta)
+
+    # -- parameter tables (key → live parameter) -------------------------------------------
+    def _shared_params(self, branch: str) -> dict[str, nn.Parameter]:
+        table: dict[str, nn.Parameter] = {}
+        for block, module, layer in self._pq():
+            table[shared_key(block, module, "P")] = layer.pq_P[branch]
+            table[shared_key(block, module, "Q")] = layer.pq_Q[branch]
+        return table
+
+    def _same_arch_params(self, branch: str) -> dict[str, nn.Parameter]:
+        table: dict[str, nn.Parameter] = {}
+        for li, module, layer in self._lora():
+            table[lora_key(li, module, "A")] = layer.lora_A[branch]
+            table[lora_key(li, module, "B")] = layer.lora_B[branch]
+        return table
+
+    def _gate_params(self) -> dict[str, nn.Parameter]:
+        return {gate_key(i.layer, i.module): i.adapter.gate.weight for i in self._adapted}
+
+    def _base_params(self) -> dict[str, nn.Parameter]:
+        table: dict[str, nn.Parameter] = {}
+        for block, module, layer in self._pq():
+            table[shared_key(block, module, "A")] = layer.pq_A
+            table[shared_key(block, module, "B")] = layer.pq_B
+        return table
+
+    @staticmethod
+    def _spec(table: Mapping[str, nn.Parameter]) -> Spec:
+        return {key: tuple(p.shape) for key, p in table.items()}
+
+    @staticmethod
+    def _snapshot(table: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in table.items()}
+
+    @staticmethod
+    def _write(table: Mapping[str, nn.Parameter], state: Mapping[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for key, parameter in table.items():
+                parameter.copy_(state[key].to(parameter.device, parameter.dtype))
+
+    @staticmethod
+    def _check_branch(branch: str) -> None:
+        if branch not in BRANCHES:
+            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+
+    # -- state views -----------------------------------------------------------------------
+    def shared_state(self, branch: str = "local") -> dict[str, torch.Tensor]:
+        """P/Q of the PQ layers (``pq.{k}.{module}.P|Q``), float32 CPU copies."""
+        self._check_branch(branch)
+        return self._snapshot(self._shared_params(branch))
+
+    def same_arch_state(self, branch: str = "local") -> dict[str, torch.Tensor]:
+        """A/B of the plain LoRA layers (``lora.{layer}.{module}.A|B``), float32 CPU copies."""
+        self._check_branch(branch)
+        return self._snapshot(self._same_arch_params(branch))
+
+    def local_only_state(self) -> dict[str, torch.Tensor]:
+        """Gate weights (``gate.{layer}.{module}.weight``, 1 × d_in); never sent."""
+        return self._snapshot(self._gate_params())
+
+    def pq_bases(self) -> dict[str, torch.Tensor]:
+        """Frozen A/B of the PQ layers (``pq.{k}.{module}.A|B``), float32 CPU copies."""
+        return self._snapshot(self._base_params())
+
+    def load_global_state(
+        self,
+        shared: Mapping[str, torch.Tensor] | None = None,
+        same_arch: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Fill the *global* branch. Every given state must hold exactly this model's keys with
+        matching shapes and finite floating values; all are checked before anything is written
+        (else one :class:`AdapterStateError` naming each bad key)."""
+        self._load_states("load_global_state", "global", shared, same_arch, None)
+
+    def load_local_state(
+        self,
+        shared: Mapping[str, torch.Tensor] | None = None,
+        same_arch: Mapping[str, torch.Tensor] | None = None,
+        local_only: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Fill the *local* branch and/or the gates, with the checks of :meth:`load_global_state`."""
+        self._load_states("load_local_state", "local", shared, same_arch, local_only)
+
+    def _load_states(
+        self,
+        action: str,
+        branch: str,
+        shared: Mapping[str, torch.Tensor] | None,
+        same_arch: Mapping[str, torch.Tensor] | None,
+        local_only: Mapping[str, torch.Tensor] | None,
+    ) -> None:
+        self._check_not_merged()
+        jobs = [
+            ("shared", shared, self._shared_params(branch)),
+            ("same_arch", same_arch, self._same_arch_params(branch)),
+            ("local_only", local_only, self._gate_params()),
+        ]
+        jobs = [job for job in jobs if job[1] is not None]
+        if not jobs:
+            raise AdapterStateError(f"{action}: no state given")
+        problems: list[str] = []
+        for what, state, table in jobs:
+            problems += state_problems(state, self._spec(table), what)
+        raise_if_problems(problems, action)
+        for _, state, table in jobs:
+            assert state is not None
+            self._write(table, state)
+
+    def load_pq_bases(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the frozen A/B of all PQ layers (e.g. from A/B alignment), checked first."""
+        self._check_not_merged()
+        table = self._base_params()
+        raise_if_problems(state_problems(state, self._spec(table), "pq_bases"), "load_pq_bases")
+        self._write(table, state)
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by optimiser group: local P/Q, gates, local LoRA A/B."""
+        groups = {
+            "pq": list(self._shared_params("local").values()),
+            "gate": list(self._gate_params().values()),
+            "lora": list(self._same_arch_params("local").values()),
+        }
+        return {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
+
+    # -- save / load -----------------------------------------------------------------------
+    def _file_table(self) -> dict[str, nn.Parameter]:
+        table: dict[str, nn.Parameter] = {}
+        for branch in BRANCHES:
+            for key, p in {**self._shared_params(branch), **self._same_arch_params(branch)}.items():
+                table[f"{branch}.{key}"] = p
+        table.update(self._gate_params())
+        table.update(self._base_params())
+        return table
+
+    def save_adapter(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``adapter_model.safetensors`` (both branches as ``local.*`` / ``global.*``, the
+        gates, the PQ bases) and ``adapter_config.json``, each atomically. Returns the folder."""
+        self._check_not_merged()
+        folder = Path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: p.detach().to("cpu", torch.float32).contiguous() for k, p in self._file_table().items()}
+        meta = {
+            "format": ADAPTER_FORMAT,
+            "version": ADAPTER_FORMAT_VERSION,
+            "config": self.pqlora_config.to_dict(),
+            "num_layers": self.num_layers,
+            "pq_layer_indices": self.pq_layer_indices,
+        }
+        _atomic_write(
+            folder / ADAPTER_WEIGHTS_NAME,
+            lambda tmp: save_file(tensors, tmp, metadata={"format": ADAPTER_FORMAT}),
+        )
+        _atomic_write(
+            folder / ADAPTER_CONFIG_NAME,
+            lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+        )
+        return folder
+
+    def load_adapter(self, directory: str | os.PathLike[str]) -> None:
+        """Load a folder written by :meth:`save_adapter`; its config must match this model's
+        (r, alpha, lora_r, target_modules, num_blocks, number of layers), all tensors are
+        checked before anything is written (:class:`AdapterStateError`)."""
+        self._check_not_merged()
+        folder = Path(directory)
+        config, meta = _read_adapter_config(folder)
+        mine = self.pqlora_config
+        problems = [
+            f"config.{name} is {getattr(config, name)!r}, this model has {getattr(mine, name)!r}"
+            for name in _MUST_MATCH
+            if getattr(config, name) != getattr(mine, name)
+        ]
+        if meta.get("num_layers") != self.num_layers:
+            problems.append(
+                f"num_layers is {meta.get('num_layers')!r}, this model has {self.num_layers}"
+            )
+        raise_if_problems(problems, f"load_adapter({folder})")
+        try:
+            tensors = load_file(folder / ADAPTER_WEIGHTS_NAME)
+        except Exception as err:  # safetensors raises several error types
+            raise AdapterStateError(f"cannot read {folder / ADAPTER_WEIGHTS_NAME}: {err}") from None
+        table = self._file_table()
+        raise_if_problems(state_problems(tensors, self._spec(table), "adapter file"), f"load_adapter({folder})")
+        self._write(table, tensors)
+
+    # -- merge -----------------------------------------------------------------------------
+    def merge_and_unload(self, beta: float | None = None, dequantize: bool = False) -> nn.Module:
+        """Fold the adapters into dense linears and return the plain Hugging Face model.
+
+        The merged layer is ``W + ΔW`` (plus a bias ``Δb`` from Q, added where the base had
+        none) for a *constant* gate β. It equals the unmerged model exactly (up to float
+        rounding) whenever the gate is input independent:
+
+        - ``beta=None`` (default) uses the current gates, which must all be zero (β = ½) unless
+          :meth:`set_fixed_beta` fixed them; any non-zero gate raises ``ValueError``;
+        - ``beta=b`` merges ``(1−b)·local + b·global`` (0.0: local branch only, 1.0: global only)
+          and equals the unmerged model under ``set_fixed_beta(b)``.
+
+        Quantised (4-bit / 8-bit) bases raise ``ValueError`` unless ``dequantize=True``, which
+        replaces them by float32 dense layers holding dequantised W + ΔW (the unmerged model
+        computes with the same dequantised W, so the two still agree to rounding).
+        Dropout and gate noise are train-time only and play no part in the merged model.
+        Nothing is changed if any check fails. A Hugging Face config without biases in these
+        projections (e.g. Llama's ``attention_bias=False``) does not describe the added biases:
+        save such a model with its state dict, not by re-instantiating from the config.
+        """
+        self._check_not_merged()
+        if beta is None:
+            beta = self._context.fixed_beta
+            if beta is None:
+                varying = [i.path for i in self._adapted if bool(i.adapter.gate.weight.ne(0).any())]
+                if varying:
+                    raise ValueError(
+                        f"{len(varying)} gate(s) are input dependent (first: {varying[0]}): a merge "
+                        "is exact only for a constant β; pass beta=... (0.0 local, 1.0 global)"
+                    )
+                beta = 0.5
+        if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        quantised = [i.path for i in self._adapted if i.adapter.base_kind != "linear"]
+        if quantised and not dequantize:
+            raise ValueError(
+                f"{len(quantised)} adapted base(s) are quantised (first: {quantised[0]}); "
+                "merge_and_unload(dequantize=True) merges them into float32 dense layers"
+            )
+        merged = [(i.path, i.adapter.merged_linear(float(beta), dequantize)) for i in self._adapted]
+        for path, linear in merged:
+            parent_path, _, child = path.rpartition(".")
+            setattr(self.base_model.get_submodule(parent_path), child, linear)
+        self._mask_hook.remove()
+        self._merged = True
+        return self.base_model
