@@ -1,0 +1,234 @@
+"""Batches for training and generation from rendered samples (chat template of :mod:`.tokenizer`).
+
+Sequence of one sample: ``[bos] USER: {prompt with <image> expanded}\\nASSISTANT: {answer}</s>``.
+Training batches are right-padded and carry ``labels`` = -100 everywhere except the answer
+tokens and the closing eos; generation batches stop after ``ASSISTANT:`` and are left-padded so
+that every row's next token is at the end.
+
+Too long a sample loses prompt *text* tokens from the left of the prompt (image tokens, the chat
+scaffolding, the end of the question with its choices and the answer are kept); a sample whose
+image tokens + answer alone exceed ``max_length`` raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
+
+IGNORE_INDEX = -100
+
+
+class SampleLike(Protocol):
+    """What collate needs of ``drake_data.prompts.RenderedSample``."""
+
+    id: str
+    prompt: str
+    answer: str
+    images: list[Any]
+
+
+@dataclass
+class TokenizedSample:
+    """Token ids of one sample and where its answer starts."""
+
+    input_ids: list[int]
+    num_prompt_tokens: int  # ids[:num_prompt_tokens] is BOS + prompt (no labels)
+    images: list[Any]
+
+
+def _tokenizer(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", processor)
+
+
+def image_token_count(processor: Any, pixel_values: torch.Tensor) -> int:
+    """Placeholder tokens one image becomes, as ``LlavaProcessor.replace_image_token`` counts."""
+    patch_size = getattr(processor, "patch_size", None)
+    if patch_size is None:
+        raise ValueError(
+            f"{type(processor).__name__} has no patch_size: collate supports LLaVA-style "
+            "processors (LlavaProcessor) for samples with images"
+        )
+    height, width = pixel_values.shape[-2:]
+    count = (height // patch_size) * (width // patch_size)
+    count += int(getattr(processor, "num_additional_image_tokens", 0) or 0)
+    if getattr(processor, "vision_feature_select_strategy", None) == "default":
+        count -= 1
+    return int(count)
+
+
+def _image_token(processor: Any) -> str:
+    return str(getattr(processor, "image_token", None) or "<image>")
+
+
+def _check_images(sample: SampleLike, image_token: str, multimodal: bool) -> None:
+    placeholders = sample.prompt.count(image_token)
+    if placeholders != len(sample.images):
+        raise ValueError(
+            f"sample {sample.id!r}: the prompt has {placeholders} {image_token} placeholder(s) "
+            f"but {len(sample.images)} image(s)"
+        )
+    if sample.images and not multimodal:
+        raise ValueError(
+            f"sample {sample.id!r} has images but the processor is a text-only tokenizer"
+        )
+
+
+def pixel_values_for(processor: Any, samples: Sequence[SampleLike]) -> torch.Tensor | None:
+    """All images of the batch, in order, as one ``(n_images, 3, H, W)`` tensor (or None)."""
+    images = [image.convert("RGB") for sample in samples for image in sample.images]
+    if not images:
+        return None
+    out = processor.image_processor(images=images, return_tensors="pt")
+    return torch.as_tensor(out["pixel_values"])
+
+
+def tokenize_sample(
+    processor: Any,
+    sample: SampleLike,
+    max_length: int,
+    *,
+    with_answer: bool,
+    tokens_per_image: int,
+) -> TokenizedSample:
+    """Ids of ``[bos] prompt`` (+ ``answer eos``), truncating prompt text from the left."""
+    tokenizer = _tokenizer(processor)
+    image_token = _image_token(processor)
+    _check_images(sample, image_token, hasattr(processor, "image_processor"))
+    expanded = sample.prompt.replace(image_token, image_token * tokens_per_image)
+    # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
+    head_ids = tokenizer.encode(USER_PREFIX.rstrip(), add_special_tokens=False)
+    body_ids = tokenizer.encode(" " + expanded, add_special_tokens=False)
+    tail_ids = tokenizer.encode(ASSISTANT_PREFIX, add_special_tokens=False)
+    answer_ids = (
+        tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
+        if with_answer
+        else []
+    )
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    total = len(bos) + len(head_ids) + len(body_ids) + len(tail_ids) + len(answer_ids)
+    excess = total - max_length
+    if excess > 0:
+        image_id = tokenizer.convert_tokens_to_ids(image_token)
+        droppable = [i for i, tok in enumerate(body_ids) if tok != image_id]
+        if excess > len(droppable):
+            raise ValueError(
+                f"sample {sample.id!r} needs at least {total - len(droppable)} tokens "
+                f"(images, chat scaffold and answer) but max_length is {max_length}"
+            )
+        drop = set(droppable[:excess])
+        body_ids = [tok for i, tok in enumerate(body_ids) if i not in drop]
+    prompt_ids = bos + head_ids + body_ids + tail_ids
+    return TokenizedSample(prompt_ids + answer_ids, len(prompt_ids), list(sample.images))
+
+
+def _tokens_per_image(processor: Any, pixel_values: torch.Tensor | None) -> int:
+    return image_token_count(processor, pixel_values) if pixel_values is not None else 0
+
+
+def collate(
+    processor: Any, samples: Sequence[SampleLike], max_length: int = 256
+) -> dict[str, torch.Tensor]:
+    """Right-padded training batch: input_ids, attention_mask, labels (+ pixel_values)."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    if max_length <= 0:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    tokenizer = _tokenizer(processor)
+    pixel_values = pixel_values_for(processor, samples)
+    per_image = _tokens_per_image(processor, pixel_values)
+    tokenized = [
+        tokenize_sample(processor, s, max_length, with_answer=True, tokens_per_image=per_image)
+        for s in samples
+    ]
+    width = max(len(t.input_ids) for t in tokenized)
+    input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, item in enumerate(tokenized):
+        ids = torch.tensor(item.input_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention_mask[row, : len(ids)] = 1
+        labels[row, item.num_prompt_tokens : len(ids)] = ids[item.num_prompt_tokens :]
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def collate_for_generation(
+    processor: Any, samples: Sequence[SampleLike], max_length: int = 256
+) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch (no answers, no labels) for ``generate``."""
+    if not samples:
+        raise ValueError("collate_for_generation needs at least one sample")
+    tokenizer = _tokenizer(processor)
+    pixel_values = pixel_values_for(processor, samples)
+    per_image = _tokens_per_image(processor, pixel_values)
+    tokenized = [
+        tokenize_sample(processor, s, max_length, with_answer=False, tokens_per_image=per_image)
+        for s in samples
+    ]
+    width = max(len(t.input_ids) for t in tokenized)
+    input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, item in enumerate(tokenized):
+        ids = torch.tensor(item.input_ids, dtype=torch.long)
+        input_ids[row, width - len(ids) :] = ids
+        attention_mask[row, width - len(ids) :] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def _generator_of(model: nn.Module) -> Any:
+    """The object with ``generate``: the model itself or the HF model it wraps."""
+    current: Any = model
+    for _ in range(3):
+        if callable(getattr(current, "generate", None)):
+            return current
+        current = getattr(current, "model", None) or getattr(current, "base_model", None)
+        if current is None:
+            break
+    raise TypeError(f"{type(model).__name__} has no generate() (nor a wrapped model with one)")
+
+
+@torch.no_grad()
+def generate_answers(
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[SampleLike],
+    max_new_tokens: int = 16,
+    max_length: int = 256,
+) -> list[str]:
+    """Greedy answers (decoded, stripped) for each sample's prompt."""
+    if not samples:
+        return []
+    tokenizer = _tokenizer(processor)
+    generator = _generator_of(model)
+    device = next(generator.parameters()).device
+    batch = collate_for_generation(processor, samples, max_length)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in batch:
+        dtype = next(p.dtype for p in generator.parameters() if p.is_floating_point())
+        batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    was_training = generator.training
+    generator.eval()
+    try:
+        output = generator.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        generator.train(was_training)
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
+    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

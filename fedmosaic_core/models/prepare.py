@@ -1,0 +1,409 @@
+"""Pretrain the tiny presets on DRAKE-mini's public split, once, and cache them (DESIGN §8).
+
+``python -m fedmosaic_core.models.prepare [--presets tiny-llama-s ...] [--seed 0]
+[--public-data DIR] [--cache-dir DIR]``
+
+All weights (vision tower, projector, language model) are trained from their seeded random
+initialisation with AdamW (linear warm-up, cosine decay) on the public split minus a held-out
+slice, so a preset learns the chat/answer format and basic visual features before any client
+adapts it. The loss is the answer cross-entropy plus ``PROMPT_LOSS_WEIGHT`` × the next-token loss
+on the prompt's text tokens (image and padding positions carry no loss).
+
+Cache layout under ``cache_dir`` (default ``$FEDMOSAIC_CACHE`` or ``~/.cache/fedmosaic``)::
+
+    models/<preset>-seed<seed>-<data hash>-v<recipe>/   save_pretrained output + prepare.json
+    models/<preset>-seed<seed>.latest.json              pointer used when no data root is given
+
+Directories are written to a temporary sibling and renamed into place (atomic); a file lock
+makes concurrent callers prepare a preset once. The same seed, data and thread count give the
+same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .collate import IGNORE_INDEX, SampleLike, collate, generate_answers
+from .loading import cache_root
+from .presets import PRESETS, build_preset, preset_spec
+
+RECIPE_VERSION = 1
+PROMPT_LOSS_WEIGHT = 0.3
+MAX_HELD_OUT = 64
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Budget and optimiser of the preparation run (per preset)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    max_length: int = 128
+    held_out_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 0:
+            raise ValueError(f"steps, batch_size and max_length must be positive: {self}")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 < self.held_out_fraction < 0.5:
+            raise ValueError(f"held_out_fraction must be in (0, 0.5), got {self.held_out_fraction}")
+
+
+#: Smaller presets get more steps in the same wall-clock budget.
+DEFAULT_STEPS = {"tiny-llama-s": 300, "tiny-llama-m": 200, "tiny-qwen2-s": 300}
+
+
+# ----------------------------------------------------------------------------------- data
+def load_public_samples(root: str | os.PathLike[str]) -> list[SampleLike]:
+    """DRAKE-mini's public split under ``root`` as rendered samples (via ``drake_data``)."""
+    try:
+        from drake_data.mini import load_public
+    except ImportError as error:
+        raise RuntimeError(
+            "drake_data.mini.load_public is not available; build DRAKE-mini with "
+            "`python -m drake_data.mini build --out DIR --seed 0` (drake_data package)"
+        ) from error
+    root_path = Path(root)
+    items = list(load_public(root_path))
+    if not items:
+        raise ValueError(f"the public split under {root_path} is empty")
+    if isinstance(items[0], dict):
+        from drake_data.prompts import render_sample
+
+        return [render_sample(record, root_path) for record in items]
+    return items
+
+
+def default_public_data_root(seed: int, cache_dir: Path) -> Path:
+    """``$FEDMOSAIC_PUBLIC_DATA`` or DRAKE-mini built (once) under ``cache_dir/drake-mini-seed<seed>``."""
+    env = os.environ.get("FEDMOSAIC_PUBLIC_DATA")
+    if env:
+        return Path(env).expanduser()
+    root = cache_dir / f"drake-mini-seed{seed}"
+    if not root.exists():
+        try:
+            from drake_data.mini import build_drake_mini
+        except ImportError as error:
+            raise RuntimeError(
+                f"no public data for preparing presets: set FEDMOSAIC_PUBLIC_DATA or pass "
+                f"--public-data; drake_data.mini.build_drake_mini is unavailable ({error})"
+            ) from error
+        with _file_lock(cache_dir / f".drake-mini-seed{seed}.lock"):
+            if not root.exists():
+                build_drake_mini(root, seed)
+    return root
+
+
+def samples_digest(samples: Sequence[SampleLike]) -> str:
+    """sha256 over every sample's id, prompt, answer and image pixels (the data part of the key)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for text in (sample.id, sample.prompt, sample.answer):
+            digest.update(text.encode("utf-8"))
+            digest.update(b"\0")
+        for image in sample.images:
+            digest.update(f"{image.mode}{image.size}".encode())
+            digest.update(image.tobytes())
+        digest.update(b"\1")
+    return digest.hexdigest()
+
+
+def split_held_out(
+    samples: Sequence[SampleLike], fraction: float, seed: int
+) -> tuple[list[SampleLike], list[SampleLike]]:
+    """Deterministic (train, held-out) split; held-out size = min(fraction·n, 64), at least 1."""
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    n_held = max(1, min(MAX_HELD_OUT, int(len(samples) * fraction)))
+    held = sorted(order[:n_held])
+    train = sorted(order[n_held:])
+    if not train:
+        raise ValueError(f"only {len(samples)} public samples: too few to pretrain")
+    return [samples[i] for i in train], [samples[i] for i in held]
+
+
+# ------------------------------------------------------------------------------- training
+def _token_weights(batch: dict[str, torch.Tensor], image_token_id: int | None) -> torch.Tensor:
+    """Per-target weight: 1 on answer tokens, PROMPT_LOSS_WEIGHT on prompt text tokens."""
+    targets = batch["input_ids"][:, 1:]
+    answer = batch["labels"][:, 1:] != IGNORE_INDEX
+    text = batch["attention_mask"][:, 1:].bool() & ~answer
+    if image_token_id is not None:
+        text &= targets != image_token_id
+    return answer.float() + PROMPT_LOSS_WEIGHT * text.float()
+
+
+def pretrain_loss(model: nn.Module, batch: dict[str, torch.Tensor], image_token_id: int | None) -> torch.Tensor:
+    """Weighted next-token cross-entropy (answer tokens weight 1, prompt text weight 0.3)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1]
+    targets = batch["input_ids"][:, 1:]
+    weights = _token_weights(batch, image_token_id)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
+    return (losses * weights.reshape(-1)).sum() / weights.sum().clamp_min(1.0)
+
+
+@torch.no_grad()
+def answer_loss(
+    model: nn.Module, processor: Any, samples: Sequence[SampleLike], max_length: int, batch_size: int = 16
+) -> float:
+    """Mean cross-entropy per answer token (answer + eos) over ``samples``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(samples), batch_size):
+        batch = collate(processor, samples[start : start + batch_size], max_length)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        losses = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        )
+        total += float(losses)
+        count += int((labels != IGNORE_INDEX).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def answer_accuracy(
+    model: nn.Module, processor: Any, samples: Sequence[SampleLike], max_length: int, batch_size: int = 16
+) -> float:
+    """Fraction of samples whose greedy answer equals the reference (case-insensitive)."""
+    correct = 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        answers = generate_answers(model, processor, chunk, max_new_tokens=8, max_length=max_length)
+        correct += sum(a.strip().lower() == s.answer.strip().lower() for a, s in zip(answers, chunk, strict=True))
+    return correct / max(len(samples), 1)
+
+
+def _lr_factor(step: int, config: PretrainConfig) -> float:
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[list[int]]:
+    while True:
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def pretrain(
+    model: nn.Module,
+    processor: Any,
+    train_samples: Sequence[SampleLike],
+    config: PretrainConfig,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Train all weights of ``model`` in place; returns timing and the final training loss."""
+    image_token_id = getattr(getattr(model, "config", None), "image_token_id", None)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
+    generator = torch.Generator().manual_seed(seed)
+    batches = _batches(len(train_samples), min(config.batch_size, len(train_samples)), generator)
+    start = time.perf_counter()
+    recent: list[float] = []
+    for _step in range(config.steps):
+        indices = next(batches)
+        batch = collate(processor, [train_samples[i] for i in indices], config.max_length)
+        loss = pretrain_loss(model, batch, image_token_id)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        recent = (recent + [loss.item()])[-20:]
+    model.eval()
+    seconds = time.perf_counter() - start
+    return {"train_seconds": seconds, "seconds_per_step": seconds / config.steps,
+            "final_train_loss": sum(recent) / len(recent)}
+
+
+# ---------------------------------------------------------------------------------- cache
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def prepared_dir_name(preset: str, seed: int, data_hash: str) -> str:
+    return f"{preset}-seed{seed}-{data_hash[:12]}-v{RECIPE_VERSION}"
+
+
+def _models_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "models"
+
+
+def _pointer(models_dir: Path, preset: str, seed: int) -> Path:
+    return models_dir / f"{preset}-seed{seed}.latest.json"
+
+
+def find_prepared(
+    preset: str,
+    seed: int = 0,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    public_data_root: str | os.PathLike[str] | None = None,
+) -> Path | None:
+    """The prepared directory of ``preset`` (exact data key when a data root is given, else the
+    latest preparation for this seed), or None."""
+    preset_spec(preset)
+    models_dir = _models_dir(cache_dir)
+    if public_data_root is not None:
+        data_hash = samples_digest(load_public_samples(public_data_root))
+        directory = models_dir / prepared_dir_name(preset, seed, data_hash)
+        return directory if (directory / "prepare.json").is_file() else None
+    pointer = _pointer(models_dir, preset, seed)
+    if not pointer.is_file():
+        return None
+    directory = models_dir / str(json.loads(pointer.read_text(encoding="utf-8"))["dir"])
+    return directory if (directory / "prepare.json").is_file() else None
+
+
+def prepare_preset(
+    preset: str,
+    samples: Sequence[SampleLike],
+    models_dir: Path,
+    seed: int = 0,
+    config: PretrainConfig | None = None,
+    *,
+    data_hash: str | None = None,
+    evaluate_accuracy: bool = True,
+) -> Path:
+    """Pretrain one preset on ``samples`` and save it under ``models_dir`` (reused if present)."""
+    config = config or PretrainConfig(steps=DEFAULT_STEPS.get(preset, 300))
+    data_hash = data_hash or samples_digest(samples)
+    directory = models_dir / prepared_dir_name(preset, seed, data_hash)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with _file_lock(models_dir / f".{directory.name}.lock"):
+        if not (directory / "prepare.json").is_file():
+            _train_and_save(preset, samples, directory, seed, config, data_hash, evaluate_accuracy)
+        _atomic_write_json(_pointer(models_dir, preset, seed), {"dir": directory.name})
+    return directory
+
+
+def _train_and_save(
+    preset: str, samples: Sequence[SampleLike], directory: Path, seed: int,
+    config: PretrainConfig, data_hash: str, evaluate_accuracy: bool,
+) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model, processor = build_preset(preset, seed)
+        train, held_out = split_held_out(samples, config.held_out_fraction, seed)
+        before = {"held_out_answer_loss": answer_loss(model, processor, held_out, config.max_length)}
+        if evaluate_accuracy:
+            before["held_out_accuracy"] = answer_accuracy(model, processor, held_out, config.max_length)
+        timing = pretrain(model, processor, train, config, seed)
+        after = {"held_out_answer_loss": answer_loss(model, processor, held_out, config.max_length)}
+        if evaluate_accuracy:
+            after["held_out_accuracy"] = answer_accuracy(model, processor, held_out, config.max_length)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        record = {
+            "preset": preset, "seed": seed, "data_hash": data_hash, "recipe_version": RECIPE_VERSION,
+            "num_train": len(train), "num_held_out": len(held_out), "config": asdict(config),
+            "before": before, "after": after, **timing,
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "torch_threads": torch.get_num_threads(),
+        }
+        _atomic_write_json(tmp / "prepare.json", record)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def prepare_presets(
+    cache_dir: str | os.PathLike[str] | None = None,
+    public_data_root: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    presets: Sequence[str] | None = None,
+    *,
+    steps: dict[str, int] | None = None,
+) -> dict[str, Path]:
+    """Prepare (or reuse) every preset; returns ``{preset: directory}``."""
+    names = list(presets) if presets is not None else list(PRESETS)
+    for name in names:
+        preset_spec(name)
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
+    root = Path(public_data_root) if public_data_root else default_public_data_root(seed, cache)
+    samples = load_public_samples(root)
+    data_hash = samples_digest(samples)
+    out: dict[str, Path] = {}
+    for name in names:
+        budget = (steps or {}).get(name, DEFAULT_STEPS.get(name, 300))
+        out[name] = prepare_preset(
+            name, samples, cache / "models", seed, PretrainConfig(steps=budget), data_hash=data_hash
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Pretrain and cache the tiny presets.")
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=sorted(PRESETS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--public-data", type=Path, default=None, help="DRAKE-mini root")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    prepared = prepare_presets(args.cache_dir, args.public_data, args.seed, args.presets)
+    for name, directory in prepared.items():
+        record = json.loads((directory / "prepare.json").read_text(encoding="utf-8"))
+        print(f"{name}: {directory}\n  before {record['before']}\n  after  {record['after']}"
+              f"\n  {record['train_seconds']:.1f} s training ({record['seconds_per_step']:.3f} s/step)")
+    print(f"total {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
