@@ -1,0 +1,716 @@
+"""DRAKE-mini: a small benchmark in DRAKE's layout and scenario format, built offline from real
+data shipped in packages (see ``sources.py``).
+
+No leakage by construction: every source image (after removing pixel-identical repeats) is put
+in exactly one pool — *public*, *train* or *test* — and a question of a split only uses images
+of that split's pool (unseen tasks use the test pool). Text lines are split the same way.
+:func:`check_leakage` verifies it on the written files by pixel hash and by text.
+
+Idempotent and atomic: the build happens in a temp folder next to ``out`` that is renamed to
+``out`` once complete; ``manifest.json`` (written last) records version, seed, size and the
+SHA-256 of every data file; a complete build with the same version/seed/size is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from drake_data.errors import DrakeDataError
+from drake_data.layout import (
+    IMAGE_TOKEN,
+    TaskRef,
+    atomic_write_text,
+    dump_json,
+    load_scenario,
+    load_task,
+    load_task_refs,
+    parse_scenario,
+    write_task,
+)
+from drake_data.mini import sources as S
+
+log = logging.getLogger(__name__)
+
+MINI_VERSION = "1"
+FORMAT = "drake-mini"
+SIZES: dict[str, dict[str, int]] = {
+    # per-task train/test questions, public images per source, public chat pairs
+    "default": {"train": 200, "test": 40, "public_images": 1000, "public_chat": 600},
+    "tiny": {"train": 15, "test": 6, "public_images": 12, "public_chat": 12},
+}
+POOL_FRACTIONS = {  # (public, test) fractions; the rest is train. EasyVQA: its own test split.
+    "Digits": (0.25, 0.2), "AnimalShapes": (0.2, 0.2), "Faces": (0.2, 0.25), "EasyVQA": (0.25, 0.0),
+}
+TOPICS = ("ai", "coding", "emotion", "trivia")
+MAX_TOPIC_WORDS = 20
+MAX_CHAT_ANSWER_WORDS = 12
+MODELS = ("tiny-llama-s", "tiny-llama-m", "tiny-qwen2-s")
+YES_NO = ["Yes", "No"]
+EXCLUDE_FROM_HASH = ("manifest.json", "README.md")
+
+
+# ------------------------------------------------------------------------------ task specs
+@dataclass(frozen=True)
+class TaskSpec:
+    dataset: str
+    subset_id: int
+    type: str
+    skill: str
+    description: str
+    images_per_question: str
+    client: int | None  # None: unseen (test only)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}-{self.subset_id}"
+
+    def ref(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"dataset": self.dataset, "subset_id": self.subset_id, "type": self.type}
+        if self.type == "open-ended":
+            d["metric"] = "F1"
+        return d
+
+
+TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("Digits", 0, "multi-choice", "digits", "name the digit (4 options)", "1", 0),
+    TaskSpec("Digits", 2, "multi-choice", "digits", "is the digit even? (yes/no)", "1", 0),
+    TaskSpec("Digits", 1, "multi-choice", "digits", "which of two images shows the larger digit?", "2", 1),
+    TaskSpec("Digits", 3, "multi-choice", "digits", "which of three images shows digit d?", "3", 1),
+    TaskSpec("EasyVQA", 0, "multi-choice", "colours", "name the shape's colour (4 options)", "1", 2),
+    TaskSpec("EasyVQA", 1, "multi-choice", "colours", "easy-VQA's own yes/no questions about colours", "1", 2),
+    TaskSpec("EasyVQA", 2, "multi-choice", "colours", "do the two shapes have the same colour?", "2", 3),
+    TaskSpec("EasyVQA", 3, "open-ended", "colours", "name colour and shape (token F1)", "1", 3),
+    TaskSpec("AnimalShapes", 0, "multi-choice", "animals", "name the animal silhouette (4 options)", "1", 4),
+    TaskSpec("AnimalShapes", 1, "multi-choice", "animals", "which of 3-4 images is a <animal> silhouette?", "3-4", 4),
+    TaskSpec("ChatTopics", 0, "multi-choice", "text", "topic of a chat line (text only)", "0", 5),
+    TaskSpec("Faces", 0, "multi-choice", "faces", "is there a human face? (yes/no)", "1", 5),
+    # unseen: test split only
+    TaskSpec("Digits", 4, "multi-choice", "digits", "do two images show the same digit?", "2", None),
+    TaskSpec("EasyVQA", 4, "multi-choice", "colours", "which of three images shows a <colour> shape?", "3", None),
+    TaskSpec("EasyVQA", 5, "multi-choice", "colours", "name the shape (3 options)", "1", None),
+    TaskSpec("AnimalShapes", 2, "multi-choice", "animals", "do two silhouettes show the same animal?", "2", None),
+)
+NUM_CLIENTS = 6
+
+
+def _mc(n_images: int, question: str, choices: Sequence[str]) -> str:
+    """DRAKE's multiple-choice prompt style (as in its VSR / IRFL / Bongard files)."""
+    head = IMAGE_TOKEN * n_images + "\n" if n_images else ""
+    return f"{head}{question}\nChoice list:[{', '.join(choices)}]. Your answer is:"
+
+
+def _record(rid: str, images: list[str], question: str, answer: str) -> dict[str, Any]:
+    rec: dict[str, Any] = {"id": rid}
+    if images:
+        rec["image"] = images[0] if len(images) == 1 else images
+    rec["conversations"] = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return rec
+
+
+# ------------------------------------------------------------------------------ the build
+class _Build:
+    """State of one build: sources, pools, the images referenced so far."""
+
+    def __init__(self, seed: int, size: str) -> None:
+        self.seed = seed
+        self.cfg = SIZES[size]
+        self.size = size
+        self.sources: dict[str, S.ImageSource] = {
+            "Digits": S.load_digits_source(),
+            "EasyVQA": S.load_easy_vqa_source(),
+            "AnimalShapes": S.load_animal_source(),
+            "Faces": S.load_faces_source(),
+        }
+        self.pools: dict[str, dict[str, np.ndarray]] = {n: self._partition(n, k) for k, n in enumerate(self.sources)}
+        self.used: dict[str, tuple[str, int]] = {}  # relpath -> (source, index)
+        self.skipped: dict[str, int] = {f"{n}_duplicate_images": s.duplicates_removed for n, s in self.sources.items()}
+        self.skipped["EasyVQA_images_without_colour_or_shape"] = int(self.sources["EasyVQA"].extra["unlabeled_skipped"])
+        self.chat: dict[str, list[list[str]]] = S.load_chat_corpus()
+        self.topic_lines: dict[str, list[tuple[str, str]]] = _topic_lines(self)
+
+    def rng(self, *key: int | str) -> np.random.Generator:
+        """A generator for one purpose, independent of the order things are built in."""
+        digest = hashlib.sha256(json.dumps([self.seed, *key]).encode()).digest()
+        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+    def _partition(self, name: str, k: int) -> dict[str, np.ndarray]:
+        src = self.sources[name]
+        f_public, f_test = POOL_FRACTIONS[name]
+        rng = self.rng("pool", name)
+        if src.native_test is not None:
+            test = np.flatnonzero(src.native_test)
+            rest = rng.permutation(np.flatnonzero(~src.native_test))
+            n_pub = int(round(f_public * len(rest)))
+            return {"public": np.sort(rest[:n_pub]), "train": np.sort(rest[n_pub:]), "test": np.sort(test)}
+        order = rng.permutation(len(src.images))
+        n_pub, n_test = int(round(f_public * len(order))), int(round(f_test * len(order)))
+        return {"public": np.sort(order[:n_pub]), "test": np.sort(order[n_pub:n_pub + n_test]),
+                "train": np.sort(order[n_pub + n_test:])}
+
+    def image(self, source: str, index: int) -> str:
+        rel = f"{source}/images/{int(index):05d}.png"
+        self.used[rel] = (source, int(index))
+        return rel
+
+    def attr(self, source: str, index: int) -> dict[str, Any]:
+        return self.sources[source].attrs[int(index)]
+
+    def by_label(self, source: str, split: str, key: str) -> dict[Any, np.ndarray]:
+        pool = self.pools[source][split]
+        labels = np.asarray([self.attr(source, i)[key] for i in pool], dtype=object)
+        return {lab: pool[labels == lab] for lab in sorted(set(labels.tolist()))}
+
+
+def _distinct(rng: np.random.Generator, n: int, make: Callable[[int], dict[str, Any]], key: Callable[[dict[str, Any]], str],
+              limit: int) -> list[dict[str, Any]]:
+    """``n`` records whose ``key`` differ (retrying duplicates, at most ``limit`` tries)."""
+    out, seen, tries = [], set(), 0
+    while len(out) < n and tries < limit:
+        rec = make(len(out))
+        tries += 1
+        k = key(rec)
+        if k not in seen:
+            seen.add(k)
+            out.append(rec)
+    if len(out) < n:
+        raise DrakeDataError(f"could only make {len(out)} of {n} distinct questions")
+    return out
+
+
+def _key(rec: dict[str, Any]) -> str:
+    return json.dumps([rec.get("image"), rec["conversations"][0]["value"]])
+
+
+def _balanced(rng: np.random.Generator, n: int, options: Sequence[Any]) -> list[Any]:
+    """``n`` targets cycling through ``options`` (as even as possible), shuffled."""
+    targets = [options[i % len(options)] for i in range(n)]
+    return [targets[i] for i in rng.permutation(n)]
+
+
+def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, Any]]:
+    rng = b.rng("task", spec.key, split)
+    prefix = f"{spec.key}-{split}"
+    rid = lambda i: f"{prefix}-{i:05d}"  # noqa: E731
+    key = spec.key
+
+    if spec.dataset == "Digits":
+        by = b.by_label("Digits", split, "digit")
+        digits = sorted(by)
+        pick = lambda d: int(rng.choice(by[d]))  # noqa: E731
+        if key == "Digits-0":
+            targets = _balanced(rng, n, digits)
+
+            def make(i: int) -> dict[str, Any]:
+                d = targets[i]
+                others = [int(x) for x in rng.choice([x for x in digits if x != d], 3, replace=False)]
+                choices = [str(x) for x in rng.permutation([d, *others])]
+                return _record(rid(i), [b.image("Digits", pick(d))], _mc(1, "What digit is written in the image?", choices), str(d))
+        elif key == "Digits-2":
+            targets = _balanced(rng, n, YES_NO)
+
+            def make(i: int) -> dict[str, Any]:
+                even = targets[i] == "Yes"
+                d = int(rng.choice([x for x in digits if (x % 2 == 0) == even]))
+                return _record(rid(i), [b.image("Digits", pick(d))], _mc(1, "Is the digit in the image even?", YES_NO), targets[i])
+        elif key == "Digits-1":
+            targets = _balanced(rng, n, [1, 2])
+
+            def make(i: int) -> dict[str, Any]:
+                lo, hi = sorted(int(x) for x in rng.choice(digits, 2, replace=False))
+                pair = [hi, lo] if targets[i] == 1 else [lo, hi]
+                imgs = [b.image("Digits", pick(d)) for d in pair]
+                return _record(rid(i), imgs, _mc(2, "Which image shows the larger digit?", ["Image 1", "Image 2"]), f"Image {targets[i]}")
+        elif key == "Digits-3":
+            targets = _balanced(rng, n, [1, 2, 3])
+
+            def make(i: int) -> dict[str, Any]:
+                ds = [int(x) for x in rng.choice(digits, 3, replace=False)]
+                target = ds[targets[i] - 1]
+                imgs = [b.image("Digits", pick(d)) for d in ds]
+                return _record(rid(i), imgs, _mc(3, f"Which image shows the digit {target}?", ["Image 1", "Image 2", "Image 3"]),
+                               f"Image {targets[i]}")
+        elif key == "Digits-4":
+            targets = _balanced(rng, n, YES_NO)
+
+            def make(i: int) -> dict[str, Any]:
+                if targets[i] == "Yes":
+                    d = int(rng.choice(digits))
+                    a, c = (int(x) for x in rng.choice(by[d], 2, replace=False))
+                else:
+                    d1, d2 = (int(x) for x in rng.choice(digits, 2, replace=False))
+                    a, c = pick(d1), pick(d2)
+                imgs = [b.image("Digits", a), b.image("Digits", c)]
+                return _record(rid(i), imgs, _mc(2, "Do the two images show the same digit?", YES_NO), targets[i])
+        else:
+            raise AssertionError(key)
+
+    elif spec.dataset == "EasyVQA":
+        pool = b.pools["EasyVQA"][split]
+        by_color = b.by_label("EasyVQA", split, "color")
+        colors = sorted(by_color)
+        col = lambda i: b.attr("EasyVQA", i)["color"]  # noqa: E731
+        shp = lambda i: b.attr("EasyVQA", i)["shape"]  # noqa: E731
+        if key == "EasyVQA-0":
+            targets = _balanced(rng, n, colors)
+
+            def make(i: int) -> dict[str, Any]:
+                c = targets[i]
+                img = int(rng.choice(by_color[c]))
+                others = [str(x) for x in rng.choice([x for x in colors if x != c], 3, replace=False)]
+                choices = [str(x) for x in rng.permutation([c, *others])]
+                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, "What color is the shape?", choices), c)
+        elif key == "EasyVQA-1":
+            colour_qs = {"yes": [], "no": []}  # (image, question)
+            for img in pool:
+                for q, a in b.attr("EasyVQA", img)["questions"]:
+                    if a in colour_qs and any(w in q.split() for w in S.COLORS):
+                        colour_qs[a].append((int(img), q))
+            targets = _balanced(rng, n, YES_NO)
+
+            def make(i: int) -> dict[str, Any]:
+                cands = colour_qs[targets[i].lower()]
+                img, q = cands[int(rng.integers(len(cands)))]
+                question = q[:1].upper() + q[1:]
+                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, question, YES_NO), targets[i])
+        elif key == "EasyVQA-2":
+            targets = _balanced(rng, n, YES_NO)
+
+            def make(i: int) -> dict[str, Any]:
+                if targets[i] == "Yes":
+                    c = str(rng.choice(colors))
+                    a, d = (int(x) for x in rng.choice(by_color[c], 2, replace=False))
+                else:
+                    c1, c2 = (str(x) for x in rng.choice(colors, 2, replace=False))
+                    a, d = int(rng.choice(by_color[c1])), int(rng.choice(by_color[c2]))
+                imgs = [b.image("EasyVQA", a), b.image("EasyVQA", d)]
+                return _record(rid(i), imgs, _mc(2, "Do these two shapes have the same color?", YES_NO), targets[i])
+        elif key == "EasyVQA-3":
+            order = rng.permutation(pool)
+
+            def make(i: int) -> dict[str, Any]:
+                img = int(order[i % len(order)])
+                q = IMAGE_TOKEN + "\nName the color and the shape in the image. Your answer is:"
+                return _record(rid(i), [b.image("EasyVQA", img)], q, f"{col(img)} {shp(img)}")
+        elif key == "EasyVQA-4":
+            targets = _balanced(rng, n, [1, 2, 3])
+
+            def make(i: int) -> dict[str, Any]:
+                cs = [str(x) for x in rng.choice(colors, 3, replace=False)]
+                imgs = [b.image("EasyVQA", int(rng.choice(by_color[c]))) for c in cs]
+                q = f"Which image shows a {cs[targets[i] - 1]} shape?"
+                return _record(rid(i), imgs, _mc(3, q, ["Image 1", "Image 2", "Image 3"]), f"Image {targets[i]}")
+        elif key == "EasyVQA-5":
+            by_shape = b.by_label("EasyVQA", split, "shape")
+            targets = _balanced(rng, n, sorted(by_shape))
+
+            def make(i: int) -> dict[str, Any]:
+                img = int(rng.choice(by_shape[targets[i]]))
+                choices = [str(x) for x in rng.permutation(list(S.SHAPES))]
+                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, "What shape is in the image?", choices), targets[i])
+        else:
+            raise AssertionError(key)
+
+    elif spec.dataset == "AnimalShapes":
+        by = b.by_label("AnimalShapes", split, "animal")
+        animals = sorted(by)
+        pick = lambda a: int(rng.choice(by[a]))  # noqa: E731
+        if key == "AnimalShapes-0":
+            targets = _balanced(rng, n, animals)
+
+            def make(i: int) -> dict[str, Any]:
+                a = targets[i]
+                others = [str(x) for x in rng.choice([x for x in animals if x != a], 3, replace=False)]
+                choices = [str(x) for x in rng.permutation([a, *others])]
+                return _record(rid(i), [b.image("AnimalShapes", pick(a))], _mc(1, "Which animal is shown in the silhouette?", choices), a)
+        elif key == "AnimalShapes-1":
+            counts = _balanced(rng, n, [3, 4])
+
+            def make(i: int) -> dict[str, Any]:
+                k = counts[i]
+                ans = [str(x) for x in rng.choice(animals, k, replace=False)]
+                t = int(rng.integers(k))
+                imgs = [b.image("AnimalShapes", pick(a)) for a in ans]
+                choices = [f"Image {j + 1}" for j in range(k)]
+                return _record(rid(i), imgs, _mc(k, f"Which of these images is a {ans[t]} silhouette?", choices), f"Image {t + 1}")
+        elif key == "AnimalShapes-2":
+            targets = _balanced(rng, n, YES_NO)
+
+            def make(i: int) -> dict[str, Any]:
+                if targets[i] == "Yes":
+                    a = str(rng.choice(animals))
+                    x, y = (int(v) for v in rng.choice(by[a], 2, replace=False))
+                else:
+                    a1, a2 = (str(v) for v in rng.choice(animals, 2, replace=False))
+                    x, y = pick(a1), pick(a2)
+                imgs = [b.image("AnimalShapes", x), b.image("AnimalShapes", y)]
+                return _record(rid(i), imgs, _mc(2, "Do the two silhouettes show the same animal?", YES_NO), targets[i])
+        else:
+            raise AssertionError(key)
+
+    elif key == "Faces-0":
+        pool = b.pools["Faces"][split]
+        n = min(n, len(pool))  # one question per image: the pool is small
+        order = rng.permutation(pool)
+
+        def make(i: int) -> dict[str, Any]:
+            img = int(order[i])
+            ans = "Yes" if b.attr("Faces", img)["face"] else "No"
+            return _record(rid(i), [b.image("Faces", img)], _mc(1, "Is there a human face in the image?", YES_NO), ans)
+
+    elif key == "ChatTopics-0":
+        lines = b.topic_lines[split]
+        per_topic = {t: [ln for ln, tt in lines if tt == t] for t in TOPICS}
+        n = min(n, len(TOPICS) * min(len(v) for v in per_topic.values()))
+        targets = _balanced(rng, n, list(TOPICS))
+        orders = {t: [per_topic[t][j] for j in rng.permutation(len(per_topic[t]))] for t in TOPICS}
+        taken = dict.fromkeys(TOPICS, 0)
+
+        def make(i: int) -> dict[str, Any]:
+            t = targets[i]
+            line = orders[t][taken[t]]
+            taken[t] += 1
+            q = _mc(0, f'Which topic is this line from a chat about?\n"{line}"', list(TOPICS))
+            return _record(rid(i), [], q, t)
+    else:
+        raise AssertionError(key)
+
+    return _distinct(rng, n, make, _key, limit=50 * n + 100)
+
+
+def _topic_lines(b: _Build) -> dict[str, list[tuple[str, str]]]:
+    """Chat lines of the topic task, each from exactly one topic, split train/test by line."""
+    corpus = b.chat
+    owners: dict[str, set[str]] = {}
+    for cat, convs in corpus.items():
+        for conv in convs:
+            for u in conv:
+                owners.setdefault(u.lower(), set()).add(cat)
+    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
+    ambiguous = too_long = 0
+    for t in TOPICS:
+        lines = sorted({u for conv in corpus[t] for u in conv})
+        keep = []
+        for u in lines:
+            if len(owners[u.lower()]) > 1:
+                ambiguous += 1
+            elif not 2 <= len(u.split()) <= MAX_TOPIC_WORDS or '"' in u:
+                too_long += 1
+            else:
+                keep.append(u)
+        uniq = sorted({u.lower(): u for u in keep}.values())
+        order = b.rng("topic-split", t).permutation(len(uniq))
+        n_test = int(round(0.25 * len(uniq)))
+        out["test"] += [(uniq[j], t) for j in order[:n_test]]
+        out["train"] += [(uniq[j], t) for j in order[n_test:]]
+    b.skipped["ChatTopics_lines_in_several_categories"] = ambiguous
+    b.skipped["ChatTopics_lines_too_long_or_quoted"] = too_long
+    return out
+
+
+# Public captions name what the client tasks do not test (no digit value, no colour), so that a
+# base pretrained on them still has to learn the digit and colour skills the clients share.
+_CAPTION = {
+    "Digits": lambda a: "a handwritten digit",
+    "EasyVQA": lambda a: f"a {a['shape']}",
+    "AnimalShapes": lambda a: f"a {a['animal']} silhouette",
+    "Faces": lambda a: "a human face" if a["face"] else "a background patch",
+}
+_KIND = {"Digits": "a digit", "EasyVQA": "a shape", "AnimalShapes": "an animal", "Faces": "a photo"}
+
+
+def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
+    """Captions ("What is in the image?"), a picture-kind multiple choice on a third of the images,
+    and short chat Q/A pairs from categories the topic task does not use. Disjoint pools only."""
+    recs: list[dict[str, Any]] = []
+    cap = b.cfg["public_images"]
+    for source in b.sources:
+        pool = b.pools[source]["public"]
+        rng = b.rng("public", source)
+        chosen = np.sort(rng.permutation(pool)[:cap])
+        for img in chosen:
+            a = b.attr(source, img)
+            path = b.image(source, int(img))
+            recs.append(_record("", [path], IMAGE_TOKEN + "\nWhat is in the image? Your answer is:", _CAPTION[source](a)))
+            if rng.random() < 1 / 3:
+                choices = [str(x) for x in rng.permutation(list(_KIND.values()))]
+                recs.append(_record("", [path], _mc(1, "What kind of picture is this?", choices), _KIND[source]))
+    pairs = []
+    for cat in sorted(set(b.chat) - set(TOPICS)):
+        for conv in b.chat[cat]:
+            for q, a in zip(conv, conv[1:], strict=False):
+                if 1 <= len(a.split()) <= MAX_CHAT_ANSWER_WORDS and len(q.split()) <= MAX_TOPIC_WORDS:
+                    pairs.append((q, a))
+    pairs = sorted(set(pairs))
+    rng = b.rng("public", "chat")
+    for j in rng.permutation(len(pairs))[: b.cfg["public_chat"]]:
+        q, a = pairs[j]
+        recs.append(_record("", [], f"{q} Your answer is:", a))
+    order = b.rng("public", "order").permutation(len(recs))
+    recs = [recs[j] for j in order]
+    n_test = max(1, len(recs) // 20)
+    split = {"test": recs[:n_test], "train": recs[n_test:]}
+    for name, lst in split.items():
+        for i, r in enumerate(lst):
+            r["id"] = f"public-{name}-{i:05d}"
+    return split
+
+
+# ---------------------------------------------------------------------------- scenarios
+def _scenarios() -> dict[str, list[dict[str, Any]]]:
+    def entries(model_of: Callable[[int], str]) -> list[dict[str, Any]]:
+        return [{"client_id": c, "model_id": model_of(c),
+                 "datasets": [t.ref() for t in TASKS if t.client == c]} for c in range(NUM_CLIENTS)]
+
+    return {
+        "scenario-homogeneous.json": entries(lambda c: MODELS[0]),
+        "scenario-two-sizes.json": entries(lambda c: MODELS[c % 2]),
+        "scenario-two-families.json": entries(lambda c: MODELS[c % 3]),
+    }
+
+
+# ------------------------------------------------------------------------------- helpers
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 16), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """SHA-256 of every data file under ``root`` (``manifest.json`` and ``README.md`` excluded)."""
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+            if p.is_file() and p.relative_to(root).as_posix() not in EXCLUDE_FROM_HASH}
+
+
+def read_manifest(root: Path | str) -> dict[str, Any] | None:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+
+
+def _readme(manifest: dict[str, Any], seconds: float, total_bytes: int) -> str:
+    lines = [
+        "# DRAKE-mini",
+        "",
+        "A small benchmark in the on-disk layout and scenario format of DRAKE (`SNUMPR/DRAKE`), built "
+        "offline by `python -m drake_data.mini build` from real data shipped in Python packages.",
+        "",
+        f"- version {manifest['version']}, seed {manifest['seed']}, size `{manifest['size']}`",
+        f"- build time: {seconds:.1f} s; total size on disk: {total_bytes / 1e6:.2f} MB "
+        f"({manifest['counts']['files']} files, {manifest['counts']['images']} PNG images of 32×32 RGB)",
+        "- deterministic: every file except this README (build time) has the SHA-256 listed in `manifest.json`.",
+        "",
+        "## Tasks",
+        "",
+        "| task | client | skill group | type | images / question | train | test | what |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in manifest["tasks"]:
+        client = "unseen" if t["client"] is None else str(t["client"])
+        lines.append(f"| {t['key']} | {client} | {t['skill']} | {t['type']} | {t['images_per_question']} | "
+                     f"{t['train']} | {t['test']} | {t['description']} |")
+    pub = manifest["counts"]["public"]
+    lines += [
+        "",
+        "Clients own the tasks of one skill group each (digits: 0, 1; colours: 2, 3; animals: 4; "
+        "unrelated text + faces: 5). Unseen tasks (test split only) are listed in `unseen.json`.",
+        "",
+        f"Public split (`public/{{train,test}}/dataset-0.json`, `drake_data.mini.load_public`): {pub['train']} train / "
+        f"{pub['test']} test records — captions, a picture-kind choice, short chat Q/A — built from images and "
+        "text lines that no task uses.",
+        "",
+        "No leakage: each source image (after dropping pixel-identical repeats) lies in exactly one pool "
+        "(public / train / test); train questions use train-pool images only, test and unseen questions "
+        "test-pool images only. `python -m drake_data.mini verify DIR` re-checks it on the files.",
+        "",
+        "Scenarios: `scenario-homogeneous.json` (all `tiny-llama-s`), `scenario-two-sizes.json` "
+        "(`tiny-llama-s` / `tiny-llama-m`), `scenario-two-families.json` (`tiny-llama-s`, `tiny-llama-m`, "
+        "`tiny-qwen2-s`).",
+        "",
+        "## Sources and licences",
+        "",
+        "| package | version | data | licence |",
+        "|---|---|---|---|",
+    ]
+    for dist, (what, licence) in S.SOURCE_LICENCES.items():
+        lines.append(f"| {dist} | {manifest['package_versions'].get(dist, '?')} | {what} | {licence} |")
+    lines += ["", "Skipped while building (logged, never silent):", ""]
+    lines += [f"- {k}: {v}" for k, v in manifest["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------- building
+def _write_all(tmp: Path, seed: int, size: str) -> dict[str, Any]:
+    b = _Build(seed, size)
+    task_meta = []
+    for spec in TASKS:
+        counts: dict[str, int] = {}
+        for split in ("train", "test"):
+            if split == "train" and spec.client is None:
+                continue
+            recs = _make_task(b, spec, split, b.cfg[split])
+            write_task(tmp, spec.dataset, spec.subset_id, split, recs)
+            counts[split] = len(recs)
+        task_meta.append({"key": spec.key, **spec.ref(), "client": spec.client, "skill": spec.skill,
+                          "images_per_question": spec.images_per_question, "description": spec.description,
+                          "train": counts.get("train", 0), "test": counts["test"]})
+    public = _public(b)
+    for split, recs in public.items():
+        write_task(tmp, "public", 0, split, recs)
+    for rel in sorted(b.used):
+        source, index = b.used[rel]
+        path = tmp / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(b.sources[source].images[index]).save(path, format="PNG")
+    for name, entries in _scenarios().items():
+        atomic_write_text(tmp / name, dump_json(parse_scenario(entries, name).to_json()))
+    unseen = [TaskRef.model_validate(t.ref()).model_dump(exclude_none=True) for t in TASKS if t.client is None]
+    atomic_write_text(tmp / "unseen.json", dump_json(unseen))
+    atomic_write_text(tmp / "tasks.json", dump_json(task_meta))
+    return {
+        "format": FORMAT, "version": MINI_VERSION, "seed": seed, "size": size,
+        "tasks": task_meta,
+        "counts": {"images": len(b.used), "public": {k: len(v) for k, v in public.items()}},
+        "skipped": b.skipped, "package_versions": S.package_versions(),
+    }
+
+
+def build_drake_mini(out: Path | str, seed: int = 0, size: str = "default", force: bool = False) -> Path:
+    """Build DRAKE-mini into ``out`` (skipped when a complete build of the same version, seed and
+    size is there). Another existing folder is only replaced with ``force=True``."""
+    if size not in SIZES:
+        raise DrakeDataError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    out = Path(out).expanduser().resolve()
+    want = {"version": MINI_VERSION, "seed": seed, "size": size}
+    existing = read_manifest(out)
+    if existing is not None and all(existing.get(k) == v for k, v in want.items()):
+        log.info("DRAKE-mini already built at %s (seed %d, size %s): skipped", out, seed, size)
+        return out
+    if out.exists() and any(out.iterdir()) and not force:
+        have = {k: existing.get(k) for k in want} if existing else "no complete DRAKE-mini build"
+        raise DrakeDataError(f"{out} exists and holds {have}, not {want}; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+    try:
+        manifest = _write_all(tmp, seed, size)
+        hashes = file_hashes(tmp)
+        manifest["counts"]["files"] = len(hashes)
+        total = sum((tmp / p).stat().st_size for p in hashes)
+        manifest["total_bytes"] = total
+        manifest["files"] = hashes
+        seconds = time.perf_counter() - start
+        atomic_write_text(tmp / "README.md", _readme(manifest, seconds, total))
+        atomic_write_text(tmp / "manifest.json", dump_json(manifest))  # last: marks the build complete
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                again = read_manifest(out)  # a concurrent builder finished first
+                if again is not None and all(again.get(k) == v for k, v in want.items()):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return out
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("DRAKE-mini built at %s in %.1f s (%.2f MB)", out, seconds, total / 1e6)
+    return out
+
+
+# ---------------------------------------------------------------------------- reading back
+def load_public(root: Path | str, split: str = "train") -> list[dict[str, Any]]:
+    """The public split's records (disjoint from every task's data)."""
+    return load_task(root, "public", 0, split)
+
+
+def load_unseen(root: Path | str) -> list[TaskRef]:
+    return load_task_refs(Path(root) / "unseen.json")
+
+
+@dataclass(frozen=True)
+class LeakageReport:
+    train_images: int
+    test_images: int
+    public_images: int
+    train_texts: int
+    test_texts: int
+    public_texts: int
+
+
+def _pixels_hash(path: Path) -> str:
+    with Image.open(path) as im:
+        return hashlib.sha256(im.convert("RGB").tobytes()).hexdigest()
+
+
+def check_leakage(root: Path | str) -> LeakageReport:
+    """Raise :class:`DrakeDataError` if any image (by pixels) or text-only question is shared
+    between train questions, test questions (unseen included) and the public split."""
+    root = Path(root)
+    groups: dict[str, dict[str, str]] = {"train": {}, "test": {}, "public": {}}  # hash -> where
+    texts: dict[str, dict[str, str]] = {"train": {}, "test": {}, "public": {}}
+    sc = load_scenario(root / "scenario-homogeneous.json", root)
+    files: list[tuple[str, str, int, str]] = []
+    for t in sc.tasks():
+        files += [("train", t.dataset, t.subset_id, "train"), ("test", t.dataset, t.subset_id, "test")]
+    files += [("test", t.dataset, t.subset_id, "test") for t in load_unseen(root)]
+    files += [("public", "public", 0, "train"), ("public", "public", 0, "test")]
+    cache: dict[str, str] = {}
+    for group, dataset, subset, split in files:
+        for rec in load_task(root, dataset, subset, split):
+            where_ = f"{dataset}-{subset}/{split} id={rec['id']}"
+            imgs = rec.get("image")
+            paths = [imgs] if isinstance(imgs, str) else (imgs or [])
+            for p in paths:
+                if p not in cache:
+                    cache[p] = _pixels_hash(root / p)
+                groups[group].setdefault(cache[p], where_)
+            if not paths:
+                texts[group].setdefault(" ".join(rec["conversations"][0]["value"].lower().split()), where_)
+    for a, c in (("train", "test"), ("public", "train"), ("public", "test")):
+        for kind, sets in (("image", groups), ("text", texts)):
+            shared = sets[a].keys() & sets[c].keys()
+            if shared:
+                h = sorted(shared)[0]
+                raise DrakeDataError(f"{root}: {len(shared)} {kind}(s) shared by {a} and {c}, e.g. "
+                                     f"{sets[a][h]} and {sets[c][h]}")
+    return LeakageReport(len(groups["train"]), len(groups["test"]), len(groups["public"]),
+                         len(texts["train"]), len(texts["test"]), len(texts["public"]))
+
+
+def verify_build(root: Path | str) -> dict[str, Any]:
+    """Check the manifest's hashes against the files, then leakage; returns the manifest."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    if manifest is None:
+        raise DrakeDataError(f"{root}: no DRAKE-mini manifest.json (incomplete or not a DRAKE-mini build)")
+    now = file_hashes(root)
+    if now != manifest["files"]:
+        changed = sorted(set(now.items()) ^ set(manifest["files"].items()))
+        raise DrakeDataError(f"{root}: files differ from manifest.json, e.g. {changed[0][0]}")
+    check_leakage(root)
+    return manifest
