@@ -1,0 +1,268 @@
+"""Per-client aggregation: matrix products vs a slow reference loop, modes, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from fedmosaic_core.rela import (
+    AggregationResult,
+    ClientUpdate,
+    GlobalState,
+    aggregate_global_states,
+    relevance_weights,
+    task_similarity,
+)
+
+R = 4
+MODULES = ("q_proj", "down_proj")
+# Two PQ blocks in this toy setting; LoRA layers differ per architecture.
+ARCH_LORA = {
+    "llama-s": {"lora.0.q_proj": (6, 6), "lora.0.down_proj": (6, 10)},  # (d_out, d_in)
+    "llama-m": {"lora.0.q_proj": (8, 8), "lora.2.down_proj": (8, 12)},
+    "qwen-s": {"lora.1.q_proj": (5, 5)},
+}
+TV_SHAPE = (6, 10)
+
+
+def _shared(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in range(2):
+        for module in MODULES:
+            out[f"pq.{k}.{module}.P"] = torch.randn(R, R, generator=gen)
+            out[f"pq.{k}.{module}.Q"] = torch.randn(R, generator=gen)
+    return out
+
+
+def _same_arch(arch: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {}
+    for prefix, (d_out, d_in) in ARCH_LORA[arch].items():
+        out[f"{prefix}.A"] = torch.randn(R, d_in, generator=gen)
+        out[f"{prefix}.B"] = torch.randn(d_out, R, generator=gen)
+    return out
+
+
+ARCHS = ["llama-s", "llama-m", "llama-s", "qwen-s", "llama-m", "llama-s"]  # qwen-s is alone
+
+
+def _updates(seed: int = 0, archs: list[str] = ARCHS) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=TV_SHAPE)
+    updates = []
+    for i, arch in enumerate(archs):
+        tv = base + rng.normal(size=TV_SHAPE) * (0.5 + i)  # varied relatedness
+        updates.append(ClientUpdate(f"c{i}", arch, _shared(gen), _same_arch(arch, gen), tv.astype(np.float32)))
+    return updates
+
+
+def _previous(updates: list[ClientUpdate], seed: int = 99) -> dict[str, GlobalState]:
+    gen = torch.Generator().manual_seed(seed)
+    return {u.client_id: GlobalState(_shared(gen), _same_arch(u.arch, gen)) for u in updates}
+
+
+def _slow_reference(
+    updates: list[ClientUpdate], previous: dict[str, GlobalState], weights: np.ndarray
+) -> dict[str, GlobalState]:
+    """G_i = Σ_j w_ij L_j (shared); same-arch: Σ_{j same arch} w_ij L_j / Σ_{j same arch} w_ij."""
+    out = {}
+    for i, ui in enumerate(updates):
+        shared = {}
+        for key in ui.shared:
+            total = torch.zeros_like(ui.shared[key], dtype=torch.float64)
+            for j, uj in enumerate(updates):
+                total += float(weights[i, j]) * uj.shared[key].double()
+            shared[key] = total
+        peers = [j for j, uj in enumerate(updates) if uj.arch == ui.arch]
+        norm = sum(float(weights[i, j]) for j in peers)
+        if norm == 0.0:
+            same_arch = previous[ui.client_id].same_arch
+        else:
+            same_arch = {}
+            for key in ui.same_arch:
+                total = torch.zeros_like(ui.same_arch[key], dtype=torch.float64)
+                for j in peers:
+                    total += float(weights[i, j]) / norm * updates[j].same_arch[key].double()
+                same_arch[key] = total
+        out[ui.client_id] = GlobalState(shared, same_arch)
+    return out
+
+
+def _assert_states_close(got: GlobalState, want: GlobalState) -> None:
+    assert set(got.shared) == set(want.shared) and set(got.same_arch) == set(want.same_arch)
+    for part_got, part_want in ((got.shared, want.shared), (got.same_arch, want.same_arch)):
+        for key, value in part_want.items():
+            assert part_got[key].dtype == torch.float32 and part_got[key].shape == value.shape
+            torch.testing.assert_close(part_got[key].double(), value.double(), rtol=1e-5, atol=1e-5)
+
+
+def _expected_weights(mode: str, updates: list[ClientUpdate]) -> np.ndarray:
+    n = len(updates)
+    if mode == "fedmosaic":
+        return relevance_weights(task_similarity([u.task_vector for u in updates]), 0.5)
+    if mode == "fedmosaic-uniform":
+        return (np.ones((n, n)) - np.eye(n)) / (n - 1)
+    same = np.array([[float(a.arch == b.arch) for b in updates] for a in updates])
+    return same / same.sum(axis=1, keepdims=True)  # fedavg: the client itself included
+
+
+@pytest.mark.parametrize("mode", ["fedmosaic", "fedmosaic-uniform", "fedavg"])
+def test_customised_states_match_slow_reference(mode: str) -> None:
+    updates = _updates()
+    previous = _previous(updates)
+    result = aggregate_global_states(updates, previous, mode=mode)
+    assert isinstance(result, AggregationResult)
+    assert result.client_ids == [u.client_id for u in updates] and result.excluded == {}
+    weights = _expected_weights(mode, updates)
+    np.testing.assert_allclose(result.weights, weights, atol=1e-12)
+    reference = _slow_reference(updates, previous, weights)
+    for cid, want in reference.items():
+        _assert_states_close(result.globals[cid], want)
+    if mode != "fedavg":
+        # the lone qwen-s client (c3) keeps its previous plain-LoRA global; its P/Q still mix
+        lone = result.globals["c3"]
+        for key, value in previous["c3"].same_arch.items():
+            assert torch.equal(lone.same_arch[key], value)
+        assert not torch.equal(lone.shared["pq.0.q_proj.P"], updates[3].shared["pq.0.q_proj.P"])
+    else:
+        # FedAvg: a lone client's group average is its own local state
+        torch.testing.assert_close(result.globals["c3"].same_arch["lora.1.q_proj.A"], updates[3].same_arch["lora.1.q_proj.A"])
+
+
+def test_rela_weights_favour_related_clients_and_cross_architectures() -> None:
+    updates = _updates()
+    result = aggregate_global_states(updates, {}, mode="fedmosaic")
+    w = result.weights
+    assert np.all(np.diag(w) == 0) and np.allclose(w.sum(axis=1), 1.0)
+    # c0 (least noisy) is most related to c1 (the next least noisy), regardless of architecture
+    assert int(np.argmax(w[0])) == 1 and updates[0].arch != updates[1].arch
+
+
+def test_local_mode_keeps_previous_and_absent_clients_keep_previous() -> None:
+    updates = _updates()
+    previous = _previous(updates)
+    previous["absent"] = GlobalState({"pq.0.q_proj.P": torch.ones(R, R)}, {})
+    local = aggregate_global_states(updates, previous, mode="local")
+    assert np.all(local.weights == 0)
+    for cid, state in previous.items():
+        for key, value in state.shared.items():
+            assert torch.equal(local.globals[cid].shared[key], value)
+    result = aggregate_global_states(updates[:4], previous, mode="fedmosaic")
+    assert torch.equal(result.globals["absent"].shared["pq.0.q_proj.P"], torch.ones(R, R))
+    for cid in ("c4", "c5"):  # did not reply this round
+        assert torch.equal(result.globals[cid].shared["pq.1.down_proj.Q"], previous[cid].shared["pq.1.down_proj.Q"])
+
+
+def _corrupt(kind: str, update: ClientUpdate) -> str:
+    """Damage one update in place; return a substring of the expected reason."""
+    if kind == "nan_shared":
+        update.shared["pq.1.q_proj.P"][0, 0] = float("nan")
+        return "non-finite values (NaN/Inf) in shared 'pq.1.q_proj.P'"
+    if kind == "inf_same_arch":
+        update.same_arch["lora.0.down_proj.B"][1, 1] = float("inf")
+        return "non-finite values (NaN/Inf) in same-arch 'lora.0.down_proj.B'"
+    if kind == "wrong_shape":
+        update.shared["pq.0.down_proj.Q"] = torch.zeros(R, 2)
+        return "wrong shape: shared 'pq.0.down_proj.Q'"
+    if kind == "wrong_r":
+        update.shared = {k: (torch.zeros(R - 1, R - 1) if k.endswith("P") else torch.zeros(R - 1)) for k in update.shared}
+        return "wrong rank r=3 (expected r=4)"
+    if kind == "wrong_lora_r":
+        update.same_arch["lora.0.q_proj.A"] = torch.zeros(R + 2, 6)
+        return "wrong rank r=6 (expected r=4)"
+    if kind == "unknown_key":
+        update.shared["pq.7.q_proj.P"] = torch.zeros(R, R)
+        return "unknown shared key 'pq.7.q_proj.P'"
+    if kind == "malformed_key":
+        update.same_arch["gate.0.q_proj.weight"] = torch.zeros(1)
+        return "malformed same-arch key 'gate.0.q_proj.weight'"
+    if kind == "missing_key":
+        del update.shared["pq.1.down_proj.P"]
+        return "missing shared key 'pq.1.down_proj.P'"
+    if kind == "tv_shape":
+        update.task_vector = np.ones((TV_SHAPE[0], TV_SHAPE[1] + 1), dtype=np.float32)
+        return "task vector has shape (6, 11), expected (6, 10)"
+    if kind == "tv_nan":
+        assert update.task_vector is not None
+        update.task_vector[2, 3] = np.nan
+        return "task vector has non-finite values"
+    if kind == "tv_missing":
+        update.task_vector = None
+        return "no task vector"
+    if kind == "not_tensor":
+        update.shared["pq.0.q_proj.Q"] = np.zeros(R)  # type: ignore[assignment]
+        return "is not a floating-point torch.Tensor"
+    raise AssertionError(kind)
+
+
+BAD_KINDS = [
+    "nan_shared", "inf_same_arch", "wrong_shape", "wrong_r", "wrong_lora_r", "unknown_key",
+    "malformed_key", "missing_key", "tv_shape", "tv_nan", "tv_missing", "not_tensor",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_update_is_excluded_with_one_log_line(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    updates = _updates()
+    previous = _previous(updates)
+    bad = updates[2]  # a llama-s client (llama-s has 3 members, so majority inference works)
+    reason = _corrupt(kind, bad)
+    with caplog.at_level(logging.WARNING, logger="fedmosaic_core.rela.aggregation"):
+        result = aggregate_global_states(updates, previous, mode="fedmosaic")
+    assert list(result.excluded) == ["c2"] and reason in result.excluded["c2"]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "c2" in lines[0] and reason in lines[0]
+    # the others are aggregated as if c2 had not replied; c2 keeps its previous global
+    clean = aggregate_global_states([u for u in _updates() if u.client_id != "c2"], previous, mode="fedmosaic")
+    assert result.client_ids == clean.client_ids
+    np.testing.assert_allclose(result.weights, clean.weights)
+    for cid in clean.client_ids:
+        _assert_states_close(result.globals[cid], clean.globals[cid])
+    _assert_states_close(result.globals["c2"], previous["c2"])
+
+
+def test_explicit_expected_shapes_catch_a_consistent_wrong_rank() -> None:
+    updates = _updates(archs=["llama-s", "llama-s", "qwen-s"])
+    expected_shared = {k: tuple(v.shape) for k, v in updates[0].shared.items()}
+    expected_same_arch = {a: {k: tuple(v.shape) for k, v in _same_arch(a, torch.Generator()).items()} for a in ("llama-s", "qwen-s")}
+    for u in updates[1:]:
+        _corrupt("wrong_r", u)  # now the majority has r = 3
+    result = aggregate_global_states(
+        updates, {}, mode="fedmosaic-uniform", expected_shared=expected_shared, expected_same_arch=expected_same_arch
+    )
+    assert set(result.excluded) == {"c1", "c2"} and result.client_ids == ["c0"]
+    assert result.globals["c0"] == GlobalState()  # fewer than 2 valid: nothing new, no previous
+
+
+def test_unknown_architecture_is_excluded_when_shapes_are_given() -> None:
+    updates = _updates(archs=["llama-s", "llama-s", "llama-m"])
+    expected_same_arch = {"llama-s": {k: tuple(v.shape) for k, v in updates[0].same_arch.items()}}
+    result = aggregate_global_states(updates, {}, mode="fedmosaic", expected_same_arch=expected_same_arch)
+    assert result.excluded == {"c2": "unknown architecture 'llama-m'"}
+
+
+def test_fewer_than_two_valid_clients_everyone_keeps_previous() -> None:
+    updates = _updates(archs=["llama-s", "llama-s", "llama-s"])
+    previous = _previous(updates)
+    _corrupt("tv_nan", updates[0])
+    _corrupt("tv_missing", updates[1])
+    result = aggregate_global_states(updates, previous, mode="fedmosaic")
+    assert set(result.excluded) == {"c0", "c1"} and result.client_ids == ["c2"]
+    assert result.weights.shape == (1, 1)
+    for cid, state in previous.items():
+        _assert_states_close(result.globals[cid], state)
+
+
+def test_argument_errors() -> None:
+    updates = _updates()
+    with pytest.raises(ValueError, match="unknown mode 'fedprox'"):
+        aggregate_global_states(updates, {}, mode="fedprox")
+    with pytest.raises(ValueError, match="tau"):
+        aggregate_global_states(updates, {}, tau=0.0)
+    with pytest.raises(ValueError, match="duplicate client ids"):
+        aggregate_global_states(updates + [updates[0]], {})
+    with pytest.raises(ValueError, match="malformed key"):
+        aggregate_global_states(updates, {}, expected_shared={"P": (4, 4)})
