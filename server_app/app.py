@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-from fedmosaic_core.federation.prepare import prepare_federation
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmosaic_core.federation.config import ConfigError, parse_run_config
+from fedmosaic_core.federation.prepare import prepare_federation
 from server_app.report import write_report
 from server_app.runner import run_federation
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flower_fakes import InProcessGrid
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedmosaic_core.federation import protocol as proto
 from fedmosaic_core.federation.config import parse_run_config

@@ -23,8 +23,8 @@ class ConfigError(ValueError):
 
 
 def default_home() -> Path:
-    """Root for caches, data, runs and client state: ``$FEDMOSAIC_HOME`` or ``~/.cache/fedmosaic``."""
-    return Path(os.environ.get("FEDMOSAIC_HOME", Path.home() / ".cache" / "fedmosaic")).expanduser()
+    """Root for caches, data, runs and client state: ``$FEDMOSAIC_CACHE`` or ``~/.cache/fedmosaic``."""
+    return Path(os.environ.get("FEDMOSAIC_CACHE", Path.home() / ".cache" / "fedmosaic")).expanduser()
 
 
 class FederationConfig(BaseModel):
@@ -70,6 +70,9 @@ class FederationConfig(BaseModel):
     probe_every: int = Field(4, ge=1)
     rows_fraction: float = Field(0.4, gt=0, le=1)
     noise_std: float = Field(1e-4, ge=0)
+    tv_compression: float = Field(8.0, ge=1)
+    tv_sketch_dim: int = Field(8, ge=2)
+    align_bases: bool = True
     # --- resources ---
     torch_threads: int = Field(0, ge=0)
 
