@@ -177,7 +177,9 @@ class _Build:
 def _distinct(rng: np.random.Generator, n: int, make: Callable[[int], dict[str, Any]], key: Callable[[dict[str, Any]], str],
               limit: int) -> list[dict[str, Any]]:
     """``n`` records whose ``key`` differ (retrying duplicates, at most ``limit`` tries)."""
-    out, seen, tries = [], set(), 0
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    tries = 0
     while len(out) < n and tries < limit:
         rec = make(len(out))
         tries += 1
@@ -273,7 +275,7 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
                 choices = [str(x) for x in rng.permutation([c, *others])]
                 return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, "What color is the shape?", choices), c)
         elif key == "EasyVQA-1":
-            colour_qs = {"yes": [], "no": []}  # (image, question)
+            colour_qs: dict[str, list[tuple[int, str]]] = {"yes": [], "no": []}  # (image, question)
             for img in pool:
                 for q, a in b.attr("EasyVQA", img)["questions"]:
                     if a in colour_qs and any(w in q.split() for w in S.COLORS):
@@ -441,13 +443,13 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
         rng = b.rng("public", source)
         chosen = np.sort(rng.permutation(pool)[:cap])
         for img in chosen:
-            a = b.attr(source, img)
+            attrs = b.attr(source, img)
             path = b.image(source, int(img))
-            recs.append(_record("", [path], IMAGE_TOKEN + "\nWhat is in the image? Your answer is:", _CAPTION[source](a)))
+            recs.append(_record("", [path], IMAGE_TOKEN + "\nWhat is in the image? Your answer is:", _CAPTION[source](attrs)))
             if rng.random() < 1 / 3:
                 choices = [str(x) for x in rng.permutation(list(_KIND.values()))]
                 recs.append(_record("", [path], _mc(1, "What kind of picture is this?", choices), _KIND[source]))
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for cat in sorted(set(b.chat) - set(TOPICS)):
         for conv in b.chat[cat]:
             for q, a in zip(conv, conv[1:], strict=False):
