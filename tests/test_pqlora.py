@@ -500,3 +500,22 @@ def test_merge_with_input_dependent_gate_needs_constant_beta() -> None:
         merged = wrapped.merge_and_unload(beta=0.0)(**batch).logits
     assert rel_err(merged, local_only) <= 1e-5
     assert rel_err(gated, local_only) > 1e-3  # the gate did matter
+
+
+def test_activation_checkpointing_recomputes_the_same_gates() -> None:
+    """The attention mask outlives the forward, so recomputed gates in backward match."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        wrapped = inject_pqlora(tiny_llama(layers=5), cfg(gate_noise=False))
+        randomize(wrapped, gates=True)
+        if checkpointing:
+            wrapped.base_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        wrapped.train()
+        batch = make_batch()  # padded: masked and unmasked gates would differ
+        wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+        grads.append([p.grad for ps in wrapped.parameter_groups().values() for p in ps])
+    for plain, recomputed in zip(*grads, strict=True):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)

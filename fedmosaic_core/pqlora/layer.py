@@ -71,7 +71,7 @@ def base_kind(base: nn.Module) -> str:
     )
 
 
-def _unpack_cpu_4bit(base: nn.Module) -> None:
+def _unpack_cpu_4bit(base: Any) -> None:
     """Undo bitsandbytes' AVX512-BF16 CPU repacking (which has no backward pass), if done."""
     quant_state = getattr(base.weight, "quant_state", None)
     if quant_state is not None and getattr(quant_state, "packing_format_for_cpu", False):
@@ -82,7 +82,7 @@ def _unpack_cpu_4bit(base: nn.Module) -> None:
         )
 
 
-def dense_weight(base: nn.Module) -> torch.Tensor:
+def dense_weight(base: Any) -> torch.Tensor:
     """The base's weight (d_out × d_in) as a dense tensor; quantised bases are dequantised to
     float32 (4-bit: ``dequantize_4bit``; 8-bit: CB · SCB / 127 per row)."""
     kind = base_kind(base)
@@ -107,7 +107,7 @@ class _GatedDualAdapter(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Module,
+        base_layer: Any,
         context: GateContext,
         *,
         dropout: float,
@@ -135,7 +135,8 @@ class _GatedDualAdapter(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.base_layer.weight.device
+        weight: torch.Tensor = self.base_layer.weight  # type: ignore[assignment]
+        return weight.device
 
     # -- gate ------------------------------------------------------------------------------
     def _token_mask(self, batch: int, tokens: int, ndim: int) -> torch.Tensor | None:
@@ -202,7 +203,7 @@ class _GatedDualAdapter(nn.Module):
         weight = dense_weight(self.base_layer)
         dtype = weight.dtype if self.base_kind == "linear" else torch.float32
         delta_w, delta_b = self.delta_weight_and_bias(beta)
-        base_bias = self.base_layer.bias
+        base_bias: torch.Tensor | None = self.base_layer.bias  # type: ignore[assignment]
         has_bias = base_bias is not None or (delta_b is not None and bool(delta_b.ne(0).any()))
         merged = nn.Linear(
             self.in_features, self.out_features, bias=has_bias, device=weight.device, dtype=dtype

@@ -69,7 +69,7 @@ class AdaptedModule:
     adapter: _GatedDualAdapter
 
 
-def _find_target(layer: nn.Module, target: str, layer_index: int, prefix: str) -> tuple[str, nn.Module]:
+def _find_target(layer: nn.Module, target: str, layer_index: int, prefix: str) -> tuple[str, Any]:
     named = [(n, m) for n, m in layer.named_modules() if n]
     matches = [(n, m) for n, m in named if n == target or n.endswith("." + target)]
     if not matches:
@@ -108,7 +108,7 @@ def inject_pqlora(model: nn.Module, config: PQLoRAConfig) -> PQLoRAModel:
     pq_indices = pq_layer_indices(num_layers, config.num_blocks)
     block_of = {layer: k for k, layer in enumerate(pq_indices)}
 
-    plan: list[tuple[int, str, str, nn.Module]] = []
+    plan: list[tuple[int, str, str, Any]] = []
     for li, layer in enumerate(parts.layers):
         seen: dict[int, str] = {}
         for target in config.target_modules:
@@ -261,7 +261,7 @@ class PQLoRAModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_merged()
-        return self.base_model.generate(*args, **kwargs)
+        return self.base_model.generate(*args, **kwargs)  # type: ignore[operator]
 
     def _check_not_merged(self) -> None:
         if self._merged:
@@ -306,7 +306,7 @@ class PQLoRAModel(nn.Module):
         return table
 
     def _gate_params(self) -> dict[str, nn.Parameter]:
-        return {gate_key(i.layer, i.module): i.adapter.gate.weight for i in self._adapted}
+        return {gate_key(i.layer, i.module): i.adapter.gate.weight for i in self._adapted}  # type: ignore[misc]
 
     def _base_params(self) -> dict[str, nn.Parameter]:
         table: dict[str, nn.Parameter] = {}
