@@ -45,13 +45,6 @@ class AdaptedModel:
 
 
 @dataclass
-class TaskData:
-    ref: TaskRef
-    train_ids: list[str]
-    test: list[RenderedSample]
-
-
-@dataclass
 class Resources:
     config: FederationConfig
     data_root: Path
@@ -59,22 +52,29 @@ class Resources:
     models: dict[str, AdaptedModel] = field(default_factory=dict)
     probes: dict[str, tuple[LoadedModel, TaskVectorProbe]] = field(default_factory=dict)
     samples: dict[str, RenderedSample] = field(default_factory=dict)
-    tasks: dict[tuple[str, int], TaskData] = field(default_factory=dict)
+    tasks: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    tests: dict[tuple[str, str], list[RenderedSample]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ data
-    def task(self, ref: TaskRef, max_test: int) -> TaskData:
-        key = (ref.key, max_test)
+    def train_ids(self, ref: TaskRef) -> list[str]:
+        """Sample ids of a task's train split (rendered once and cached)."""
+        key = (ref.key, "train")
         if key not in self.tasks:
-            train = load_task(self.data_root, ref.dataset, ref.subset_id, "train")
-            train_ids = []
-            for record in train:
+            ids = []
+            for record in load_task(self.data_root, ref.dataset, ref.subset_id, "train"):
                 sid = sample_key(ref.dataset, ref.subset_id, str(record["id"]))
                 self.samples[sid] = render_sample(record, self.data_root, ref.type)
-                train_ids.append(sid)
-            test_records = load_task(self.data_root, ref.dataset, ref.subset_id, "test")[:max_test]
-            test = [render_sample(r, self.data_root, ref.type) for r in test_records]
-            self.tasks[key] = TaskData(ref, train_ids, test)
-        return self.tasks[key]
+                ids.append(sid)
+            self.tasks[key] = ids
+        return list(self.tasks[key])
+
+    def test_samples(self, ref: TaskRef, max_test: int) -> list[RenderedSample]:
+        """The first ``max_test`` samples of a task's test split (unseen tasks have only this)."""
+        key = (ref.key, f"test-{max_test}")
+        if key not in self.tests:
+            records = load_task(self.data_root, ref.dataset, ref.subset_id, "test")[:max_test]
+            self.tests[key] = [render_sample(r, self.data_root, ref.type) for r in records]
+        return self.tests[key]
 
     def unseen_tasks(self) -> list[TaskRef]:
         path = self.data_root / "unseen.json"
@@ -86,7 +86,7 @@ class Resources:
             cfg = self.config
             loaded = load_model(
                 model_id, quantization=cfg.quantization, seed=cfg.seed,
-                public_data_root=self.data_root,
+                public_data_root=self.data_root, random_init=not cfg.pretrained,
             )
             model = inject_pqlora(
                 loaded.model, PQLoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, seed=cfg.seed)
@@ -107,7 +107,7 @@ class Resources:
         if model_id not in self.probes:
             loaded = load_model(
                 model_id, quantization=self.config.quantization, seed=self.config.seed,
-                public_data_root=self.data_root,
+                public_data_root=self.data_root, random_init=not self.config.pretrained,
             )
             loaded.model.eval()
             for p in loaded.model.parameters():
@@ -153,7 +153,7 @@ def get_resources(config: FederationConfig, data_root_override: str | None = Non
     """Process-wide cache keyed by what determines the resources."""
     data_root = Path(data_root_override) if data_root_override else resolve_data_root(config)
     key = (data_root, config.scenario, config.seed, config.r, config.alpha, config.dropout,
-           config.quantization, config.probe_model, config.eval_max_samples)
+           config.quantization, config.probe_model, config.eval_max_samples, config.pretrained)
     if key not in _RESOURCES:
         threads = config.torch_threads or int(os.environ.get("FEDMOSAIC_TORCH_THREADS", 0)) or (os.cpu_count() or 1)
         torch.set_num_threads(threads)

@@ -91,7 +91,7 @@ class FedMosaicClient:
 
     # ------------------------------------------------------------------ data
     def _stream(self) -> Stream:
-        tasks = [(ref.key, self.res.task(ref, self.config.eval_max_samples).train_ids) for ref in self.entry.datasets]
+        tasks = [(ref.key, self.res.train_ids(ref)) for ref in self.entry.datasets]
         return build_stream(tasks, self.config.stream_mode, self.config.rounds_per_task, self.config.seed + int(self.client_id))
 
     # ------------------------------------------------------------------ round
@@ -225,7 +225,7 @@ class FedMosaicClient:
         adapted = self.res.adapted(self.entry.model_id)
         out: dict[str, float] = {}
         for ref in refs:
-            samples = self.res.task(ref, self.config.eval_max_samples).test
+            samples = self.res.test_samples(ref, self.config.eval_max_samples)
             if not samples:
                 continue
             total = 0.0

@@ -64,6 +64,7 @@ class FederationConfig(BaseModel):
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     quantization: Literal["none", "nf4", "int8"] = "none"
+    pretrained: bool = True  # false: untrained tiny presets (smoke tests only)
     # --- RELA ---
     tau: float = Field(0.5, gt=0)
     probe_model: str = ""

@@ -87,7 +87,8 @@ def prepare_federation(config: FederationConfig) -> Path:
     from fedmosaic_core.models.loading import load_model
 
     for model_id in model_ids:
-        load_model(model_id, quantization="none", seed=config.seed, public_data_root=data_root)
+        load_model(model_id, quantization="none", seed=config.seed, public_data_root=data_root,
+                   random_init=not config.pretrained)
     if config.align_bases and len(model_ids) > 1:
         align_federation_bases(config, data_root, model_ids)
     return data_root
