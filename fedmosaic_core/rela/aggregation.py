@@ -168,13 +168,18 @@ def _check_expected(name: str, shapes: Mapping[str, tuple[int, ...]], pattern: r
 
 
 # -- mixing -----------------------------------------------------------------------------------
-def _mix(weights: np.ndarray, states: Sequence[Mapping[str, torch.Tensor]], keys: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+def _mix(
+    weights: np.ndarray,
+    states: Sequence[Mapping[str, torch.Tensor]],
+    keys: Sequence[str],
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
     """``out[i][key] = Σ_j weights[i, j] · states[j][key]`` as one matrix product per key."""
-    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(w.shape[0])]
     for key in keys:
         shape = states[0][key].shape
-        stack = torch.stack([state[key].detach().reshape(-1).float().cpu() for state in states])
+        stack = torch.stack([state[key].detach().reshape(-1).to(device, torch.float32) for state in states])
         mixed = w @ stack  # rows × numel
         for i, row in enumerate(mixed):
             outputs[i][key] = row.view(shape)
@@ -203,12 +208,14 @@ def aggregate_global_states(
     tau: float = 0.5,
     expected_shared: dict[str, tuple[int, ...]] | None = None,
     expected_same_arch: dict[str, dict[str, tuple[int, ...]]] | None = None,
+    device: str | torch.device | None = None,
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
 
     ``expected_shared``: key → shape of the shared state, for everyone; ``expected_same_arch``:
     arch → (key → shape). When None they are inferred from the majority of this round's updates
-    (per architecture for the same-arch part).
+    (per architecture for the same-arch part). ``device``: where the matrix products run and
+    the new states live (default CPU).
     """
     if mode not in MODES:
         raise ValueError(f"aggregate_global_states: unknown mode {mode!r}; expected one of {MODES}")
@@ -273,7 +280,8 @@ def aggregate_global_states(
         return AggregationResult(result_globals, np.zeros((m, m)), client_ids, excluded)
 
     weights = _weight_matrix(mode, valid, tau)
-    shared_out = _mix(weights, [u.shared for u in valid], sorted(shared_shapes))
+    target = torch.device("cpu") if device is None else torch.device(device)
+    shared_out = _mix(weights, [u.shared for u in valid], sorted(shared_shapes), target)
     for update, shared in zip(valid, shared_out, strict=True):
         before = previous.get(update.client_id)
         result_globals[update.client_id] = GlobalState(shared, dict(before.same_arch) if before else {})
@@ -286,7 +294,7 @@ def aggregate_global_states(
         if not receivers:
             continue  # a lone client of its architecture keeps its previous plain-LoRA global
         normalised = block[receivers] / totals[receivers, None]
-        mixed = _mix(normalised, [valid[i].same_arch for i in members], sorted(arch_shapes[arch]))
+        mixed = _mix(normalised, [valid[i].same_arch for i in members], sorted(arch_shapes[arch]), target)
         for k, state in zip(receivers, mixed, strict=True):
             result_globals[valid[members[k]].client_id].same_arch = state
     return AggregationResult(result_globals, weights, client_ids, excluded)

@@ -81,12 +81,12 @@ def byte_batch(pairs: list[tuple[str, str]], max_length: int = 64) -> dict[str, 
     length = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
     attention = torch.zeros((len(rows), length), dtype=torch.long)
-    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    label_ids = torch.full((len(rows), length), -100, dtype=torch.long)
     for i, (ids, lab) in enumerate(rows):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention[i, : len(ids)] = 1
-        labels[i, : len(lab)] = torch.tensor(lab)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        label_ids[i, : len(lab)] = torch.tensor(lab)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
 
 
 def task_batches(

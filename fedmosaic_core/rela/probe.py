@@ -99,6 +99,7 @@ class TaskVectorProbe:
         self.model = model
         self.exact_rmsnorm = bool(exact_rmsnorm)
         self.final_norm = parts.final_norm
+        self.norm_weight: torch.Tensor = norm_weight
         self.lm_head = parts.lm_head
         self.down_proj = _find_down_proj(parts.layers[-1])
         self.norm_eps = _norm_eps(parts.final_norm)
@@ -157,7 +158,7 @@ class TaskVectorProbe:
 
         r = torch.rsqrt(h_a.pow(2).mean(-1, keepdim=True) + self.norm_eps)  # n × 1
         x_hat = h_a * r
-        w_norm = self.final_norm.weight.detach().float()
+        w_norm = self.norm_weight.detach().float()
         normed = x_hat * w_norm
 
         weight = _dense_weight(self.lm_head)

@@ -1,0 +1,143 @@
+"""RELA server aggregation: wall time vs the FLOP floor of its matrix products.
+
+Payload per client: Llama-3.2-1B-shaped PQ state (4 blocks × 7 modules × (r² + r), r = 128)
+and a compressed task vector (the default sketch of a 0.4·2048 × 8192 task vector). The FLOP
+floor counts the two products that cannot be avoided: the task-similarity Gram
+(2·N²·D_sketch) and the mixing ``W @ stack`` (2·N²·numel). The same-shape plain matmuls are
+timed in the same run to give the machine's achievable rate.
+
+    python bench/bench_rela.py --n 10 100 1000 [--device cuda] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from fedmosaic_core.rela import ClientUpdate, TaskVectorCompression, aggregate_global_states
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+R = 128
+BLOCKS = 4
+
+
+def make_updates(n: int, sketch_shape: tuple[int, int], seed: int) -> list[ClientUpdate]:
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    updates = []
+    for i in range(n):
+        shared = {}
+        for k in range(BLOCKS):
+            for module in MODULES:
+                shared[f"pq.{k}.{module}.P"] = torch.randn(R, R, generator=gen)
+                shared[f"pq.{k}.{module}.Q"] = torch.randn(R, generator=gen)
+        tv = rng.standard_normal(sketch_shape, dtype=np.float32)
+        updates.append(ClientUpdate(f"client-{i}", "llama-3.2-1b", shared, {}, tv))
+    return updates
+
+
+def best_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def big_matmul_rate(device: torch.device, repeats: int) -> float:
+    """GFLOP/s of a large square fp32 matmul: the machine's practical peak."""
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+
+    def product() -> None:
+        a @ b
+        sync(device)
+
+    product()
+    return 2 * size**3 / best_time(product, repeats) / 1e9
+
+
+def measure(
+    n: int, sketch_shape: tuple[int, int], device: torch.device, repeats: int
+) -> tuple[float, float, float]:
+    """(aggregation wall seconds, FLOP floor, GFLOP/s of the same-shape plain matmuls)."""
+    updates = make_updates(n, sketch_shape, seed=n)
+    d_sketch = sketch_shape[0] * sketch_shape[1]
+    numel_total = BLOCKS * len(MODULES) * (R * R + R)
+    floor = 2.0 * n * n * numel_total + 2.0 * n * n * d_sketch
+
+    def run() -> None:
+        result = aggregate_global_states(updates, {}, mode="fedmosaic", device=device)
+        sync(device)
+        assert not result.excluded and len(result.globals) == n
+
+    run()  # warm-up
+    wall = best_time(run, repeats)
+    updates.clear()  # free the payload before the plain matmuls
+    gc.collect()
+
+    # the same-shape plain matmuls (mixing per parameter + the similarity Gram), this run
+    w = torch.rand(n, n, device=device)
+    stack_p = torch.randn(n, R * R, device=device)
+    stack_q = torch.randn(n, R, device=device)
+    gram_in = torch.randn(n, d_sketch)
+
+    def plain() -> None:
+        for _ in range(BLOCKS * len(MODULES)):
+            w @ stack_p
+            w @ stack_q
+        gram_in @ gram_in.T
+        sync(device)
+
+    plain()
+    return wall, floor, floor / best_time(plain, repeats) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    sketch = TaskVectorCompression.for_shape(round(0.4 * 2048), 8192, min_ratio=100)
+    sketch_shape = sketch.compressed_shape(round(0.4 * 2048), 8192)
+    d_sketch = sketch_shape[0] * sketch_shape[1]
+    numel_param = R * R + R
+    numel_total = BLOCKS * len(MODULES) * numel_param
+    print(
+        f"device={device} threads={args.threads}; per client: {BLOCKS * len(MODULES)} PQ modules × "
+        f"(r²+r) = {numel_total} floats ({numel_total * 4 / 2**20:.1f} MiB), task-vector sketch "
+        f"{sketch_shape} ({d_sketch * 4 / 2**10:.0f} KiB)"
+    )
+    header = (
+        f"{'N':>5} {'wall s':>8} {'floor GFLOP':>11} {'GFLOP/s':>8} {'matmul GFLOP/s':>14} "
+        f"{'ratio':>6} {'big-matmul GFLOP/s':>18} {'ratio':>6}"
+    )
+    peak_big = big_matmul_rate(device, args.repeats)
+    print(header)
+    for n in args.n:
+        wall, floor, rate_plain = measure(n, sketch_shape, device, args.repeats)
+        rate = floor / wall / 1e9
+        print(
+            f"{n:>5} {wall:>8.3f} {floor / 1e9:>11.2f} {rate:>8.1f} {rate_plain:>14.1f} "
+            f"{rate / rate_plain:>6.2f} {peak_big:>18.1f} {rate / peak_big:>6.2f}"
+        )
+        gc.collect()
+
+if __name__ == "__main__":
+    main()
