@@ -155,7 +155,7 @@ def get_resources(config: FederationConfig, data_root_override: str | None = Non
     key = (data_root, config.scenario, config.seed, config.r, config.alpha, config.dropout,
            config.quantization, config.probe_model, config.eval_max_samples, config.pretrained)
     if key not in _RESOURCES:
-        threads = config.torch_threads or int(os.environ.get("FEDMOSAIC_TORCH_THREADS", 0)) or (os.cpu_count() or 1)
+        threads = config.torch_threads or (os.cpu_count() or 1)
         torch.set_num_threads(threads)
         _RESOURCES[key] = Resources(config, data_root, load_run_scenario(config, data_root))
     return _RESOURCES[key]

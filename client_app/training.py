@@ -46,13 +46,16 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
-def compression_for(config: FederationConfig, rows: int, cols: int) -> TaskVectorCompression:
-    """The shared sketch (same on every client): ``tv-compression``× fewer bytes than rows×cols."""
+def upload_task_vector(config: FederationConfig, smoothed: torch.Tensor) -> np.ndarray:
+    """The task vector as sent: raw (``tv-compression = 1``) or the shared-seed sketch that is
+    ``tv-compression``× smaller (same plan on every client)."""
     if config.tv_compression <= 1:
-        return TaskVectorCompression(seed=config.seed, sketch_dim=rows, num_columns=None)
-    return TaskVectorCompression.for_shape(
+        return smoothed.detach().cpu().float().numpy()
+    rows, cols = smoothed.shape
+    sketch = TaskVectorCompression.for_shape(
         rows, cols, min_ratio=config.tv_compression, sketch_dim=config.tv_sketch_dim, seed=config.seed
     )
+    return compress_task_vector(smoothed, sketch)
 
 
 @dataclass
@@ -173,7 +176,7 @@ class FedMosaicClient:
         task_vector = None
         if cfg.strategy == "fedmosaic":
             smoothed = accumulator.end_round()
-            task_vector = compress_task_vector(smoothed, compression_for(cfg, *smoothed.shape))
+            task_vector = upload_task_vector(cfg, smoothed)
 
         # -- evaluation
         model.eval()

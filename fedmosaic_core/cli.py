@@ -75,8 +75,8 @@ def _run_one(app_dir: Path, overrides: dict[str, Any], flwr_home: Path) -> dict[
         overrides = {**overrides, "data-root": str(data_root)}
     if not config.output_dir:
         overrides = {**overrides, "output-dir": str(config.run_dir.parent)}
-    cpus = os.cpu_count() or 1
-    with simulation_superlink(flwr_home, {"FEDMOSAIC_TORCH_THREADS": str(cpus)}) as link:
+    cpus = config.torch_threads or (os.cpu_count() or 1)
+    with simulation_superlink(flwr_home) as link:
         run_id, status, _ = flwr_run(
             app_dir, link, run_config=overrides, num_supernodes=len(scenario.clients),
             num_cpus_per_client=cpus, log_path=config.run_dir / "flwr-run.log",

@@ -12,7 +12,8 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is fastest and robust to a busy machine (see federation config).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
