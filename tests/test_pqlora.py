@@ -519,3 +519,34 @@ def test_activation_checkpointing_recomputes_the_same_gates() -> None:
         grads.append([p.grad for ps in wrapped.parameter_groups().values() for p in ps])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_llava_forward_with_image_trains_the_language_adapter() -> None:
+    model = tiny_llava(Qwen2Config, hidden=32, layers=4)
+    wrapped = inject_pqlora(model, cfg())
+    image_tokens = 4  # 16×16 image, 8×8 patches, CLS dropped
+    ids = torch.randint(0, VOCAB - 2, (2, 10))
+    ids[:, 1 : 1 + image_tokens] = VOCAB - 1
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    wrapped.train()
+    out = wrapped(
+        input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 16, 16), labels=ids
+    )
+    out.loss.backward()
+    assert all(p.grad is not None for p in wrapped.parameter_groups()["pq"])
+    assert all(p.grad is None for n, p in wrapped.named_parameters() if "vision_tower" in n)
+
+
+def test_bfloat16_base_keeps_float32_adapter() -> None:
+    model = tiny_llama(layers=4).to(torch.bfloat16)
+    batch = make_batch()
+    with torch.no_grad():
+        reference = model(**batch).logits
+    wrapped = inject_pqlora(model, cfg())
+    with torch.no_grad():
+        assert torch.equal(wrapped(**batch).logits, reference)
+    wrapped.train()
+    wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+    p = wrapped.parameter_groups()["pq"][0]
+    assert p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0
