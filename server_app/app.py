@@ -19,6 +19,8 @@ log = logging.getLogger("fedmosaic.server")
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         config = parse_run_config(context.run_config)
     except ConfigError as err:
