@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from drake_data.layout import Scenario, TaskRef, load_task
 from drake_data.mini.builder import load_unseen
@@ -22,11 +21,13 @@ from drake_data.prompts import RenderedSample, render_sample
 from drake_data.streams import sample_key
 from fedmosaic_core.federation.config import FederationConfig
 from fedmosaic_core.federation.prepare import (
-    bases_file,
+    bases_dir,
     load_run_scenario,
     probe_model_id,
     resolve_data_root,
+    smallest_model,
 )
+from fedmosaic_core.models.align import load_aligned_bases
 from fedmosaic_core.models.loading import LoadedModel, load_model
 from fedmosaic_core.pqlora import PQLoRAConfig, PQLoRAModel, inject_pqlora
 from fedmosaic_core.rela import TaskVectorProbe
@@ -91,12 +92,13 @@ class Resources:
             model = inject_pqlora(
                 loaded.model, PQLoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, seed=cfg.seed)
             )
-            bases = bases_file(cfg, model_id)
-            if bases.exists():
-                model.load_pq_bases(load_file(str(bases)))
-                log.info("loaded aligned A/B for %s from %s", model_id, bases)
+            arch = loaded.fingerprint.with_rank(cfg.r).id
+            folder = bases_dir(cfg, smallest_model([c.model_id for c in self.scenario.clients]))
+            if cfg.align_bases and (folder / f"{arch}.safetensors").is_file():
+                load_aligned_bases(model, folder)
+                log.info("loaded aligned A/B for %s from %s", model_id, folder)
             else:
-                log.info("no aligned A/B for %s (%s): seeded orthonormal A/B", model_id, bases)
+                log.info("%s: seeded orthonormal A/B (no alignment file in %s)", model_id, folder)
             self.models[model_id] = AdaptedModel(
                 loaded, model, adapter_snapshot(model), loaded.fingerprint.with_rank(cfg.r).id
             )

@@ -66,13 +66,10 @@ def probe_model_id(config: FederationConfig, scenario: Scenario) -> str:
     return config.probe_model or smallest_model([c.model_id for c in scenario.clients])
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-
-
-def bases_file(config: FederationConfig, model_id: str) -> Path:
-    """Where the aligned A/B of ``model_id`` for this seed and r are cached."""
-    return default_home() / "bases" / f"seed{config.seed}-r{config.r}" / f"{_safe(model_id)}.safetensors"
+def bases_dir(config: FederationConfig, anchor: str) -> Path:
+    """Where the aligned A/B (one file per architecture, named by its fingerprint) are cached."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in anchor)
+    return default_home() / "bases" / f"seed{config.seed}-r{config.r}" / f"anchor-{safe}"
 
 
 def prepare_federation(config: FederationConfig) -> Path:
@@ -86,32 +83,46 @@ def prepare_federation(config: FederationConfig) -> Path:
     model_ids = sorted({c.model_id for c in scenario.clients})
     from fedmosaic_core.models.loading import load_model
 
-    for model_id in model_ids:
-        load_model(model_id, quantization="none", seed=config.seed, public_data_root=data_root,
-                   random_init=not config.pretrained)
+    loaded = {
+        m: load_model(m, quantization="none", seed=config.seed, public_data_root=data_root,
+                      random_init=not config.pretrained)
+        for m in model_ids
+    }
     if config.align_bases and len(model_ids) > 1:
-        align_federation_bases(config, data_root, model_ids)
+        align_federation_bases(config, data_root, loaded)
     return data_root
 
 
-def align_federation_bases(config: FederationConfig, data_root: Path, model_ids: list[str]) -> None:
-    """Anchor = the smallest model (seeded orthonormal A/B); every other model aligned to it."""
-    from fedmosaic_core.models.alignment import write_aligned_bases
-
-    anchor = smallest_model(model_ids)
-    todo = [m for m in model_ids if not bases_file(config, m).exists()]
-    if not todo:
-        return
-    log.info("aligning A/B of %s to anchor %s (r=%d)", todo, anchor, config.r)
-    write_aligned_bases(
-        anchor=anchor,
-        others=[m for m in model_ids if m != anchor],
-        out_files={m: bases_file(config, m) for m in model_ids},
-        r=config.r,
-        alpha=config.alpha,
-        seed=config.seed,
-        public_data_root=data_root,
+def align_federation_bases(config: FederationConfig, data_root: Path, loaded: dict) -> Path:  # type: ignore[type-arg]
+    """DESIGN §3: the smallest model is the anchor (seeded orthonormal A/B); every other
+    architecture's A is trained to match the anchor's latents, B mapped by CCA. Cached."""
+    from fedmosaic_core.models.align import (
+        AlignConfig,
+        align_bases,
+        anchor_aligned_bases,
+        save_aligned_bases,
     )
-    missing = [m for m in model_ids if not bases_file(config, m).exists()]
-    if missing:
-        raise RuntimeError(f"A/B alignment did not write bases for {missing}")
+    from fedmosaic_core.models.prepare import load_public_samples
+
+    anchor = smallest_model(list(loaded))
+    out = bases_dir(config, anchor)
+    align_config = AlignConfig(r=config.r, seed=config.seed)
+    wanted = {m: loaded[m].fingerprint.with_rank(config.r).id for m in loaded}
+    todo = sorted({m for m, fp in wanted.items() if not (out / f"{fp}.safetensors").is_file()})
+    if not todo:
+        return out
+    samples = load_public_samples(data_root)
+    done: set[str] = set()
+    for model_id in [anchor, *[m for m in todo if m != anchor]]:
+        fp = wanted[model_id]
+        if fp in done or (out / f"{fp}.safetensors").is_file():
+            continue
+        if fp == wanted[anchor]:
+            bases = anchor_aligned_bases(loaded[anchor], align_config)
+        else:
+            log.info("aligning A/B of %s to anchor %s (r=%d)", model_id, anchor, config.r)
+            bases = align_bases(loaded[anchor], loaded[model_id], samples, align_config)
+            log.info("alignment %s: %s", model_id, {k: v for k, v in bases.metrics.items() if not isinstance(v, dict)})
+        save_aligned_bases(bases, out)
+        done.add(fp)
+    return out
