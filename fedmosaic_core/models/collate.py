@@ -84,6 +84,11 @@ def pixel_values_for(processor: Any, samples: Sequence[SampleLike]) -> torch.Ten
     images = [image.convert("RGB") for sample in samples for image in sample.images]
     if not images:
         return None
+    if not hasattr(processor, "image_processor"):
+        with_images = next(s for s in samples if s.images)
+        raise ValueError(
+            f"sample {with_images.id!r} has images but the processor is a text-only tokenizer"
+        )
     out = processor.image_processor(images=images, return_tensors="pt")
     return torch.as_tensor(out["pixel_values"])
 

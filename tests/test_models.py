@@ -1,0 +1,262 @@
+"""Tiny presets, tokenizer, loading (incl. 4-bit on CPU), fingerprints, collation, preparation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from test_models_standin import standin_public_samples
+from tokenizers import Tokenizer
+from transformers import LlavaForConditionalGeneration
+
+from fedmosaic_core.models import (
+    PRESETS,
+    ArchitectureFingerprint,
+    ModelNotAvailableError,
+    UnknownPresetError,
+    collate,
+    collate_for_generation,
+    generate_answers,
+    load_model,
+    load_tiny_tokenizer,
+)
+from fedmosaic_core.models.collate import IGNORE_INDEX
+from fedmosaic_core.models.prepare import (
+    PretrainConfig,
+    answer_loss,
+    find_prepared,
+    prepare_preset,
+    samples_digest,
+)
+from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
+from fedmosaic_core.models.tokenizer_build import ASSETS_DIR, SPECIAL_TOKENS, train_tokenizer
+from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+SAMPLES = standin_public_samples(40, seed=1)
+PQ = PQLoRAConfig(r=8, alpha=16, dropout=0.0, gate_noise=False, seed=0)
+
+
+# ------------------------------------------------------------------------------ tokenizer
+def test_committed_tokenizer_is_reproducible_and_byte_level() -> None:
+    committed = Tokenizer.from_file(str(ASSETS_DIR / "tokenizer.json"))
+    rebuilt = train_tokenizer()
+    assert committed.get_vocab() == rebuilt.get_vocab()
+    assert 2000 <= committed.get_vocab_size() <= 4096
+    tok = load_tiny_tokenizer()
+    for token in SPECIAL_TOKENS:
+        assert tok.convert_tokens_to_ids(token) != tok.unk_token_id or token == "<unk>"
+    text = "Ünïcødé 漢字 — emoji 🙂 and tabs\t!"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.encode("<image>", add_special_tokens=False) == [tok.convert_tokens_to_ids("<image>")]
+
+
+# -------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preset_inject_forward_backward_save_reload(preset: str, tmp_path: Path) -> None:
+    loaded = load_model(preset, random_init=True, device="cpu")
+    assert isinstance(loaded.model, LlavaForConditionalGeneration)
+    assert loaded.fingerprint.num_layers >= 4
+    batch = collate(loaded.processor, SAMPLES[:6], max_length=128)
+    assert "pixel_values" in batch and batch["pixel_values"].shape[-2:] == (32, 32)
+    wrapped = inject_pqlora(loaded.model, PQ)
+    wrapped.train()
+    loss = wrapped(**batch).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for group in wrapped.parameter_groups().values() for p in group]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    # P/Q start at zero, so LoRA B (zero init) gets no gradient yet but P must
+    assert any(float(p.grad.abs().sum()) > 0 for p in wrapped.parameter_groups()["pq"])
+
+    fresh = load_model(preset, random_init=True, device="cpu")
+    fresh.model.save_pretrained(tmp_path)
+    fresh.processor.save_pretrained(tmp_path)
+    reloaded = load_model(tmp_path, device="cpu")
+    assert reloaded.fingerprint == fresh.fingerprint
+    eval_batch = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        expected = fresh.model(**eval_batch).logits
+        got = reloaded.model(**eval_batch).logits
+    torch.testing.assert_close(got, expected)
+    assert collate(reloaded.processor, SAMPLES[:6], 128)["input_ids"].equal(batch["input_ids"])
+
+
+def test_presets_differ_in_size_and_family() -> None:
+    prints = {name: load_model(name, random_init=True).fingerprint for name in PRESETS}
+    small, medium = prints["tiny-llama-s"], prints["tiny-llama-m"]
+    assert medium.hidden_size > small.hidden_size and medium.num_layers > small.num_layers
+    assert prints["tiny-qwen2-s"].family == "qwen2" and small.family == "llama"
+    assert len({fp.id for fp in prints.values()}) == 3
+    assert abs(medium.intermediate_size / medium.hidden_size - 2.7) < 0.1
+
+
+# ---------------------------------------------------------------------------- fingerprint
+def test_fingerprint_id_is_stable_and_decides_sharing() -> None:
+    a = load_model("tiny-llama-s", random_init=True, seed=0).fingerprint
+    b = load_model("tiny-llama-s", random_init=True, seed=1).fingerprint
+    assert a == b and a.id == "llama-d64-L4-ff176-q64-kv32-r-"
+    assert a.with_rank(16).id == "llama-d64-L4-ff176-q64-kv32-r16"
+    assert a.with_rank(16) != a.with_rank(8)
+    assert ArchitectureFingerprint.from_dict(a.with_rank(8).to_dict()) == a.with_rank(8)
+    with pytest.raises(ValueError, match="hidden_size"):
+        ArchitectureFingerprint("llama", 0, 4, 8, 4, 4)
+    with pytest.raises(ValueError, match="unknown fingerprint fields"):
+        ArchitectureFingerprint.from_dict({**a.to_dict(), "vocab": 3})
+
+
+# -------------------------------------------------------------------------------- collate
+def test_collate_labels_only_answer_and_eos_right_padded() -> None:
+    loaded = load_model("tiny-qwen2-s", random_init=True)
+    tok = loaded.tokenizer
+    samples = SAMPLES[:5]  # includes a two-image and a text-only sample
+    batch = collate(loaded.processor, samples, max_length=128)
+    n_images = sum(len(s.images) for s in samples)
+    assert batch["pixel_values"].shape[0] == n_images
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == n_images * NUM_IMAGE_TOKENS
+    for row, sample in enumerate(samples):
+        labels = batch["labels"][row]
+        answer = tok.decode(labels[labels != IGNORE_INDEX])
+        assert answer == f" {sample.answer}</s>"
+        length = int(batch["attention_mask"][row].sum())
+        assert batch["attention_mask"][row, :length].all()  # right padding
+        assert (batch["input_ids"][row, length:] == tok.pad_token_id).all()
+        assert (labels[length:] == IGNORE_INDEX).all()
+        assert batch["input_ids"][row, 0] == tok.bos_token_id
+        assert tok.decode(batch["input_ids"][row, :length]).startswith("<s>USER:")
+
+    gen = collate_for_generation(loaded.processor, samples, max_length=128)
+    assert "labels" not in gen
+    for row in range(len(samples)):
+        length = int(gen["attention_mask"][row].sum())
+        assert gen["attention_mask"][row, -length:].all()  # left padding
+        assert tok.decode(gen["input_ids"][row, -3:]).endswith("\nASSISTANT:")
+
+
+def test_collate_truncates_prompt_text_keeps_images_and_rejects_impossible() -> None:
+    loaded = load_model("tiny-llama-s", random_init=True)
+    two_images = next(s for s in SAMPLES if len(s.images) == 2)
+    full = collate(loaded.processor, [two_images], max_length=512)["input_ids"].shape[1]
+    cut = collate(loaded.processor, [two_images], max_length=full - 5)
+    image_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
+    assert cut["input_ids"].shape[1] == full - 5
+    assert int((cut["input_ids"] == image_id).sum()) == 2 * NUM_IMAGE_TOKENS
+    assert loaded.tokenizer.decode(cut["labels"][0][cut["labels"][0] != -100]).strip() == two_images.answer + "</s>"
+    with pytest.raises(ValueError, match="max_length is 20"):
+        collate(loaded.processor, [two_images], max_length=20)
+
+
+@dataclass
+class LooseSample:
+    """Duck-typed sample without RenderedSample's own placeholder check."""
+
+    id: str
+    prompt: str
+    answer: str
+    images: list[Any]
+
+
+def test_collate_rejects_placeholder_mismatch_and_images_for_text_models() -> None:
+    loaded = load_model("tiny-llama-s", random_init=True)
+    image = next(s for s in SAMPLES if len(s.images) == 1).images[0]
+    with pytest.raises(ValueError, match="'bad'.*0 <image> placeholder.*1 image"):
+        collate(loaded.processor, [LooseSample("bad", "no placeholder", "x", [image])], 64)
+    with pytest.raises(ValueError, match="text-only tokenizer"):
+        collate(loaded.tokenizer, [LooseSample("t", "<image>\nq", "x", [image])], 64)
+    text_only = collate(loaded.tokenizer, [LooseSample("t", "What is two plus two?", "four", [])], 64)
+    assert "pixel_values" not in text_only
+
+
+def test_generate_answers_returns_text_for_wrapped_model() -> None:
+    loaded = load_model("tiny-llama-s", random_init=True)
+    wrapped = inject_pqlora(loaded.model, PQ)
+    answers = generate_answers(wrapped, loaded.processor, SAMPLES[:3], max_new_tokens=3)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+
+
+# ------------------------------------------------------------------------------ 4-bit CPU
+def test_nf4_on_cpu_evaluate_then_train_keeps_gradients() -> None:
+    import bitsandbytes as bnb
+
+    loaded = load_model("tiny-llama-s", quantization="nf4", random_init=True, device="cpu")
+    four_bit = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 4 * 7  # the language model's linears only
+    assert all(m.support_avx512bf16_for_cpu is False for m in four_bit)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.model.model.vision_tower.modules())
+    wrapped = inject_pqlora(loaded.model, PQ)
+    batch = collate(loaded.processor, SAMPLES[:4], 128)
+    wrapped.eval()
+    with torch.no_grad():  # the DESIGN §8 trap: an eval forward first
+        eval_loss = wrapped(**batch).loss
+    assert torch.isfinite(eval_loss)
+    wrapped.train()
+    params = [p for group in wrapped.parameter_groups().values() for p in group]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = wrapped(**batch).loss
+        loss.backward()
+        assert all(p.grad is not None for p in wrapped.parameter_groups()["pq"])
+        assert sum(float(p.grad.abs().sum()) for p in wrapped.parameter_groups()["pq"]) > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# -------------------------------------------------------------------------------- errors
+def test_bad_model_names_give_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(UnknownPresetError, match="tiny-llama-xl.*known presets: tiny-llama-m"):
+        load_model("tiny-llama-xl")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="(?s)'nobody/no-such-model'.*HF_HUB_OFFLINE is set"):
+        load_model("nobody/no-such-model")
+    with pytest.raises(ModelNotAvailableError, match="not a model directory"):
+        load_model(tmp_path)
+    with pytest.raises(ModelNotAvailableError, match="python -m fedmosaic_core.models.prepare"):
+        load_model("tiny-llama-s", prepare_if_missing=False, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown quantization 'fp3'"):
+        load_model("tiny-llama-s", quantization="fp3", random_init=True)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- preparation
+def test_prepare_is_cached_deterministic_and_loadable(tmp_path: Path) -> None:
+    config = PretrainConfig(steps=4, batch_size=4, max_length=128)
+    first = prepare_preset("tiny-llama-s", SAMPLES, tmp_path / "a" / "models", 0, config,
+                           evaluate_accuracy=False)
+    again = prepare_preset("tiny-llama-s", SAMPLES, tmp_path / "a" / "models", 0, config,
+                           evaluate_accuracy=False)
+    other = prepare_preset("tiny-llama-s", SAMPLES, tmp_path / "b" / "models", 0, config,
+                           evaluate_accuracy=False)
+    assert first == again and samples_digest(SAMPLES)[:12] in first.name
+    weights = (first / "model.safetensors").read_bytes()
+    assert weights == (other / "model.safetensors").read_bytes()  # same seed → same weights
+    record = json.loads((first / "prepare.json").read_text())
+    assert record["preset"] == "tiny-llama-s" and record["config"]["steps"] == 4
+    assert not list((tmp_path / "a" / "models").glob(".*tmp-*"))  # no temp leftovers
+    assert find_prepared("tiny-llama-s", 0, cache_dir=tmp_path / "a") == first
+    assert find_prepared("tiny-llama-s", 1, cache_dir=tmp_path / "a") is None
+    loaded = load_model("tiny-llama-s", cache_dir=tmp_path / "a", prepare_if_missing=False)
+    built = load_model("tiny-llama-s", random_init=True)
+    changed = [n for n, p in loaded.model.state_dict().items()
+               if not torch.equal(p, built.model.state_dict()[n])]
+    assert changed  # the prepared weights, not the random initialisation
+
+
+@pytest.mark.slow
+def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
+    samples = standin_public_samples(200, seed=2)
+    train, held = samples[:170], samples[170:]
+    loaded = load_model("tiny-llama-s", random_init=True)
+    before = answer_loss(loaded.model, loaded.processor, held, 128)
+    from fedmosaic_core.models.prepare import pretrain
+
+    pretrain(loaded.model, loaded.processor, train, PretrainConfig(steps=60, batch_size=8), seed=0)
+    after = answer_loss(loaded.model, loaded.processor, held, 128)
+    assert after < 0.5 * before
