@@ -249,7 +249,6 @@ def test_prepare_is_cached_deterministic_and_loadable(tmp_path: Path) -> None:
     assert changed  # the prepared weights, not the random initialisation
 
 
-@pytest.mark.slow
 def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
     samples = standin_public_samples(200, seed=2)
     train, held = samples[:170], samples[170:]
@@ -260,3 +259,21 @@ def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
     pretrain(loaded.model, loaded.processor, train, PretrainConfig(steps=60, batch_size=8), seed=0)
     after = answer_loss(loaded.model, loaded.processor, held, 128)
     assert after < 0.5 * before
+
+
+def test_prepare_presets_on_drake_mini_then_load_by_data_root(tmp_path: Path) -> None:
+    from drake_data.mini import build_drake_mini
+    from fedmosaic_core.models.prepare import prepare_presets, public_data_digest
+
+    root = build_drake_mini(tmp_path / "drake", seed=0, size="tiny")
+    cache = tmp_path / "cache"
+    prepared = prepare_presets(cache, root, seed=0, presets=["tiny-qwen2-s"], steps={"tiny-qwen2-s": 3})
+    directory = prepared["tiny-qwen2-s"]
+    assert public_data_digest(root)[:12] in directory.name
+    record = json.loads((directory / "prepare.json").read_text())
+    assert record["num_train"] > 0 and record["after"]["held_out_answer_loss"] > 0
+    loaded = load_model("tiny-qwen2-s", cache_dir=cache, public_data_root=root, prepare_if_missing=False)
+    assert loaded.fingerprint.family == "qwen2"
+    with pytest.raises(ModelNotAvailableError, match="not prepared"):
+        load_model("tiny-qwen2-s", seed=5, cache_dir=cache, public_data_root=root,
+                   prepare_if_missing=False)

@@ -14,9 +14,11 @@ Cache layout under ``cache_dir`` (default ``$FEDMOSAIC_CACHE`` or ``~/.cache/fed
     models/<preset>-seed<seed>-<data hash>-v<recipe>/   save_pretrained output + prepare.json
     models/<preset>-seed<seed>.latest.json              pointer used when no data root is given
 
+The data hash is :func:`public_data_digest` (the public split's records and image file bytes).
 Directories are written to a temporary sibling and renamed into place (atomic); a file lock
 makes concurrent callers prepare a preset once. The same seed, data and thread count give the
-same weights.
+same weights. Use ``--threads 1`` on a shared machine: tiny models gain little from a second
+thread, and oversubscribed cores slow every step down many times.
 """
 
 from __future__ import annotations
@@ -114,6 +116,26 @@ def default_public_data_root(seed: int, cache_dir: Path) -> Path:
             if not root.exists():
                 build_drake_mini(root, seed)
     return root
+
+
+def public_data_digest(root: str | os.PathLike[str]) -> str:
+    """sha256 over the public split's records (canonical JSON) and the bytes of every image file
+    they reference: the data part of the cache key, cheap (no image decoding)."""
+    from drake_data.layout import resolve_image_path
+    from drake_data.mini import load_public
+
+    root_path = Path(root)
+    digest = hashlib.sha256()
+    for record in load_public(root_path):
+        digest.update(json.dumps(record, sort_keys=True).encode("utf-8"))
+        images = record.get("image") or []
+        for image in [images] if isinstance(images, str) else images:
+            found = resolve_image_path(root_path, image)
+            if found is None:
+                raise FileNotFoundError(f"public split image {image!r} not found under {root_path}")
+            digest.update(found.read_bytes())
+        digest.update(b"\1")
+    return digest.hexdigest()
 
 
 def samples_digest(samples: Sequence[SampleLike]) -> str:
@@ -296,7 +318,7 @@ def find_prepared(
     preset_spec(preset)
     models_dir = _models_dir(cache_dir)
     if public_data_root is not None:
-        data_hash = samples_digest(load_public_samples(public_data_root))
+        data_hash = public_data_digest(public_data_root)
         directory = models_dir / prepared_dir_name(preset, seed, data_hash)
         return directory if (directory / "prepare.json").is_file() else None
     pointer = _pointer(models_dir, preset, seed)
@@ -318,11 +340,13 @@ def prepare_preset(
 ) -> Path:
     """Pretrain one preset on ``samples`` and save it under ``models_dir`` (reused if present)."""
     config = config or PretrainConfig(steps=DEFAULT_STEPS.get(preset, 300))
-    data_hash = data_hash or samples_digest(samples)
+    data_hash = data_hash or samples_digest(samples)  # callers with a data root pass its digest
     directory = models_dir / prepared_dir_name(preset, seed, data_hash)
     models_dir.mkdir(parents=True, exist_ok=True)
     with _file_lock(models_dir / f".{directory.name}.lock"):
         if not (directory / "prepare.json").is_file():
+            if not samples:
+                raise ValueError(f"no public samples to prepare {preset!r} with")
             _train_and_save(preset, samples, directory, seed, config, data_hash, evaluate_accuracy)
         _atomic_write_json(_pointer(models_dir, preset, seed), {"dir": directory.name})
     return directory
@@ -375,13 +399,17 @@ def prepare_presets(
         preset_spec(name)
     cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
     root = Path(public_data_root) if public_data_root else default_public_data_root(seed, cache)
-    samples = load_public_samples(root)
-    data_hash = samples_digest(samples)
+    data_hash = public_data_digest(root)
+    models_dir = cache / "models"
     out: dict[str, Path] = {}
+    samples: list[SampleLike] | None = None
     for name in names:
         budget = (steps or {}).get(name, DEFAULT_STEPS.get(name, 300))
+        ready = models_dir / prepared_dir_name(name, seed, data_hash)
+        if samples is None and not (ready / "prepare.json").is_file():
+            samples = load_public_samples(root)  # rendered only when something must be trained
         out[name] = prepare_preset(
-            name, samples, cache / "models", seed, PretrainConfig(steps=budget), data_hash=data_hash
+            name, samples or [], models_dir, seed, PretrainConfig(steps=budget), data_hash=data_hash
         )
     return out
 
