@@ -277,3 +277,26 @@ def test_prepare_presets_on_drake_mini_then_load_by_data_root(tmp_path: Path) ->
     with pytest.raises(ModelNotAvailableError, match="not prepared"):
         load_model("tiny-qwen2-s", seed=5, cache_dir=cache, public_data_root=root,
                    prepare_if_missing=False)
+
+
+def test_text_only_local_checkpoint_loads_plain_and_nf4(tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tiny_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    text = [LooseSample("t", "What is two plus two?", "four", [])]
+    plain = load_model(str(tmp_path))
+    assert isinstance(plain.model, LlamaForCausalLM) and not plain.is_multimodal
+    assert plain.fingerprint.id == "llama-d32-L4-ff64-q32-kv16-r-"
+    batch = collate(plain.processor, text, 64)
+    quantised = load_model(tmp_path, quantization="nf4")
+    layers = [m for m in quantised.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7 and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    with torch.no_grad():
+        full, four = plain.model(**batch).loss, quantised.model(**batch).loss
+    assert abs(float(full) - float(four)) < 0.5  # same weights, 4-bit rounding only

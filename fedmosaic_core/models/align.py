@@ -236,7 +236,7 @@ def pq_target_modules(model: nn.Module, config: AlignConfig) -> dict[tuple[int, 
     return found
 
 
-def _module_dims(module: nn.Module) -> tuple[int, int]:
+def _module_dims(module: Any) -> tuple[int, int]:
     return int(module.in_features), int(module.out_features)
 
 
@@ -605,7 +605,7 @@ def load_aligned_bases(pq_model: Any, path: str | os.PathLike[str]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .loading import load_model
+    from .loading import cache_root, load_model
     from .prepare import default_public_data_root, load_public_samples
 
     parser = argparse.ArgumentParser(description="Align PQ-layer A/B of models to an anchor.")
@@ -620,15 +620,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     config = AlignConfig(r=args.r, seed=args.seed, steps=args.steps)
-    from .loading import cache_root
-
     root = args.public_data or default_public_data_root(0, cache_root())
     samples = load_public_samples(root)
-    anchor = load_model(args.anchor, quantization=args.quantization)
+    anchor = load_model(args.anchor, quantization=args.quantization, public_data_root=root)
     path = save_aligned_bases(anchor_aligned_bases(anchor, config), args.out)
     print(f"anchor {args.anchor}: {path}")
     for name in args.other:
-        other = load_model(name, quantization=args.quantization)
+        other = load_model(name, quantization=args.quantization, public_data_root=root)
         bases = align_bases(anchor, other, samples, config)
         path = save_aligned_bases(bases, args.out)
         m = bases.metrics

@@ -27,10 +27,14 @@ IGNORE_INDEX = -100
 class SampleLike(Protocol):
     """What collate needs of ``drake_data.prompts.RenderedSample``."""
 
-    id: str
-    prompt: str
-    answer: str
-    images: list[Any]
+    @property
+    def id(self) -> str: ...
+    @property
+    def prompt(self) -> str: ...
+    @property
+    def answer(self) -> str: ...
+    @property
+    def images(self) -> list[Any]: ...
 
 
 @dataclass

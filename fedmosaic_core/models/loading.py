@@ -140,6 +140,7 @@ def _from_pretrained(
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": str(device) if device.type == "cpu" else device.index or 0}
     model_type = getattr(config, "model_type", "")
+    model: Any
     multimodal = model_type == "llava" or getattr(config, "vision_config", None) is not None
     if model_type == "llava":
         model = LlavaForConditionalGeneration.from_pretrained(source, **kwargs)
@@ -230,6 +231,7 @@ def _load_preset(
     cache_dir: str | os.PathLike[str] | None,
     public_data_root: str | os.PathLike[str] | None,
 ) -> LoadedModel:
+    model: Any
     if random_init:
         model, processor = build_preset(name, seed)
         if quantization == "none":

@@ -112,7 +112,7 @@ def preset_config(name: str, tokenizer: PreTrainedTokenizerFast | None = None) -
     return LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_NAME),
+        image_token_index=int(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN_NAME)),  # type: ignore[arg-type]
         image_seq_length=NUM_IMAGE_TOKENS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
