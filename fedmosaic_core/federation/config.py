@@ -54,14 +54,14 @@ class FederationConfig(BaseModel):
     max_new_tokens: int = Field(6, ge=1)
     max_length: int = Field(96, ge=16)
     # --- local training ---
-    local_steps: int = Field(16, ge=1)
+    local_steps: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
-    lr_pq: float = Field(2e-3, gt=0)
-    lr_lora: float = Field(1e-3, gt=0)
+    lr_pq: float = Field(1e-2, gt=0)
+    lr_lora: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     # --- PQ-LoRA ---
-    r: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     quantization: Literal["none", "nf4", "int8"] = "none"
     pretrained: bool = True  # false: untrained tiny presets (smoke tests only)
