@@ -44,7 +44,7 @@ from drake_data.mini import sources as S
 
 log = logging.getLogger(__name__)
 
-MINI_VERSION = "1"
+MINI_VERSION = "2"
 FORMAT = "drake-mini"
 SIZES: dict[str, dict[str, int]] = {
     # per-task train/test questions, public images per source, public chat pairs
@@ -449,6 +449,16 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
             if rng.random() < 1 / 3:
                 choices = [str(x) for x in rng.permutation(list(_KIND.values()))]
                 recs.append(_record("", [path], _mc(1, "What kind of picture is this?", choices), _KIND[source]))
+    # Answer-format drill: text-only "pick the named option" questions over the client tasks'
+    # answer words. They teach the output vocabulary and the choice format, not a visual skill
+    # (no image, and the question names the answer).
+    vocab = [str(d) for d in range(10)] + list(S.COLORS) + list(S.ANIMALS) + ["Yes", "No", "circle", "rectangle", "triangle"]
+    rng = b.rng("public", "drill")
+    for _ in range(b.cfg["public_chat"]):
+        answer = str(rng.choice(vocab))
+        others = [str(x) for x in rng.choice([v for v in vocab if v != answer], 3, replace=False)]
+        choices = [str(x) for x in rng.permutation([answer, *others])]
+        recs.append(_record("", [], _mc(0, f"Choose the option '{answer}'.", choices), answer))
     pairs: list[tuple[str, str]] = []
     for cat in sorted(set(b.chat) - set(TOPICS)):
         for conv in b.chat[cat]:
