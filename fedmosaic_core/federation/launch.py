@@ -105,6 +105,9 @@ def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = 
     http_port, health_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(extra_env or {})
+    # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: put this
+    # interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
