@@ -5,7 +5,7 @@ the SuperNode's memory, so everything a client carries across rounds is saved he
 **stable client id**:
 
 ``<state-root>/<run-name>/client-<id>/round-0003/``
-    ``tensors.safetensors`` (adapter incl. global branch and gate, optimizer moments, task-vector
+    ``state.safetensors`` (adapter incl. global branch and gate, optimizer moments, task-vector
     accumulator) and ``state.json`` (stream position, replay memory, optimizer step counts).
 
 Round ``t`` starts from the snapshot of round ``t-1`` (round 1 from scratch), so a client that
@@ -15,16 +15,13 @@ from exactly the same state. Snapshots are written to a temporary directory and 
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from fedmosaic_core.snapshots import SnapshotError, prune_rounds, read_snapshot, write_snapshot
 
 
 class ClientStateError(RuntimeError):
@@ -59,30 +56,14 @@ class ClientStateStore:
                 f"saved after round {server_round} (was the state directory moved or cleared?)"
             )
         try:
-            meta = json.loads((folder / "state.json").read_text())
-            tensors = load_file(str(folder / "tensors.safetensors"))
-        except (OSError, ValueError) as err:
-            raise ClientStateError(f"client state {folder} is unreadable: {err}") from None
+            tensors, meta = read_snapshot(folder, "state")
+        except SnapshotError as err:
+            raise ClientStateError(str(err)) from None
         return ClientSnapshot(tensors=tensors, meta=meta)
 
     def save(self, server_round: int, snapshot: ClientSnapshot) -> Path:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        final = self._round_dir(server_round)
-        tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=f".round-{server_round:04d}."))
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in snapshot.tensors.items()}
-            save_file(tensors, str(tmp / "tensors.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(snapshot.meta, sort_keys=True))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        rounds = sorted(p for p in self.dir.glob("round-*") if p.is_dir())
-        for old in rounds[: -self.keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        final = write_snapshot(self._round_dir(server_round), "state", snapshot.tensors, snapshot.meta)
+        prune_rounds(self.dir, self.keep)
         return final
 
 
