@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client_app.resources import get_resources
@@ -57,7 +57,7 @@ def train(msg: Message, context: Context) -> Message:
     global_shared = proto.decode_state(records[proto.GLOBAL_SHARED], proto.GLOBAL_SHARED) if proto.GLOBAL_SHARED in records else None
     global_same = proto.decode_state(records[proto.GLOBAL_SAME_ARCH], proto.GLOBAL_SAME_ARCH) if proto.GLOBAL_SAME_ARCH in records else None
     result = client.run_round(
-        int(round_cfg["server-round"]),
+        int(str(round_cfg["server-round"])),
         global_shared,
         global_same,
         eval_others=bool(round_cfg.get("eval-others", False)),
@@ -70,7 +70,7 @@ def train(msg: Message, context: Context) -> Message:
             proto.LOCAL_SHARED: proto.encode_state(result.local_shared),
             proto.LOCAL_SAME_ARCH: proto.encode_state(result.local_same_arch),
             proto.TASK_VECTOR: proto.encode_task_vector(result.task_vector),
-            proto.METRICS: MetricRecord(result.metrics),
+            proto.METRICS: proto.metrics_record(result.metrics),
             proto.CLIENT_INFO: proto.make_client_info(
                 client.client_id, info["arch"], info["model-id"], scores=result.scores
             ),

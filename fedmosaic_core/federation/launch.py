@@ -79,7 +79,7 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, 
     raise LaunchError(f"flower-superlink did not open port {port} within {timeout:.0f}s; see {log_file}")
 
 
-def stop_process_group(process: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM the process group of ``process`` (started with a new session), then SIGKILL."""
     if process.poll() is not None:
         return
