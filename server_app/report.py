@@ -108,6 +108,9 @@ def plot_relevance(weights: np.ndarray, ids: list[str], path: Path, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), ids[i]))
+    weights = np.asarray(weights)[np.ix_(order, order)]
+    ids = [ids[i] for i in order]
     fig, ax = plt.subplots(figsize=(5 + 0.2 * len(ids), 4 + 0.2 * len(ids)), constrained_layout=True)
     image = ax.imshow(weights, cmap="viridis", vmin=0.0)
     ax.set_xticks(range(len(ids)), ids, rotation=90)
