@@ -55,9 +55,17 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _run_one(app_dir: Path, overrides: dict[str, Any], flwr_home: Path) -> dict[str, Any]:
-    """Prepare, run one federation through Flower, check its status; returns the summary."""
-    from fedmosaic_core.federation.launch import flwr_run, simulation_superlink
+def _run_one(
+    app_dir: Path,
+    overrides: dict[str, Any],
+    flwr_home: Path,
+    deployment_clients: list[str] | None = None,
+) -> dict[str, Any]:
+    """Prepare, run one federation through Flower, check its status; returns the summary.
+
+    By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
+    (a SuperLink and one SuperNode process per client id)."""
+    from fedmosaic_core.federation.launch import flwr_run, local_deployment, simulation_superlink
     from fedmosaic_core.federation.prepare import load_run_scenario, prepare_federation
 
     raw = {**_defaults(app_dir), **overrides}
@@ -76,11 +84,27 @@ def _run_one(app_dir: Path, overrides: dict[str, Any], flwr_home: Path) -> dict[
     if not config.output_dir:
         overrides = {**overrides, "output-dir": str(config.run_dir.parent)}
     cpus = config.torch_threads or (os.cpu_count() or 1)
-    with simulation_superlink(flwr_home) as link:
-        run_id, status, _ = flwr_run(
-            app_dir, link, run_config=overrides, num_supernodes=len(scenario.clients),
-            num_cpus_per_client=cpus, log_path=config.run_dir / "flwr-run.log",
-        )
+    if deployment_clients is None:
+        with simulation_superlink(flwr_home) as link:
+            run_id, status, _ = flwr_run(
+                app_dir, link, run_config=overrides, num_supernodes=len(scenario.clients),
+                num_cpus_per_client=cpus, log_path=config.run_dir / "flwr-run.log",
+            )
+    else:
+        known = {str(c.client_id) for c in scenario.clients}
+        unknown = [c for c in deployment_clients if c not in known]
+        if unknown:
+            typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
+                        f"{', '.join(sorted(known, key=int))}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        node_configs = [
+            {"client-id": cid, "state-dir": str(config.run_dir / "supernode-state" / f"client-{cid}"),
+             "data-root": str(data_root)}
+            for cid in deployment_clients
+        ]
+        with local_deployment(flwr_home, node_configs) as (link, _nodes):
+            run_id, status, _ = flwr_run(app_dir, link, run_config=overrides,
+                                         log_path=config.run_dir / "flwr-run.log")
     elapsed = time.monotonic() - started
     if status != "finished:completed":
         typer.secho(f"Flower run {run_id} ended with status {status!r}; log: {config.run_dir / 'flwr-run.log'}",
@@ -107,6 +131,38 @@ def main_job(
     typer.echo(table)
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s, "
                f"of which preparation {summary['timing']['prepare_s']} s)")
+
+
+@app.command("local-deployment")
+def local_deployment_command(
+    clients: str = typer.Option("", help="comma-separated client ids (default: every scenario client)"),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help="key=value overrides"),
+    app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+) -> None:
+    """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
+    per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
+    from fedmosaic_core.federation.prepare import load_run_scenario, resolve_data_root
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    directory = _app_dir(app_dir)
+    overrides = _parse_overrides(run_config)
+    ids = [c.strip() for c in clients.split(",") if c.strip()]
+    if not ids:
+        try:
+            config = parse_run_config({**_defaults(directory), **overrides})
+        except ConfigError as err:
+            typer.secho(str(err), fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+        from fedmosaic_core.federation.prepare import prepare_federation
+
+        scenario = load_run_scenario(config, prepare_federation(config) if not config.data_root
+                                     else resolve_data_root(config))
+        ids = [str(c.client_id) for c in scenario.clients]
+    # wait for every SuperNode before the first round (they connect within seconds)
+    overrides.setdefault("min-clients", len(ids))
+    summary = _run_one(directory, overrides, default_home() / "flwr-home-deployment", deployment_clients=ids)
+    typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
+    typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
 
 def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:

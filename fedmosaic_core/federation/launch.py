@@ -18,7 +18,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,14 +103,9 @@ def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = 
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = free_port(), free_port()
-    env = dict(os.environ)
-    env.update(extra_env or {})
-    # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: put this
-    # interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: _flower_env puts
+    # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
+    env = _flower_env(flwr_home, extra_env)
     control = f"127.0.0.1:{http_port}"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -133,6 +128,73 @@ def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = 
         stop_process_group(process)
 
 
+def _flower_env(flwr_home: Path, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra_env or {})
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    return env
+
+
+def node_config_arg(values: Mapping[str, Any]) -> str:
+    """``--node-config`` text: space-separated ``key=value`` pairs with TOML values."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
+
+
+@contextmanager
+def local_deployment(
+    flwr_home: Path,
+    node_configs: Sequence[Mapping[str, Any]],
+    extra_env: Mapping[str, str] | None = None,
+) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
+    """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
+    ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
+    ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start
+    (insecure: TLS and SuperNode authentication are for real networks). All processes are
+    stopped by pid on exit, also on failure."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    http_port = free_port()
+    env = _flower_env(flwr_home, extra_env)
+    control = f"127.0.0.1:{http_port}"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{control}"\ninsecure = true\n'
+    )
+    log_file = flwr_home / "superlink.log"
+    link_command = [
+        _bin("flower-superlink"), "--insecure", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation",
+        "--host", "127.0.0.1", "--port", str(http_port),
+        "--database", str(flwr_home / "state.db"),
+    ]
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(log_file, "ab") as sink:
+            link = subprocess.Popen(link_command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        processes.append(link)
+        _wait_for_port(http_port, link, 60.0, log_file)
+        nodes: list[subprocess.Popen[bytes]] = []
+        for index, values in enumerate(node_configs):
+            node_log = flwr_home / f"supernode-{index}.log"
+            node_command = [
+                _bin("flower-supernode"), "--insecure", "--superlink", control,
+                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--node-config", node_config_arg(values),
+            ]
+            with open(node_log, "ab") as sink:
+                node = subprocess.Popen(node_command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            processes.append(node)
+            nodes.append(node)
+        yield SuperLinkHandle(link, control, flwr_home, env, log_file), nodes
+    finally:
+        for process in reversed(processes):
+            stop_process_group(process)
+
+
 def run_status(handle: SuperLinkHandle, run_id: int) -> str:
     """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
     out = subprocess.run(
@@ -153,17 +215,20 @@ def flwr_run(
     handle: SuperLinkHandle,
     *,
     run_config: Mapping[str, Any],
-    num_supernodes: int,
-    num_cpus_per_client: int,
+    num_supernodes: int | None = None,
+    num_cpus_per_client: int = 1,
     log_path: Path | None = None,
     timeout: float = 3600.0,
 ) -> tuple[int, str, str]:
-    """Submit the app and stream its logs; returns (run_id, final status, captured output)."""
-    command = [
-        _bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-        "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_client}",
-        *run_config_args(run_config),
-    ]
+    """Submit the app and stream its logs; returns (run_id, final status, captured output).
+
+    ``num_supernodes`` is for a simulation SuperLink; leave it None for a deployment."""
+    command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", *run_config_args(run_config)]
+    if num_supernodes is not None:
+        command += [
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_client}",
+        ]
     started = time.monotonic()
     process = subprocess.Popen(
         command, env=handle.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
