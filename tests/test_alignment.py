@@ -110,11 +110,16 @@ def test_alignment_improves_latent_agreement_and_keeps_a_orthonormal(aligned, ot
     assert metrics["max_orthonormality_error_A"] <= 1e-4
     assert metrics["token_matching_error_held_out"] == 0.0  # the presets share a tokenizer
     assert metrics["held_out_positions"] > 100
+    # the same P moves both models alike after alignment (seeded B: no relation at all), and the
+    # orthonormalised B transfers at least as well as the raw, ill-conditioned CCA map
+    assert abs(metrics["b_transfer_seeded"]) < 0.1
+    assert metrics["b_transfer_after"] > metrics["b_transfer_seeded"] + 0.15
+    assert metrics["b_transfer_after"] >= metrics["b_transfer_cca_raw"] - 0.02
     for key, value in aligned[other].state.items():
         if key.endswith(".A"):
             assert value.shape[0] == R and orthonormality_error(value) <= 1e-4
-        else:
-            assert value.shape[1] == R and torch.isfinite(value).all()
+        else:  # B: orthonormal columns, the anchor's conditioning
+            assert value.shape[1] == R and orthonormality_error(value.T) <= 1e-4
 
 
 def test_files_load_into_injected_models(anchor, aligned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -179,3 +184,5 @@ def test_rank_larger_than_a_module_is_rejected(anchor, samples) -> None:  # type
         align_bases(anchor, other, samples[:8], AlignConfig(r=40, steps=1))
     with pytest.raises(AlignmentError, match="held_out_fraction"):
         AlignConfig(held_out_fraction=1.5)
+    with pytest.raises(AlignmentError, match="b_normalisation must be one of"):
+        AlignConfig(b_normalisation="unit")

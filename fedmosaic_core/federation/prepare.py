@@ -68,8 +68,11 @@ def probe_model_id(config: FederationConfig, scenario: Scenario) -> str:
 
 def bases_dir(config: FederationConfig, anchor: str) -> Path:
     """Where the aligned A/B (one file per architecture, named by its fingerprint) are cached."""
+    from fedmosaic_core.models.align import FORMAT_VERSION
+
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in anchor)
-    return default_home() / "bases" / f"seed{config.seed}-r{config.r}" / f"anchor-{safe}"
+    version = f"v{FORMAT_VERSION}-seed{config.seed}-r{config.r}"
+    return default_home() / "bases" / version / f"anchor-{safe}"
 
 
 def prepare_federation(config: FederationConfig) -> Path:

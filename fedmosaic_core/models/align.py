@@ -25,6 +25,20 @@
        S_aa = X_aᵀX_a + γI,  S_oo = X_oᵀX_o + γI,  S_oa = X_oᵀX_a
        U Σ Vᵀ = svd(S_oo^{-1/2} S_oa S_aa^{-1/2}),  T = (S_aa^{-1/2} V Uᵀ S_oo^{1/2})ᵀ,  B_o = T·B_a
 
+   then (``b_normalisation="orthonormal"``, the default) B_o is replaced by its nearest
+   column-orthonormal matrix, as A is in step 3. Raw ``T·B_a`` is badly conditioned: S_aa^{-1/2}
+   amplifies output directions in which the anchor barely varies (measured on the tiny presets:
+   singular values of B_o from 0.3 up to 2,573, against 1 for the anchor's B), so the same P
+   moves the other model hundreds of times more than the anchor, and its local training
+   degrades (BENCHMARKS.md). The polar factor keeps the CCA-mapped column space and orientation
+   at the anchor's conditioning. ``"none"`` keeps the raw mapping of the reference.
+
+   Measured per module on held-out samples (``b_transfer_*``): with Y ↦ Y·M the least-squares map
+   from the other model's module outputs to the anchor's (fit samples), the mean cosine between
+   ``M``-mapped update of the other model, ``B_o P A_o x_o``, and the anchor's update
+   ``B_a P A_a x_a`` at matched tokens, for a random P: how much the same shared P does the same
+   thing in both models.
+
 Output per architecture: ``<fingerprint id>.safetensors`` (keys ``pq.{k}.{module}.A|B``) and
 ``<fingerprint id>.json`` (fingerprint, anchor, r, seed, metrics). :func:`load_aligned_bases`
 puts such a file into an injected model, checking architecture, r and shapes first.
@@ -40,6 +54,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +73,8 @@ from .fingerprint import ArchitectureFingerprint
 from .loading import LoadedModel
 from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: B orthonormalised after the CCA map
+B_NORMALISATIONS = ("orthonormal", "none")
 
 
 class AlignmentError(ValueError):
@@ -85,8 +101,13 @@ class AlignConfig:
     batch_size: int = 16
     max_length: int = 512
     split_seed: int = 0
+    b_normalisation: str = "orthonormal"
 
     def __post_init__(self) -> None:
+        if self.b_normalisation not in B_NORMALISATIONS:
+            raise AlignmentError(
+                f"b_normalisation must be one of {B_NORMALISATIONS}, got {self.b_normalisation!r}"
+            )
         if self.r <= 0 or self.steps <= 0 or self.batch_size <= 0 or self.num_blocks <= 0:
             raise AlignmentError(f"r, steps, batch_size and num_blocks must be positive: {self}")
         if not 0 < self.held_out_fraction < 1:
@@ -400,6 +421,27 @@ def cca_map_b(
     return transform @ b_anchor.double(), float(sigma.mean())
 
 
+def output_map(y_other: torch.Tensor, y_anchor: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+    """Least-squares M (d_o × d_a) with ``Y_o M ≈ Y_a`` (centred, ridge relative to the trace)."""
+    yo = y_other.double() - y_other.double().mean(0, keepdim=True)
+    ya = y_anchor.double() - y_anchor.double().mean(0, keepdim=True)
+    gram = yo.T @ yo
+    gram += ridge * float(torch.trace(gram)) / gram.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, yo.T @ ya)
+
+
+def update_transfer_cosine(
+    x_anchor: torch.Tensor, x_other: torch.Tensor, a_anchor: torch.Tensor, b_anchor: torch.Tensor,
+    a_other: torch.Tensor, b_other: torch.Tensor, out_map: torch.Tensor, seed: int,
+) -> float:
+    """Mean cosine of ``(B_o P A_o x_o) M`` and ``B_a P A_a x_a`` over matched rows, random P."""
+    r = a_anchor.shape[0]
+    p = torch.randn(r, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    upd_a = x_anchor.double() @ a_anchor.double().T @ p.T @ b_anchor.double().T
+    upd_o = x_other.double() @ a_other.double().T @ p.T @ b_other.double().T
+    return mean_cosine(upd_o @ out_map, upd_a)
+
+
 def mean_cosine(u: torch.Tensor, v: torch.Tensor) -> float:
     """Mean over rows of cos(u_i, v_i)."""
     return float(torch.nn.functional.cosine_similarity(u.double(), v.double(), dim=1, eps=1e-12).mean())
@@ -473,11 +515,20 @@ def align_bases(
         key = (k, name)
         z_fit = fit.stacked("x_a", key) @ a_anchor.T
         a_other = fit_latent_matching_a(fit.stacked("x_o", key), z_fit, a_init, config)
-        b_other, canonical = cca_map_b(fit.stacked("y_a", key), fit.stacked("y_o", key), b_anchor, config.gamma)
+        y_a, y_o = fit.stacked("y_a", key), fit.stacked("y_o", key)
+        b_cca, canonical = cca_map_b(y_a, y_o, b_anchor, config.gamma)
+        b_other = nearest_row_orthonormal(b_cca.T).T if config.b_normalisation == "orthonormal" else b_cca
         state[f"pq.{k}.{name}.A"] = a_other.float().contiguous()
         state[f"pq.{k}.{name}.B"] = b_other.float().contiguous()
-        z_test = test.stacked("x_a", key) @ a_anchor.T
+        x_a_test = test.stacked("x_a", key)
+        z_test = x_a_test @ a_anchor.T
         x_test = test.stacked("x_o", key)
+        _, b_init = orthonormal_bases(d_in, d_out, config.r, config.seed, k, name)
+        out_map = output_map(y_o, y_a)
+
+        transfer = partial(update_transfer_cosine, x_a_test, x_test, a_anchor, b_anchor, a_other)
+
+        singular = torch.linalg.svdvals(b_cca)
         per_module[f"pq.{k}.{name}"] = {
             "cosine_before": mean_cosine(x_test @ a_init.double().T, z_test),
             "cosine_after": mean_cosine(x_test @ a_other.T, z_test),
@@ -485,12 +536,17 @@ def align_bases(
             "cka_after": linear_cka(x_test @ a_other.T, z_test),
             "orthonormality_error_A": orthonormality_error(state[f"pq.{k}.{name}.A"]),
             "cca_mean_correlation": canonical,
+            "b_transfer_seeded": transfer(b_init.double(), out_map, config.seed + k),
+            "b_transfer_cca_raw": transfer(b_cca, out_map, config.seed + k),
+            "b_transfer_after": transfer(b_other, out_map, config.seed + k),
+            "cca_raw_b_condition": float(singular.max() / singular.min().clamp_min(1e-30)),
+            "cca_raw_b_max_singular": float(singular.max()),
         }
-    summary = {
-        stat: float(np.mean([m[stat] for m in per_module.values()]))
-        for stat in ("cosine_before", "cosine_after", "cka_before", "cka_after", "cca_mean_correlation")
-    }
+    stats = ("cosine_before", "cosine_after", "cka_before", "cka_after", "cca_mean_correlation",
+             "b_transfer_seeded", "b_transfer_cca_raw", "b_transfer_after")
+    summary = {stat: float(np.mean([m[stat] for m in per_module.values()])) for stat in stats}
     summary["max_orthonormality_error_A"] = max(m["orthonormality_error_A"] for m in per_module.values())
+    summary["cca_raw_b_max_singular"] = max(m["cca_raw_b_max_singular"] for m in per_module.values())
     metrics = {
         **summary,
         "token_matching_error_fit": float(np.mean(fit.errors)) if fit.errors else 0.0,
