@@ -122,12 +122,16 @@ def main() -> None:
         m = bases.metrics
         keep = ("cosine_before", "cosine_after", "cka_before", "cka_after", "max_orthonormality_error_A",
                 "token_matching_error_held_out", "cca_mean_correlation", "fit_positions",
-                "held_out_positions", "seconds")
+                "held_out_positions", "seconds", "b_transfer_seeded", "b_transfer_cca_raw",
+                "b_transfer_after", "cca_raw_b_max_singular")
         results["alignment"][other_name] = {k: m[k] for k in keep}  # type: ignore[index]
         print(f"align {other_name} -> tiny-llama-s (r={args.r}): latent cosine {m['cosine_before']:.3f} -> "
               f"{m['cosine_after']:.3f}, CKA {m['cka_before']:.3f} -> {m['cka_after']:.3f}, "
               f"max ||AA^T - I|| {m['max_orthonormality_error_A']:.1e}, token matching error "
-              f"{m['token_matching_error_held_out']:.3f}, {m['seconds']:.1f} s")
+              f"{m['token_matching_error_held_out']:.3f}, {m['seconds']:.1f} s; B transfer cosine "
+              f"seeded {m['b_transfer_seeded']:.3f} / raw CCA {m['b_transfer_cca_raw']:.3f} / "
+              f"orthonormalised {m['b_transfer_after']:.3f} (raw CCA B max singular value "
+              f"{m['cca_raw_b_max_singular']:.0f})")
     results["dtw_error_vs_600_vocab_tokenizer"] = cross_tokenizer_matching_error(samples, anchor.processor)
     print("DTW token-matching error, committed tokenizer vs a 600-vocab BPE on the public split: "
           f"{results['dtw_error_vs_600_vocab_tokenizer']:.3f} (mean 1 - IoU of matched char spans)")

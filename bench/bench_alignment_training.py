@@ -1,0 +1,123 @@
+"""Local training of every scenario client under each choice of A/B (DESIGN §3).
+
+For every client of the default scenario: its prepared tiny preset, PQ-LoRA injected with the
+run's defaults (r, alpha, dropout, learning rates from pyproject.toml), ``--steps`` AdamW steps
+(batch 8) on the first 64 train samples of the client's first task; answer loss on those 64
+samples before and after. A/B variants for the non-anchor models: ``seeded`` (the model's own
+seeded orthonormal A/B, no alignment), ``cca-raw`` (aligned A, B = T·B_a as in the reference) and
+``cca-orthonormal`` (aligned A, B = nearest column-orthonormal matrix to T·B_a: the default). The
+anchor keeps its seeded A/B in every variant.
+
+    python bench/bench_alignment_training.py [--cache DIR] [--threads 1] [--steps 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import tomllib
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("seeded", "cca-raw", "cca-orthonormal")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=None, help="FEDMOSAIC_CACHE (prepared if missing)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=32)
+    args = parser.parse_args()
+    if args.cache is not None:
+        os.environ["FEDMOSAIC_CACHE"] = str(args.cache)
+    torch.set_num_threads(args.threads)
+
+    from client_app.resources import get_resources
+    from fedmosaic_core.federation.config import parse_run_config
+    from fedmosaic_core.federation.prepare import (
+        load_run_scenario,
+        prepare_federation,
+        smallest_model,
+    )
+    from fedmosaic_core.models.align import AlignConfig, align_bases
+    from fedmosaic_core.models.loading import load_model
+    from fedmosaic_core.models.prepare import load_public_samples
+
+    raw = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    config = parse_run_config(raw)
+    data_root = prepare_federation(config)
+    scenario = load_run_scenario(config, data_root)
+    resources = get_resources(config, str(data_root))
+    anchor_name = smallest_model([c.model_id for c in scenario.clients])
+    anchor = load_model(anchor_name, public_data_root=data_root, seed=config.seed)
+    public = load_public_samples(data_root)
+
+    bases: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for model_id in sorted({c.model_id for c in scenario.clients} - {anchor_name}):
+        other = load_model(model_id, public_data_root=data_root, seed=config.seed)
+        bases[model_id] = {}
+        for name, norm in (("cca-raw", "none"), ("cca-orthonormal", "orthonormal")):
+            aligned = align_bases(anchor, other, public, AlignConfig(r=config.r, seed=config.seed, b_normalisation=norm))
+            bases[model_id][name] = aligned.state
+
+    print(f"threads {args.threads}, {args.steps} steps, lr-pq {config.lr_pq}, lr-lora {config.lr_lora}, r {config.r}")
+    print("| client | model | task | loss before | after: seeded A/B | after: CCA raw B | after: CCA orthonormal B |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for entry in scenario.clients:
+        ref = entry.datasets[0]
+        samples = [resources.samples[i] for i in resources.train_ids(ref)[:64]]
+        before, after = 0.0, dict[str, float]()
+        for variant in VARIANTS:
+            state = bases.get(entry.model_id, {}).get(variant)
+            if variant != "seeded" and state is None:  # the anchor: same A/B in every variant
+                after[variant] = after["seeded"]
+                continue
+            before, after[variant] = train_and_measure(entry.model_id, state, samples, config, args.steps, data_root)
+        print(f"| {entry.client_id} | {entry.model_id} | {ref.key} | {before:.2f} | {after['seeded']:.2f} | "
+              f"{after['cca-raw']:.2f} | {after['cca-orthonormal']:.2f} |", flush=True)
+
+
+def train_and_measure(model_id: str, state: dict[str, torch.Tensor] | None, samples: list[Any],
+                      config: Any, steps: int, data_root: Path) -> tuple[float, float]:
+    """(answer loss before, after ``steps`` local steps) on ``samples``."""
+    from client_app.training import collate
+    from fedmosaic_core.models.loading import load_model
+    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+    loaded = load_model(model_id, public_data_root=data_root, seed=config.seed)
+    model = inject_pqlora(loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
+                                                     seed=config.seed))
+    if state is not None:
+        model.load_pq_bases(state)
+    processor = loaded.processor
+
+    def loss_on_all() -> float:
+        model.eval()
+        with torch.no_grad():
+            losses = [float(model(**collate(processor, samples[i : i + 8], config.max_length)).loss)
+                      for i in range(0, len(samples), 8)]
+        model.train()
+        return sum(losses) / len(losses)
+
+    before = loss_on_all()
+    groups = model.parameter_groups()
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["pq"], "lr": config.lr_pq}, {"params": groups["gate"], "lr": config.lr_pq},
+         {"params": groups["lora"], "lr": config.lr_lora}],
+        weight_decay=config.weight_decay,
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    for _ in range(steps):
+        batch = [samples[j] for j in torch.randint(0, len(samples), (8,), generator=generator).tolist()]
+        model(**collate(processor, batch, config.max_length)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return before, loss_on_all()
+
+
+if __name__ == "__main__":
+    main()
