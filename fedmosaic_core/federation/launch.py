@@ -97,9 +97,9 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
         process.wait(timeout=grace)
 
 
-@contextmanager
-def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkHandle]:
-    """A SuperLink in simulation mode on free loopback ports, stopped on exit."""
+def _start_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool) -> SuperLinkHandle:
+    """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
+    for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = free_port(), free_port()
@@ -113,8 +113,8 @@ def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = 
     )
     log_file = flwr_home / "superlink.log"
     command = [
-        _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-        "--disable-runtime-dependency-installation",
+        _bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+        "--isolation", "subprocess", "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--database", str(flwr_home / "state.db"),
@@ -123,9 +123,20 @@ def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = 
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_port(http_port, process, 60.0, log_file)
-        yield SuperLinkHandle(process, control, flwr_home, env, log_file)
-    finally:
+    except BaseException:
         stop_process_group(process)
+        raise
+    return SuperLinkHandle(process, control, flwr_home, env, log_file)
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkHandle]:
+    """A SuperLink in simulation mode on free loopback ports, stopped on exit."""
+    handle = _start_superlink(flwr_home, extra_env, simulation=True)
+    try:
+        yield handle
+    finally:
+        stop_process_group(handle.process)
 
 
 def _flower_env(flwr_home: Path, extra_env: Mapping[str, str] | None) -> dict[str, str]:
@@ -154,42 +165,23 @@ def local_deployment(
     ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start
     (insecure: TLS and SuperNode authentication are for real networks). All processes are
     stopped by pid on exit, also on failure."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    http_port = free_port()
-    env = _flower_env(flwr_home, extra_env)
-    control = f"127.0.0.1:{http_port}"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{control}"\ninsecure = true\n'
-    )
-    log_file = flwr_home / "superlink.log"
-    link_command = [
-        _bin("flower-superlink"), "--insecure", "--isolation", "subprocess",
-        "--disable-runtime-dependency-installation",
-        "--host", "127.0.0.1", "--port", str(http_port),
-        "--database", str(flwr_home / "state.db"),
-    ]
-    processes: list[subprocess.Popen[bytes]] = []
+    link = _start_superlink(flwr_home, extra_env, simulation=False)
+    processes: list[subprocess.Popen[bytes]] = [link.process]
     try:
-        with open(log_file, "ab") as sink:
-            link = subprocess.Popen(link_command, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        processes.append(link)
-        _wait_for_port(http_port, link, 60.0, log_file)
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
             node_log = flwr_home / f"supernode-{index}.log"
             node_command = [
-                _bin("flower-supernode"), "--insecure", "--superlink", control,
+                _bin("flower-supernode"), "--insecure", "--superlink", link.control_address,
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", node_config_arg(values),
             ]
             with open(node_log, "ab") as sink:
-                node = subprocess.Popen(node_command, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                node = subprocess.Popen(node_command, env=link.env, stdout=sink, stderr=subprocess.STDOUT,
                                         start_new_session=True)
             processes.append(node)
             nodes.append(node)
-        yield SuperLinkHandle(link, control, flwr_home, env, log_file), nodes
+        yield link, nodes
     finally:
         for process in reversed(processes):
             stop_process_group(process)
