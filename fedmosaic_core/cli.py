@@ -60,6 +60,7 @@ def _run_one(
     overrides: dict[str, Any],
     flwr_home: Path,
     deployment_clients: list[str] | None = None,
+    tls: bool = False,
 ) -> dict[str, Any]:
     """Prepare, run one federation through Flower, check its status; returns the summary.
 
@@ -102,7 +103,10 @@ def _run_one(
              "data-root": str(data_root)}
             for cid in deployment_clients
         ]
-        with local_deployment(flwr_home, node_configs) as (link, _nodes):
+        from fedmosaic_core.federation.tls import write_certificates
+
+        tls_files = write_certificates(flwr_home / "certificates") if tls else None
+        with local_deployment(flwr_home, node_configs, tls=tls_files) as (link, _nodes):
             run_id, status, _ = flwr_run(app_dir, link, run_config=overrides,
                                          log_path=config.run_dir / "flwr-run.log")
     elapsed = time.monotonic() - started
@@ -138,6 +142,7 @@ def local_deployment_command(
     clients: str = typer.Option("", help="comma-separated client ids (default: every scenario client)"),
     run_config: list[str] = typer.Option([], "--run-config", "-c", help="key=value overrides"),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+    tls: bool = typer.Option(True, "--tls/--insecure", help="TLS with a fresh self-signed CA (default) or none"),
 ) -> None:
     """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
     per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
@@ -160,7 +165,8 @@ def local_deployment_command(
         ids = [str(c.client_id) for c in scenario.clients]
     # wait for every SuperNode before the first round (they connect within seconds)
     overrides.setdefault("min-clients", len(ids))
-    summary = _run_one(directory, overrides, default_home() / "flwr-home-deployment", deployment_clients=ids)
+    summary = _run_one(directory, overrides, default_home() / "flwr-home-deployment", deployment_clients=ids,
+                       tls=tls)
     typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
@@ -216,6 +222,24 @@ def compare(
     (target / "comparison.json").write_text(json.dumps(results, indent=1))
     typer.echo(table)
     typer.echo(f"Comparison written to {target}")
+
+
+@app.command()
+def certificates(
+    out: Path = typer.Option(..., help="folder for ca.crt, server.pem, server.key (and ca.key)"),
+    host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="SuperLink host name or IP (repeat)"),
+    days: int = typer.Option(365, help="validity in days"),
+) -> None:
+    """A self-signed CA and a SuperLink server certificate for TLS (see deploy/README.md)."""
+    from fedmosaic_core.federation.tls import write_certificates
+
+    try:
+        files = write_certificates(out, host, days)
+    except ValueError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"SuperLink: {' '.join(files.superlink_args())}")
+    typer.echo(f"SuperNodes and flwr CLI: {' '.join(files.client_args())}")
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The app on a real Flower deployment on loopback: `fedmosaic local-deployment` starts a
-SuperLink (deployment runtime, not simulation) and one `flower-supernode` process per client,
-each naming its stable client id, state directory and data root in `--node-config`; the run is
+SuperLink (deployment runtime, not simulation, TLS with a fresh CA) and one `flower-supernode`
+process per client, each naming its stable client id, state directory and data root in `--node-config`; the run is
 submitted with `flwr run` and its final status read with `flwr ls`."""
 
 from __future__ import annotations
@@ -52,6 +52,9 @@ def test_supernodes_with_stable_client_ids_run_the_federation(tmp_path: Path) ->
     assert not (run_dir / "clients").exists()
     home = tmp_path / "cache" / "flwr-home-deployment"
     assert (home / "superlink.log").is_file() and (home / "supernode-2.log").is_file()
+    # TLS by default: the CLI connection verified the SuperLink against the fresh CA
+    assert "root-certificates" in (home / "config.toml").read_text()
+    assert (home / "certificates" / "ca.crt").is_file()
     # the SuperLink and SuperNodes the launcher started are gone (their command lines name tmp_path)
     assert not _processes_mentioning(str(tmp_path))
 

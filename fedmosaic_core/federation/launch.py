@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmosaic_core.federation.tls import TlsFiles
+
 CONNECTION = "fedmosaic-sim"
 
 
@@ -97,7 +99,9 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
         process.wait(timeout=grace)
 
 
-def _start_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool) -> SuperLinkHandle:
+def _start_superlink(
+    flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None
+) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
     for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -107,13 +111,15 @@ def _start_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None, *, si
     # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
     env = _flower_env(flwr_home, extra_env)
     control = f"127.0.0.1:{http_port}"
+    security = f"root-certificates = {json.dumps(str(tls.ca_certificate))}" if tls else "insecure = true"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{control}"\ninsecure = true\n'
+        f'address = "{control}"\n{security}\n'
     )
     log_file = flwr_home / "superlink.log"
     command = [
-        _bin("flower-superlink"), "--insecure", *(["--simulation"] if simulation else []),
+        _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
+        *(["--simulation"] if simulation else []),
         "--isolation", "subprocess", "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
         "--host", "127.0.0.1", "--port", str(http_port),
@@ -159,20 +165,23 @@ def local_deployment(
     flwr_home: Path,
     node_configs: Sequence[Mapping[str, Any]],
     extra_env: Mapping[str, str] | None = None,
+    tls: TlsFiles | None = None,
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
     ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start
-    (insecure: TLS and SuperNode authentication are for real networks). All processes are
-    stopped by pid on exit, also on failure."""
-    link = _start_superlink(flwr_home, extra_env, simulation=False)
+    With ``tls`` the SuperLink serves TLS and the SuperNodes and the ``flwr`` CLI verify it
+    against the CA; without, everything runs ``--insecure``. All processes are stopped by pid on
+    exit, also on failure."""
+    link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls)
     processes: list[subprocess.Popen[bytes]] = [link.process]
     try:
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
             node_log = flwr_home / f"supernode-{index}.log"
             node_command = [
-                _bin("flower-supernode"), "--insecure", "--superlink", link.control_address,
+                _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
+                "--superlink", link.control_address,
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", node_config_arg(values),
             ]

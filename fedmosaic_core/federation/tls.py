@@ -1,0 +1,116 @@
+"""Self-signed TLS material for a SuperLink: a CA and a server certificate signed by it.
+
+``fedmosaic certificates --out DIR --host superlink.example.org --host 10.0.0.5`` writes
+``ca.crt`` (give it to every SuperNode as ``--root-certificates`` and to the ``flwr`` CLI as the
+connection's ``root-certificates``), ``server.pem`` and ``server.key`` (the SuperLink's
+``--ssl-certfile`` / ``--ssl-keyfile``; ``--ssl-ca-certfile ca.crt``). The server certificate
+names every ``--host`` as a subject alternative name (IP addresses as IP entries), which is
+what TLS clients check. Keys are EC P-256; the private keys are written with mode 0600.
+For production, certificates from your organisation's CA are the better choice.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_certificate: Path
+    server_certificate: Path
+    server_key: Path
+
+    def superlink_args(self) -> list[str]:
+        return [
+            "--ssl-ca-certfile", str(self.ca_certificate),
+            "--ssl-certfile", str(self.server_certificate),
+            "--ssl-keyfile", str(self.server_key),
+        ]
+
+    def client_args(self) -> list[str]:
+        return ["--root-certificates", str(self.ca_certificate)]
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "FedMosaic federation"),
+        x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+    ])
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_certificates(out_dir: str | os.PathLike[str], hosts: Sequence[str] = ("127.0.0.1", "localhost"),
+                       days: int = 365) -> TlsFiles:
+    """A fresh CA and a server certificate for ``hosts``, written into ``out_dir``."""
+    hosts = [h.strip() for h in hosts if h.strip()]
+    if not hosts:
+        raise ValueError("write_certificates: give at least one host name or IP address")
+    if days <= 0:
+        raise ValueError(f"write_certificates: days must be positive, got {days}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    until = now + dt.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = _name("FedMosaic federation CA")
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0])).issuer_name(ca_name)
+        .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(until)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    private = serialization.PrivateFormat.PKCS8
+    files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
+    _write(out / "ca.key", ca_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
+    _write(files.ca_certificate, ca_cert.public_bytes(pem), 0o644)
+    _write(files.server_key, server_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
+    _write(files.server_certificate, server_cert.public_bytes(pem), 0o644)
+    return files
