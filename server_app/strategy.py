@@ -246,6 +246,10 @@ class FedMosaicStrategy(Strategy):
             outcome.missing = sorted(set(expected) - seen - set(outcome.excluded))
             for client in outcome.missing:
                 log.warning("round %d: client %s did not reply in time; left out", server_round, client)
+        # replies arrive in whatever order the clients finish: aggregate in client-id order so the
+        # floating-point sums, and hence a whole run, are reproducible for a seed
+        updates.sort(key=lambda u: client_sort_key(u.client_id))
+        outcome.rows.sort(key=lambda r: client_sort_key(str(r["client"])))
         expected_shared, expected_same_arch = self.expected_schemas()
         result = aggregate_global_states(
             updates,
@@ -351,6 +355,11 @@ class FedMosaicStrategy(Strategy):
             c: GlobalState(shared=g["shared"], same_arch=g["same-arch"]) for c, g in globals_.items()
         }
         self.last_weight_ids = list(meta.get("weight_ids", []))
+
+
+def client_sort_key(client_id: str) -> tuple[int, int, str]:
+    """Numeric ids in numeric order, then the others by name."""
+    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:

@@ -239,3 +239,21 @@ def test_partial_participation_trains_a_seeded_fraction(tmp_path: Path) -> None:
     again = run_federation(InProcessGrid(dict(_clients())), again_config)
     pairs = [(r["round"], r["client"]) for r in result.rows]
     assert [(r["round"], r["client"]) for r in again.rows] == pairs
+
+
+class ReversedRepliesGrid(InProcessGrid):
+    """Replies come back in the reverse order (clients finishing in another order)."""
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+def test_reply_order_does_not_change_the_run(tmp_path: Path) -> None:
+    config = _config(tmp_path / "a", **{"num-server-rounds": 3})
+    forward = run_federation(InProcessGrid(dict(_clients())), config)
+    backward = run_federation(ReversedRepliesGrid(dict(_clients())), _config(tmp_path / "b", **{"num-server-rounds": 3}))
+    assert forward.strategy.globals.keys() == backward.strategy.globals.keys()
+    for cid, state in forward.strategy.globals.items():
+        for key, value in state.shared.items():
+            assert torch.equal(backward.strategy.globals[cid].shared[key], value), (cid, key)
+    assert [(r["round"], r["client"]) for r in forward.rows] == [(r["round"], r["client"]) for r in backward.rows]
