@@ -188,6 +188,20 @@ def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_model_table(per_seed: dict[str, list[dict[str, Any]]]) -> str:
+    """Self A_last (mean %) by base model, over the clients of that model and all seeds."""
+    models = sorted({c["model_id"] for runs in per_seed.values() for r in runs for c in r["clients"].values()})
+    lines = ["| method | " + " | ".join(f"Self A_last: {m}" for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for name, runs in per_seed.items():
+        cells = []
+        for model in models:
+            values = [float(c["self_last"]) for r in runs for c in r["clients"].values() if c["model_id"] == model]
+            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 @app.command()
 def compare(
     strategies: str = typer.Option(",".join(["local", "fedavg", "fedmosaic-uniform", "fedmosaic"]),
@@ -215,7 +229,7 @@ def compare(
         keys = runs[0]["overall"].keys()
         results[name] = {"overall": {k: float(sum(r["overall"][k] for r in runs) / len(runs)) for k in keys},
                          "runs": [r["run_dir"] for r in runs]}
-    table = comparison_table(results)
+    table = comparison_table(results) + "\n" + per_model_table(per_seed)
     target = out or (default_home() / "comparisons" / time.strftime("%Y%m%d-%H%M%S"))
     target.mkdir(parents=True, exist_ok=True)
     (target / "comparison.md").write_text(table)
