@@ -22,19 +22,27 @@ class SnapshotError(RuntimeError):
     """A snapshot is missing or unreadable; the message names the folder."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` through a temporary file in the same folder, fsync, then rename."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write ``data`` through a temporary file in the same folder (permissions ``mode``, else
+    the temporary file's 0600), fsync, then rename: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_snapshot(final: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedmosaic_core.snapshots import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -54,18 +55,6 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_certificates(out_dir: str | os.PathLike[str], hosts: Sequence[str] = ("127.0.0.1", "localhost"),
@@ -109,8 +98,8 @@ def write_certificates(out_dir: str | os.PathLike[str], hosts: Sequence[str] = (
     pem = serialization.Encoding.PEM
     private = serialization.PrivateFormat.PKCS8
     files = TlsFiles(out / "ca.crt", out / "server.pem", out / "server.key")
-    _write(out / "ca.key", ca_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
-    _write(files.ca_certificate, ca_cert.public_bytes(pem), 0o644)
-    _write(files.server_key, server_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
-    _write(files.server_certificate, server_cert.public_bytes(pem), 0o644)
+    atomic_write_bytes(out / "ca.key", ca_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
+    atomic_write_bytes(files.ca_certificate, ca_cert.public_bytes(pem), 0o644)
+    atomic_write_bytes(files.server_key, server_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
+    atomic_write_bytes(files.server_certificate, server_cert.public_bytes(pem), 0o644)
     return files
