@@ -18,7 +18,13 @@ from typing import Any
 
 import typer
 
-from fedmosaic_core.federation.config import STRATEGIES, ConfigError, default_home, parse_run_config
+from fedmosaic_core.federation.config import (
+    STRATEGIES,
+    ConfigError,
+    FederationConfig,
+    default_home,
+    parse_run_config,
+)
 
 app = typer.Typer(add_completion=False, help="FedMosaic on Flower.", no_args_is_help=True)
 log = logging.getLogger("fedmosaic")
@@ -55,6 +61,15 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _config_or_exit(raw: dict[str, Any]) -> FederationConfig:
+    """The validated run config, or one red line naming the bad key and exit status 2."""
+    try:
+        return parse_run_config(raw)
+    except ConfigError as err:
+        typer.secho(str(err), fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
 def _run_one(
     app_dir: Path,
     overrides: dict[str, Any],
@@ -65,16 +80,12 @@ def _run_one(
     """Prepare, run one federation through Flower, check its status; returns the summary.
 
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
-    (a SuperLink and one SuperNode process per client id)."""
+    (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
     from fedmosaic_core.federation.launch import flwr_run, local_deployment, simulation_superlink
     from fedmosaic_core.federation.prepare import load_run_scenario, prepare_federation
 
     raw = {**_defaults(app_dir), **overrides}
-    try:
-        config = parse_run_config(raw)
-    except ConfigError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    config = _config_or_exit(raw)
     started = time.monotonic()
     typer.secho("Preparing DRAKE-mini, tiny models and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
     data_root = prepare_federation(config)
@@ -93,6 +104,9 @@ def _run_one(
             )
     else:
         known = {str(c.client_id) for c in scenario.clients}
+        deployment_clients = deployment_clients or sorted(known, key=int)
+        # wait for every SuperNode before the first round (they connect within seconds)
+        overrides = {"min-clients": len(deployment_clients), **overrides}
         unknown = [c for c in deployment_clients if c not in known]
         if unknown:
             typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
@@ -146,27 +160,10 @@ def local_deployment_command(
 ) -> None:
     """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
     per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
-    from fedmosaic_core.federation.prepare import load_run_scenario, resolve_data_root
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    directory = _app_dir(app_dir)
-    overrides = _parse_overrides(run_config)
     ids = [c.strip() for c in clients.split(",") if c.strip()]
-    if not ids:
-        try:
-            config = parse_run_config({**_defaults(directory), **overrides})
-        except ConfigError as err:
-            typer.secho(str(err), fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from None
-        from fedmosaic_core.federation.prepare import prepare_federation
-
-        scenario = load_run_scenario(config, prepare_federation(config) if not config.data_root
-                                     else resolve_data_root(config))
-        ids = [str(c.client_id) for c in scenario.clients]
-    # wait for every SuperNode before the first round (they connect within seconds)
-    overrides.setdefault("min-clients", len(ids))
-    summary = _run_one(directory, overrides, default_home() / "flwr-home-deployment", deployment_clients=ids,
-                       tls=tls)
+    summary = _run_one(_app_dir(app_dir), _parse_overrides(run_config),
+                       default_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls)
     typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
@@ -266,11 +263,7 @@ def prepare(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     raw = {**_defaults(_app_dir(app_dir)), **_parse_overrides(run_config)}
-    try:
-        config = parse_run_config(raw)
-    except ConfigError as err:
-        typer.secho(str(err), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+    config = _config_or_exit(raw)
     typer.echo(f"Prepared; data at {prepare_federation(config)}")
 
 

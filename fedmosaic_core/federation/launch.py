@@ -169,7 +169,7 @@ def local_deployment(
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
-    ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start
+    ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start.
     With ``tls`` the SuperLink serves TLS and the SuperNodes and the ``flwr`` CLI verify it
     against the CA; without, everything runs ``--insecure``. All processes are stopped by pid on
     exit, also on failure."""
