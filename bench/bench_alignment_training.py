@@ -83,7 +83,8 @@ def main() -> None:
 def train_and_measure(model_id: str, state: dict[str, torch.Tensor] | None, samples: list[Any],
                       config: Any, steps: int, data_root: Path) -> tuple[float, float]:
     """(answer loss before, after ``steps`` local steps) on ``samples``."""
-    from client_app.training import collate
+    from client_app.training import local_optimizer
+    from fedmosaic_core.models.collate import collate
     from fedmosaic_core.models.loading import load_model
     from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 
@@ -103,12 +104,7 @@ def train_and_measure(model_id: str, state: dict[str, torch.Tensor] | None, samp
         return sum(losses) / len(losses)
 
     before = loss_on_all()
-    groups = model.parameter_groups()
-    optimizer = torch.optim.AdamW(
-        [{"params": groups["pq"], "lr": config.lr_pq}, {"params": groups["gate"], "lr": config.lr_pq},
-         {"params": groups["lora"], "lr": config.lr_lora}],
-        weight_decay=config.weight_decay,
-    )
+    optimizer = local_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     for _ in range(steps):

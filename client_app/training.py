@@ -34,6 +34,7 @@ from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
 from fedmosaic_core.federation.config import FederationConfig
 from fedmosaic_core.models.collate import collate, generate_answers
+from fedmosaic_core.pqlora import PQLoRAModel
 from fedmosaic_core.rela import TaskVectorAccumulator, TaskVectorCompression, compress_task_vector
 
 log = logging.getLogger("fedmosaic.client")
@@ -56,6 +57,19 @@ def upload_task_vector(config: FederationConfig, smoothed: torch.Tensor) -> np.n
         rows, cols, min_ratio=config.tv_compression, sketch_dim=config.tv_sketch_dim, seed=config.seed
     )
     return compress_task_vector(smoothed, sketch)
+
+
+def local_optimizer(model: PQLoRAModel, config: FederationConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable adapter: P/Q and the gates at ``lr-pq``, plain LoRA at ``lr-lora``."""
+    groups = model.parameter_groups()
+    return torch.optim.AdamW(
+        [
+            {"params": groups["pq"], "lr": config.lr_pq},
+            {"params": groups["gate"], "lr": config.lr_pq},
+            {"params": groups["lora"], "lr": config.lr_lora},
+        ],
+        weight_decay=config.weight_decay,
+    )
 
 
 @dataclass
@@ -127,14 +141,7 @@ class FedMosaicClient:
         )
         groups = model.parameter_groups()
         named = {id(p): f"{g}.{i}" for g, params in groups.items() for i, p in enumerate(params)}
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": groups["pq"], "lr": cfg.lr_pq},
-                {"params": groups["gate"], "lr": cfg.lr_pq},
-                {"params": groups["lora"], "lr": cfg.lr_lora},
-            ],
-            weight_decay=cfg.weight_decay,
-        )
+        optimizer = local_optimizer(model, cfg)
         if snapshot is not None:
             meta = snapshot.meta
             stream.load_state_dict(meta["stream"])

@@ -1,44 +1,27 @@
 """The app on a real Flower deployment on loopback: `fedmosaic local-deployment` starts a
 SuperLink (deployment runtime, not simulation, TLS with a fresh CA) and one `flower-supernode`
-process per client, each naming its stable client id, state directory and data root in `--node-config`; the run is
-submitted with `flwr run` and its final status read with `flwr ls`."""
+process per client, each naming its stable client id, state directory and data root in
+`--node-config`; the run is submitted with `flwr run` and its final status read with `flwr ls`."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(command: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, cwd=ROOT)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    return subprocess.CompletedProcess(command, process.returncode, output, "")
+from cli_process import run_fedmosaic
 
 
 @pytest.mark.slow
 def test_supernodes_with_stable_client_ids_run_the_federation(tmp_path: Path) -> None:
-    env = dict(os.environ, FEDMOSAIC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    command = [
-        sys.executable, "-m", "fedmosaic_core.cli", "local-deployment", "--clients", "4,0,2",
+    args = [
+        "local-deployment", "--clients", "4,0,2",
         "-c", "num-server-rounds=2", "-c", "local-steps=2", "-c", "eval-max-samples=2",
         "-c", "rounds-per-task=1", "-c", "pretrained=false", "-c", "align-bases=false",
         "-c", "eval-unseen=false", "-c", "run-name='deploy'",
     ]
-    result = _run(command, env, timeout=900)
+    result = run_fedmosaic(args, tmp_path / "cache", timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     run_dir = tmp_path / "cache" / "runs" / "deploy"
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
@@ -75,12 +58,8 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_unknown_client_id_is_refused_before_any_process(tmp_path: Path) -> None:
-    env = dict(os.environ, FEDMOSAIC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    command = [
-        sys.executable, "-m", "fedmosaic_core.cli", "local-deployment", "--clients", "0,99",
-        "-c", "pretrained=false", "-c", "align-bases=false",
-    ]
-    result = _run(command, env, timeout=600)
+    args = ["local-deployment", "--clients", "0,99", "-c", "pretrained=false", "-c", "align-bases=false"]
+    result = run_fedmosaic(args, tmp_path / "cache", timeout=600)
     assert result.returncode == 2
     assert "unknown client id(s) 99" in result.stdout
     assert not (tmp_path / "cache" / "flwr-home-deployment").exists()

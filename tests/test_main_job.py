@@ -4,32 +4,21 @@ in a reduced but real setting (fewer rounds and steps than the default)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run_fedmosaic
 
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
-    env = dict(os.environ, FEDMOSAIC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
-    command = [
-        sys.executable, "-m", "fedmosaic_core.cli", "main-job",
-        "-c", "num-server-rounds=2", "-c", "local-steps=4", "-c", "eval-max-samples=4",
-        "-c", "rounds-per-task=1",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        output, _ = process.communicate(timeout=1500)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 0, output[-4000:]
+    result = run_fedmosaic(
+        ["main-job", "-c", "num-server-rounds=2", "-c", "local-steps=4", "-c", "eval-max-samples=4",
+         "-c", "rounds-per-task=1"],
+        tmp_path / "cache", timeout=1500,
+    )
+    output = result.stdout
+    assert result.returncode == 0, output[-4000:]
     assert "| **mean** |" in output, output[-4000:]
     run_dir = tmp_path / "cache" / "runs" / "two-families-fedmosaic-seed0"
     for name in ("summary.json", "table.md", "scores.png", "relevance.png"):
