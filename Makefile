@@ -28,7 +28,7 @@ lint: install
 	$(BIN)/mypy
 
 run: install
-	$(BIN)/python -m fedmosaic_core.cli main-job
+	$(BIN)/python -m fedmosaic_cli.main main-job
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -36,15 +36,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from client_app.resources import get_resources
-    from fedmosaic_core.federation.config import parse_run_config
-    from fedmosaic_core.federation.prepare import (
+    from fedmosaic_core.models.align import AlignConfig, align_bases
+    from fedmosaic_flower.config import parse_run_config
+    from fedmosaic_flower.prepare import (
+        DrakePublicSplit,
+        load_run_model,
         load_run_scenario,
         prepare_federation,
         smallest_model,
     )
-    from fedmosaic_core.models.align import AlignConfig, align_bases
-    from fedmosaic_core.models.loading import load_model
-    from fedmosaic_core.models.prepare import load_public_samples
 
     raw = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
     config = parse_run_config(raw)
@@ -52,12 +52,12 @@ def main() -> None:
     scenario = load_run_scenario(config, data_root)
     resources = get_resources(config, str(data_root))
     anchor_name = smallest_model([c.model_id for c in scenario.clients])
-    anchor = load_model(anchor_name, public_data_root=data_root, seed=config.seed)
-    public = load_public_samples(data_root)
+    anchor = load_run_model(config, anchor_name, data_root, quantization="none")
+    public = DrakePublicSplit(data_root).samples()
 
     bases: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for model_id in sorted({c.model_id for c in scenario.clients} - {anchor_name}):
-        other = load_model(model_id, public_data_root=data_root, seed=config.seed)
+        other = load_run_model(config, model_id, data_root, quantization="none")
         bases[model_id] = {}
         for name, norm in (("cca-raw", "none"), ("cca-orthonormal", "orthonormal")):
             aligned = align_bases(anchor, other, public, AlignConfig(r=config.r, seed=config.seed, b_normalisation=norm))
@@ -85,10 +85,10 @@ def train_and_measure(model_id: str, state: dict[str, torch.Tensor] | None, samp
     """(answer loss before, after ``steps`` local steps) on ``samples``."""
     from client_app.training import local_optimizer
     from fedmosaic_core.models.collate import collate
-    from fedmosaic_core.models.loading import load_model
     from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+    from fedmosaic_flower.prepare import load_run_model
 
-    loaded = load_model(model_id, public_data_root=data_root, seed=config.seed)
+    loaded = load_run_model(config, model_id, data_root, quantization="none")
     model = inject_pqlora(loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout,
                                                      seed=config.seed))
     if state is not None:

@@ -30,8 +30,9 @@ import torch
 from drake_data.prompts import RenderedSample
 from fedmosaic_core.models import PRESETS, collate, load_model
 from fedmosaic_core.models.align import AlignConfig, align_bases
-from fedmosaic_core.models.prepare import load_public_samples, prepare_presets
 from fedmosaic_core.models.presets import build_preset
+from fedmosaic_core.models.pretrain import prepare_presets
+from fedmosaic_flower.prepare import DrakePublicSplit
 
 
 def step_time(name: str, samples: list, steps: int = 10) -> float:  # type: ignore[type-arg]
@@ -92,14 +93,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results: dict[str, object] = {"threads": args.threads, "load_before": os.getloadavg()[0]}
 
-    samples = load_public_samples(args.public_data)
+    public = DrakePublicSplit(args.public_data)
+    samples = public.samples()
     step_seconds = {name: step_time(name, samples) for name in PRESETS}
     results["step_seconds_b8_t64"] = step_seconds
     print("train step (batch 8 × 64 tokens, 1 image):", {k: f"{v:.3f} s" for k, v in step_seconds.items()})
 
     cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="fedmosaic-bench-"))
     start = time.perf_counter()
-    prepared = prepare_presets(cache, args.public_data, seed=0)
+    prepared = prepare_presets(public, cache, seed=0)
     results["prepare_total_seconds"] = time.perf_counter() - start
     results["prepare"] = {}
     for name, directory in prepared.items():
@@ -114,10 +116,10 @@ def main() -> None:
               f"{record['train_seconds']:.1f} s training")
     print(f"prepare (all presets, incl. data loading and evaluation): {results['prepare_total_seconds']:.1f} s")
 
-    anchor = load_model("tiny-llama-s", cache_dir=cache, public_data_root=args.public_data)
+    anchor = load_model("tiny-llama-s", cache_dir=cache, public_split=public)
     results["alignment"] = {}
     for other_name in ("tiny-llama-m", "tiny-qwen2-s"):
-        other = load_model(other_name, cache_dir=cache, public_data_root=args.public_data)
+        other = load_model(other_name, cache_dir=cache, public_split=public)
         bases = align_bases(anchor, other, samples, AlignConfig(r=args.r))
         m = bases.metrics
         keep = ("cosine_before", "cosine_after", "cka_before", "cka_after", "max_orthonormality_error_A",

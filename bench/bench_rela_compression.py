@@ -12,7 +12,9 @@ Llama-3.2-1B ratio (analytic) and the time to compress one Llama-3.2-1B-shaped t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +28,9 @@ from fedmosaic_core.rela import (
     relevance_weights,
     task_similarity,
 )
-from fedmosaic_core.rela.demo_batches import BYTE_VOCAB_SIZE, task_batches
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared fixture data
+from demo_batches import BYTE_VOCAB_SIZE, task_batches  # noqa: E402
 
 TASKS = (
     "chatterbot:food", "chatterbot:computers", "chatterbot:greetings",

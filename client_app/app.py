@@ -10,13 +10,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
+from fedmosaic_flower.logs import quiet_libraries
 
-from client_app.resources import get_resources
-from client_app.training import FedMosaicClient
-from fedmosaic_core.federation import protocol as proto
-from fedmosaic_core.federation.config import FederationConfig, parse_run_config
+quiet_libraries()  # before the libraries are imported
+
+from flwr.app import Context, Message, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from client_app.resources import get_resources  # noqa: E402
+from client_app.training import FedMosaicClient  # noqa: E402
+from fedmosaic_flower import records as proto  # noqa: E402
+from fedmosaic_flower.config import FederationConfig, parse_run_config  # noqa: E402
 
 app = ClientApp()
 log = logging.getLogger("fedmosaic.client")
@@ -31,12 +35,13 @@ def client_id_of(node_config: dict) -> str:  # type: ignore[type-arg]
 
 
 def build_client(context: Context) -> tuple[FederationConfig, FedMosaicClient]:
+    """The client for this message: the config of the run it belongs to, cached data and models."""
     config = parse_run_config(context.run_config)
     node = dict(context.node_config)
     data_root = str(node["data-root"]) if node.get("data-root") else None
     resources = get_resources(config, data_root)
     state_root = Path(str(node["state-dir"])) if node.get("state-dir") else config.run_dir / "clients"
-    return config, FedMosaicClient(resources, client_id_of(node), state_root)
+    return config, FedMosaicClient(config, resources, client_id_of(node), state_root)
 
 
 @app.query()

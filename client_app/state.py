@@ -1,12 +1,16 @@
-"""A client's state on its own disk, one snapshot per completed round.
+"""A client's state on its own disk, one snapshot per completed round: the one owner of its format.
 
 In a deployment every message starts a fresh ClientApp process and ``context.state`` lives only in
 the SuperNode's memory, so everything a client carries across rounds is saved here, keyed by its
 **stable client id**:
 
 ``<state-root>/<run-name>/client-<id>/round-0003/``
-    ``state.safetensors`` (adapter incl. global branch and gate, optimizer moments, task-vector
-    accumulator) and ``state.json`` (stream position, replay memory, optimizer step counts).
+    ``state.safetensors``: ``adapter/local/<key>``, ``adapter/global/<key>`` (shared and
+    same-architecture keys of both branches), ``adapter/gate/<key>`` (the local-only gates),
+    ``optim/<group>.<i>/<moment>`` (AdamW moments by parameter group and position) and
+    ``tv/<name>`` (the task-vector accumulator);
+    ``state.json``: ``round``, ``stream`` (position), ``replay`` (memory), ``optimizer`` (step
+    counts) and ``task_vector`` (accumulator counters).
 
 Round ``t`` starts from the snapshot of round ``t-1`` (round 1 from scratch), so a client that
 crashed mid-round, or a server that resumed from its round-``k`` checkpoint, replays the round
@@ -21,7 +25,13 @@ from typing import Any
 
 import torch
 
-from fedmosaic_core.snapshots import SnapshotError, prune_rounds, read_snapshot, write_snapshot
+from drake_data.streams import ReplayMemory, Stream
+from fedmosaic_core.pqlora import PQLoRAModel
+from fedmosaic_core.rela import TaskVectorAccumulator
+from fedmosaic_core.storage import SnapshotError, prune_rounds, read_snapshot, write_snapshot
+
+ADAPTER, OPTIMIZER, TASK_VECTOR = "adapter/", "optim/", "tv/"
+LOCAL, GLOBAL, GATE = "local/", "global/", "gate/"
 
 
 class ClientStateError(RuntimeError):
@@ -67,8 +77,65 @@ class ClientStateStore:
         return final
 
 
+def adapter_snapshot(model: PQLoRAModel) -> dict[str, torch.Tensor]:
+    """Both branches and the gates as one flat dict (``local/…``, ``global/…``, ``gate/…``)."""
+    out: dict[str, torch.Tensor] = {}
+    for branch, prefix in (("local", LOCAL), ("global", GLOBAL)):
+        for key, value in {**model.shared_state(branch), **model.same_arch_state(branch)}.items():
+            out[prefix + key] = value
+    for key, value in model.local_only_state().items():
+        out[GATE + key] = value
+    return out
+
+
+def _part(tensors: dict[str, torch.Tensor], head: str) -> dict[str, torch.Tensor]:
+    return {k[len(head):]: v for k, v in tensors.items() if k.startswith(head)}
+
+
+def restore_adapter(model: PQLoRAModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Inverse of :func:`adapter_snapshot` (validated by the adapter before anything is written)."""
+    local, global_, gates = _part(tensors, LOCAL), _part(tensors, GLOBAL), _part(tensors, GATE)
+    shared_keys = set(model.shared_state("local"))
+    model.load_local_state(
+        shared={k: v for k, v in local.items() if k in shared_keys},
+        same_arch={k: v for k, v in local.items() if k not in shared_keys},
+        local_only=gates,
+    )
+    model.load_global_state(
+        shared={k: v for k, v in global_.items() if k in shared_keys},
+        same_arch={k: v for k, v in global_.items() if k not in shared_keys},
+    )
+
+
+def capture_state(
+    server_round: int, model: PQLoRAModel, optimizer: torch.optim.Optimizer, names: dict[int, str],
+    accumulator: TaskVectorAccumulator, stream: Stream, memory: ReplayMemory,
+) -> ClientSnapshot:
+    """Everything a client carries into the next round, as one snapshot."""
+    tensors = {ADAPTER + k: v for k, v in adapter_snapshot(model).items()}
+    optim_tensors, optim_meta = optimizer_to_snapshot(optimizer, names)
+    tv_tensors, tv_meta = accumulator.state_dict()
+    tensors.update(optim_tensors)
+    tensors.update({TASK_VECTOR + k: v for k, v in tv_tensors.items()})
+    meta = {"round": server_round, "stream": stream.state_dict(), "replay": memory.state_dict(),
+            "optimizer": optim_meta, "task_vector": tv_meta}
+    return ClientSnapshot(tensors, meta)
+
+
+def restore_state(
+    snapshot: ClientSnapshot, model: PQLoRAModel, optimizer: torch.optim.Optimizer, names: dict[int, str],
+    accumulator: TaskVectorAccumulator, stream: Stream, memory: ReplayMemory,
+) -> None:
+    """Inverse of :func:`capture_state`."""
+    restore_adapter(model, _part(snapshot.tensors, ADAPTER))
+    stream.load_state_dict(snapshot.meta["stream"])
+    memory.load_state_dict(snapshot.meta["replay"])
+    optimizer_from_snapshot(optimizer, names, snapshot.tensors, snapshot.meta["optimizer"])
+    accumulator.load_state_dict(_part(snapshot.tensors, TASK_VECTOR), snapshot.meta["task_vector"])
+
+
 def optimizer_to_snapshot(
-    optimizer: torch.optim.Optimizer, names: dict[int, str], prefix: str = "optim/"
+    optimizer: torch.optim.Optimizer, names: dict[int, str], prefix: str = OPTIMIZER
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """AdamW-style state → (tensors keyed by parameter name, JSON meta). No pickle."""
     tensors: dict[str, torch.Tensor] = {}
@@ -92,7 +159,7 @@ def optimizer_from_snapshot(
     names: dict[int, str],
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
-    prefix: str = "optim/",
+    prefix: str = OPTIMIZER,
 ) -> None:
     steps = meta.get("steps", {})
     for group in optimizer.param_groups:

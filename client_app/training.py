@@ -1,11 +1,11 @@
-"""One FedMosaic client round: restore state, load G_i, train, probe, evaluate, save, reply.
+"""One FedMosaic client round, step by step (docs/method.md, "One round").
 
-Per round ``t`` (DESIGN §5): restore the state saved after round ``t-1``; load the received global
-state into the frozen global branch; add the round's stream chunk to the replay memory; train the
+Round ``t``: **restore** the state saved after round ``t-1``; **load the global** state into
+the frozen global branch; the round's **stream** chunk enters the replay memory; **train** the
 local branch and the gate for ``local-steps`` steps on replayed batches (AdamW; P/Q and gates at
-``lr-pq``, plain LoRA A/B at ``lr-lora``); every ``probe-every`` steps run the probe on the batch
-and add the sanitised gradient to the task-vector accumulator; smooth and compress the task vector;
-evaluate Self (and Others/unseen when asked); save the state of round ``t``.
+``lr-pq``, plain LoRA A/B at ``lr-lora``), probing every ``probe-every`` steps; finish the **task
+vector** (smooth, compress); **evaluate** Self (and Others/unseen when asked); **save** the state
+of round ``t``. Every setting comes from the config of the run being served.
 """
 
 from __future__ import annotations
@@ -22,20 +22,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from client_app.resources import Resources, adapter_snapshot, restore_adapter
-from client_app.state import (
-    ClientSnapshot,
-    ClientStateStore,
-    optimizer_from_snapshot,
-    optimizer_to_snapshot,
-)
+from client_app.resources import AdaptedModel, Resources
+from client_app.state import ClientStateStore, capture_state, restore_adapter, restore_state
 from drake_data.answers import score_sample
 from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
-from fedmosaic_core.federation.config import FederationConfig
 from fedmosaic_core.models.collate import collate, generate_answers
+from fedmosaic_core.models.loading import LoadedModel
 from fedmosaic_core.pqlora import PQLoRAModel
-from fedmosaic_core.rela import TaskVectorAccumulator, TaskVectorCompression, compress_task_vector
+from fedmosaic_core.rela import (
+    TaskVectorAccumulator,
+    TaskVectorCompression,
+    TaskVectorProbe,
+    compress_task_vector,
+)
+from fedmosaic_flower.config import FederationConfig
 
 log = logging.getLogger("fedmosaic.client")
 
@@ -81,12 +82,32 @@ class RoundResult:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-class FedMosaicClient:
-    """A client bound to its scenario entry, its model and its state directory."""
+@dataclass
+class RoundState:
+    """What one round works on: the client's model, optimizer, task-vector accumulator, stream
+    and replay memory, restored from disk at the start and saved at the end."""
 
-    def __init__(self, resources: Resources, client_id: str, state_root: Path) -> None:
+    adapted: AdaptedModel
+    optimizer: torch.optim.AdamW
+    names: dict[int, str]
+    accumulator: TaskVectorAccumulator
+    probe_model: LoadedModel
+    probe: TaskVectorProbe
+    stream: Stream
+    memory: ReplayMemory
+    store: ClientStateStore
+
+    @property
+    def model(self) -> PQLoRAModel:
+        return self.adapted.model
+
+
+class FedMosaicClient:
+    """A client bound to the run's config, its scenario entry, its model and its state directory."""
+
+    def __init__(self, config: FederationConfig, resources: Resources, client_id: str, state_root: Path) -> None:
+        self.config = config
         self.res = resources
-        self.config = resources.config
         self.client_id = client_id
         try:
             self.entry: ScenarioEntry = resources.scenario.client(int(client_id))
@@ -94,9 +115,12 @@ class FedMosaicClient:
             raise ValueError(f"client id {client_id!r} is not an integer client_id of the scenario") from None
         self.state_root = state_root
 
+    def _adapted(self) -> AdaptedModel:
+        return self.res.adapted(self.config, self.entry.model_id)
+
     # ------------------------------------------------------------------ handshake
     def info(self) -> dict[str, Any]:
-        adapted = self.res.adapted(self.entry.model_id)
+        adapted = self._adapted()
         return {
             "arch": adapted.arch,
             "model-id": self.entry.model_id,
@@ -106,12 +130,7 @@ class FedMosaicClient:
             },
         }
 
-    # ------------------------------------------------------------------ data
-    def _stream(self) -> Stream:
-        tasks = [(ref.key, self.res.train_ids(ref)) for ref in self.entry.datasets]
-        return build_stream(tasks, self.config.stream_mode, self.config.rounds_per_task, self.config.seed + int(self.client_id))
-
-    # ------------------------------------------------------------------ round
+    # ------------------------------------------------------------------ the round
     def run_round(
         self,
         server_round: int,
@@ -122,117 +141,113 @@ class FedMosaicClient:
         eval_unseen: bool,
         run_name: str,
     ) -> RoundResult:
-        cfg = self.config
         started = time.monotonic()
-        adapted = self.res.adapted(self.entry.model_id)
-        model = adapted.model
-        store = ClientStateStore(self.state_root, run_name, self.client_id)
-        snapshot = store.load(server_round - 1)
-
-        # -- restore everything this client carries across rounds
-        restore_adapter(model, snapshot.tensors if snapshot else adapted.initial, "adapter/" if snapshot else "")
-        stream = self._stream()
-        memory = ReplayMemory(seed=derived_seed(cfg.seed, self.client_id, "replay"))
-        probe_loaded, probe = self.res.probe()
-        accumulator = TaskVectorAccumulator(
-            probe, rows_fraction=cfg.rows_fraction, noise_std=cfg.noise_std,
-            every_m_steps=cfg.probe_every, seed=cfg.seed,
-            noise_seed=derived_seed(cfg.seed, self.client_id, "noise"),
-        )
-        groups = model.parameter_groups()
-        named = {id(p): f"{g}.{i}" for g, params in groups.items() for i, p in enumerate(params)}
-        optimizer = local_optimizer(model, cfg)
-        if snapshot is not None:
-            meta = snapshot.meta
-            stream.load_state_dict(meta["stream"])
-            memory.load_state_dict(meta["replay"])
-            optimizer_from_snapshot(optimizer, named, snapshot.tensors, meta["optimizer"])
-            tv_tensors = {k[3:]: v for k, v in snapshot.tensors.items() if k.startswith("tv/")}
-            accumulator.load_state_dict(tv_tensors, meta["task_vector"])
-        if global_shared is not None or global_same_arch is not None:
-            model.load_global_state(shared=global_shared or None, same_arch=global_same_arch or None)
-
-        # -- this round's data enters the replay memory
-        if stream.position < stream.num_rounds:
-            memory.add(stream.next_chunk())
-        round_index = stream.position - 1
-
-        # -- local training
-        torch.manual_seed(derived_seed(cfg.seed, self.client_id, server_round))
-        processor = adapted.loaded.processor
-        model.train()
-        losses: list[float] = []
-        for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",
-                         leave=False, mininterval=5.0, disable=None):
-            ids = memory.sample(cfg.batch_size)
-            samples = [self.res.samples[i] for i in ids]
-            batch = collate(processor, samples, cfg.max_length)
-            output = model(**batch)
-            loss = output.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if step % cfg.probe_every == 0 and cfg.strategy == "fedmosaic":
-                accumulator.add(probe.gradient(collate(probe_loaded.processor, samples, cfg.max_length)))
+        state = self.restore(server_round, run_name)
+        self.load_global(state, global_shared, global_same_arch)
+        round_index = self.take_new_data(state)
+        losses = self.train(state, server_round)
         train_time = time.monotonic() - started
-
-        # -- task vector (only RELA needs it)
-        task_vector = None
-        if cfg.strategy == "fedmosaic":
-            smoothed = accumulator.end_round()
-            task_vector = upload_task_vector(cfg, smoothed)
-
-        # -- evaluation
-        model.eval()
-        scores = {"self": self._evaluate(stream.tasks_started(round_index), own=True)}
-        if eval_others:
-            owner = self.res.scenario.task_owner()
-            others = [t for t in self.res.scenario.tasks() if owner[t.key] != int(self.client_id)]
-            scores["others"] = self._evaluate_refs(others)
-        if eval_unseen:
-            scores["unseen"] = self._evaluate_refs(self.res.unseen_tasks())
-        model.train()
-
-        # -- save the state of this round
-        tensors = {f"adapter/{k}": v for k, v in adapter_snapshot(model).items()}
-        optim_tensors, optim_meta = optimizer_to_snapshot(optimizer, named)
-        tv_tensors, tv_meta = accumulator.state_dict()
-        tensors.update(optim_tensors)
-        tensors.update({f"tv/{k}": v for k, v in tv_tensors.items()})
-        store.save(
-            server_round,
-            ClientSnapshot(
-                tensors,
-                {
-                    "round": server_round,
-                    "stream": stream.state_dict(),
-                    "replay": memory.state_dict(),
-                    "optimizer": optim_meta,
-                    "task_vector": tv_meta,
-                },
-            ),
-        )
+        task_vector = self.task_vector(state)
+        scores = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
+        self.save(state, server_round)
         metrics = {
             "train-loss": float(np.mean(losses)) if losses else math.nan,
             "train-steps": float(len(losses)),
             "train-time-s": train_time,
             "round-time-s": time.monotonic() - started,
-            "replay-size": float(len(memory)),
+            "replay-size": float(len(state.memory)),
         }
         log.info("client %s round %d: loss %.3f, self %s, %.1fs", self.client_id, server_round,
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
-        return RoundResult(model.shared_state(), model.same_arch_state(), task_vector, metrics, scores)
+        return RoundResult(state.model.shared_state(), state.model.same_arch_state(), task_vector, metrics, scores)
 
-    # ------------------------------------------------------------------ evaluation
-    def _evaluate(self, task_keys: list[str], own: bool) -> dict[str, float]:
-        refs = [r for r in self.entry.datasets if r.key in set(task_keys)]
-        return self._evaluate_refs(refs)
+    def restore(self, server_round: int, run_name: str) -> RoundState:
+        """The state saved after the previous round (round 1: the freshly injected adapter)."""
+        cfg = self.config
+        adapted = self._adapted()
+        store = ClientStateStore(self.state_root, run_name, self.client_id)
+        snapshot = store.load(server_round - 1)
+        tasks = [(ref.key, self.res.train_ids(ref)) for ref in self.entry.datasets]
+        stream = build_stream(tasks, cfg.stream_mode, cfg.rounds_per_task, cfg.seed + int(self.client_id))
+        memory = ReplayMemory(seed=derived_seed(cfg.seed, self.client_id, "replay"))
+        probe_model, probe = self.res.probe(cfg)
+        accumulator = TaskVectorAccumulator(
+            probe, rows_fraction=cfg.rows_fraction, noise_std=cfg.noise_std,
+            every_m_steps=cfg.probe_every, seed=cfg.seed,
+            noise_seed=derived_seed(cfg.seed, self.client_id, "noise"),
+        )
+        groups = adapted.model.parameter_groups()
+        names = {id(p): f"{g}.{i}" for g, params in groups.items() for i, p in enumerate(params)}
+        optimizer = local_optimizer(adapted.model, cfg)
+        if snapshot is None:
+            restore_adapter(adapted.model, adapted.initial)
+        else:
+            restore_state(snapshot, adapted.model, optimizer, names, accumulator, stream, memory)
+        return RoundState(adapted, optimizer, names, accumulator, probe_model, probe, stream, memory, store)
 
-    def _evaluate_refs(self, refs: list[TaskRef]) -> dict[str, float]:
-        adapted = self.res.adapted(self.entry.model_id)
+    def load_global(
+        self, state: RoundState, shared: dict[str, torch.Tensor] | None, same_arch: dict[str, torch.Tensor] | None
+    ) -> None:
+        """The server's G_i into the frozen global branch (validated before anything is written)."""
+        if shared is not None or same_arch is not None:
+            state.model.load_global_state(shared=shared or None, same_arch=same_arch or None)
+
+    def take_new_data(self, state: RoundState) -> int:
+        """This round's stream chunk enters the replay memory; returns the stream round index."""
+        if state.stream.position < state.stream.num_rounds:
+            state.memory.add(state.stream.next_chunk())
+        return state.stream.position - 1
+
+    def train(self, state: RoundState, server_round: int) -> list[float]:
+        """``local-steps`` AdamW steps on replayed batches; the probe every ``probe-every`` steps."""
+        cfg = self.config
+        torch.manual_seed(derived_seed(cfg.seed, self.client_id, server_round))
+        processor = state.adapted.loaded.processor
+        state.model.train()
+        losses: list[float] = []
+        for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",
+                         leave=False, mininterval=5.0, disable=None):
+            samples = [self.res.samples[i] for i in state.memory.sample(cfg.batch_size)]
+            loss = state.model(**collate(processor, samples, cfg.max_length)).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
+            loss.backward()
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            if step % cfg.probe_every == 0 and cfg.strategy == "fedmosaic":
+                batch = collate(state.probe_model.processor, samples, cfg.max_length)
+                state.accumulator.add(state.probe.gradient(batch))
+        return losses
+
+    def task_vector(self, state: RoundState) -> np.ndarray | None:
+        """The round's smoothed, compressed task vector (only RELA needs one)."""
+        if self.config.strategy != "fedmosaic":
+            return None
+        return upload_task_vector(self.config, state.accumulator.end_round())
+
+    def evaluate(self, state: RoundState, round_index: int, *, eval_others: bool, eval_unseen: bool) -> dict[str, dict[str, float]]:
+        """Self on the tasks started so far; Others (every other client's tasks) and unseen tasks
+        when the round asks for them."""
+        state.model.eval()
+        started = set(state.stream.tasks_started(round_index))
+        scores = {"self": self._evaluate_refs(state, [r for r in self.entry.datasets if r.key in started])}
+        if eval_others:
+            owner = self.res.scenario.task_owner()
+            others = [t for t in self.res.scenario.tasks() if owner[t.key] != int(self.client_id)]
+            scores["others"] = self._evaluate_refs(state, others)
+        if eval_unseen:
+            scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks())
+        state.model.train()
+        return scores
+
+    def save(self, state: RoundState, server_round: int) -> None:
+        """Everything the next round needs, as this round's snapshot."""
+        state.store.save(server_round, capture_state(
+            server_round, state.model, state.optimizer, state.names, state.accumulator, state.stream, state.memory
+        ))
+
+    def _evaluate_refs(self, state: RoundState, refs: list[TaskRef]) -> dict[str, float]:
         out: dict[str, float] = {}
         for ref in refs:
             samples = self.res.test_samples(ref, self.config.eval_max_samples)
@@ -242,7 +257,7 @@ class FedMosaicClient:
             for start in range(0, len(samples), EVAL_BATCH):
                 chunk = samples[start : start + EVAL_BATCH]
                 answers = generate_answers(
-                    adapted.model, adapted.loaded.processor, chunk,
+                    state.model, state.adapted.loaded.processor, chunk,
                     max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length,
                 )
                 total += sum(score_sample(a, s) for a, s in zip(answers, chunk, strict=True))

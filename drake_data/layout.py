@@ -17,8 +17,6 @@ Every reader validates first and raises :class:`DrakeDataError` naming file and 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drake_data.errors import DrakeDataError, where
+from fedmosaic_core.storage import atomic_write_text
 
 SPLITS = ("train", "test")
 TaskType = Literal["multi-choice", "open-ended"]
@@ -171,19 +170,6 @@ def load_task(
 
 
 # ---------------------------------------------------------------------------------- writing
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def dump_json(obj: Any) -> str:
     """The one JSON style of this package (stable bytes for a given object)."""
     return json.dumps(obj, indent=1, ensure_ascii=False) + "\n"

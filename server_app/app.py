@@ -1,16 +1,21 @@
-"""The FedMosaic ServerApp (thin: the logic lives in ``server_app.runner``)."""
+"""The FedMosaic ServerApp: validate the run config, prepare, run the strategy, report."""
 
 from __future__ import annotations
 
 import logging
 
-from flwr.app import Context
-from flwr.serverapp import Grid, ServerApp
+from fedmosaic_flower.logs import quiet_libraries, setup_logging
 
-from fedmosaic_core.federation.config import ConfigError, parse_run_config
-from fedmosaic_core.federation.prepare import prepare_federation
-from server_app.report import write_report
-from server_app.runner import run_federation
+quiet_libraries()  # before the libraries are imported
+
+from flwr.app import ArrayRecord, Context  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedmosaic_flower.config import ConfigError, parse_run_config  # noqa: E402
+from fedmosaic_flower.prepare import prepare_federation  # noqa: E402
+from server_app.report import write_report  # noqa: E402
+from server_app.run_store import RunStore  # noqa: E402
+from server_app.strategy import FedMosaicStrategy  # noqa: E402
 
 app = ServerApp()
 log = logging.getLogger("fedmosaic.server")
@@ -18,20 +23,19 @@ log = logging.getLogger("fedmosaic.server")
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     try:
         config = parse_run_config(context.run_config)
     except ConfigError as err:
         log.error("%s", err)
         raise  # Flower marks the run failed (a SystemExit would be reported as completed)
     prepare_federation(config)
-    result = run_federation(grid, config)
-    strategy = result.strategy
+    store = RunStore(config)
+    strategy = FedMosaicStrategy(config, store)
+    strategy.start(grid, ArrayRecord(), num_rounds=config.num_server_rounds, timeout=config.round_timeout)
     _, table = write_report(
-        result.run_dir, result.rows, strategy.last_weights, strategy.last_weight_ids,
+        store.dir, store.rows, strategy.last_weights, strategy.last_weight_ids,
         f"{config.strategy} on {config.scenario} (seed {config.seed})",
     )
     print(table, flush=True)
-    print(f"Report written to {result.run_dir / 'report'}", flush=True)
+    print(f"Report written to {store.dir / 'report'}", flush=True)

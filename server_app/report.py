@@ -6,7 +6,7 @@ tasks; unseen: the held-out tasks). From these:
 
 * ``A_last`` — the mean score in the final round;
 * ``A_AUC`` — the mean over the rounds in which the split was measured (area under the
-  score-vs-round curve normalised by its length; DESIGN §6).
+  score-vs-round curve normalised by its length; docs/method.md, "DRAKE").
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from server_app.checkpoint import atomic_write_text
+from fedmosaic_core.storage import atomic_write_text
+from fedmosaic_flower.records import client_sort_key
 
 SPLITS = ("self", "others", "unseen")
 
@@ -39,7 +40,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         by_client[str(row["client"])].append(row)
     clients: dict[str, dict[str, Any]] = {}
-    for client, client_rows in sorted(by_client.items(), key=lambda kv: (len(kv[0]), kv[0])):
+    for client, client_rows in sorted(by_client.items(), key=lambda kv: client_sort_key(kv[0])):
         client_rows.sort(key=lambda r: int(r["round"]))
         entry: dict[str, Any] = {"model_id": client_rows[-1].get("model_id", ""), "rounds": len(client_rows)}
         for split in SPLITS:
@@ -59,10 +60,14 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"clients": clients, "overall": overall}
 
 
+def percent(x: Any) -> str:
+    """A score in [0, 1] as a percentage with one decimal; "—" when missing."""
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.1f}"
+
+
 def format_table(summary: dict[str, Any], title: str = "") -> str:
     """A plain-text (Markdown) table; also what the CLI prints."""
-    def fmt(x: float) -> str:
-        return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+    fmt = percent
 
     lines = [f"### {title}" if title else ""]
     lines.append("| client | model | Self A_last | Self A_AUC | Others A_last | Others A_AUC | Unseen A_last |")
@@ -108,7 +113,7 @@ def plot_relevance(weights: np.ndarray, ids: list[str], path: Path, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = sorted(range(len(ids)), key=lambda i: (len(ids[i]), ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: client_sort_key(ids[i]))
     weights = np.asarray(weights)[np.ix_(order, order)]
     ids = [ids[i] for i in order]
     fig, ax = plt.subplots(figsize=(5 + 0.2 * len(ids), 4 + 0.2 * len(ids)), constrained_layout=True)

@@ -4,6 +4,9 @@ Every round each selected client receives **its own** global adapter state ``G_i
 ``Message`` per node), trains, and replies with its local shared state, its same-architecture
 state, its compressed task vector and its metrics. ``aggregate_train`` turns the valid replies
 into the next round's ``G_i`` with :func:`fedmosaic_core.rela.aggregate_global_states`.
+``start`` drives the rounds through ``configure_train`` / ``aggregate_train`` as Flower's own
+strategies do, and adds what FedMosaic needs: per-client globals instead of one global model,
+a handshake that learns who each node is, a round timeout, checkpoints and resume.
 
 Clients are identified by their **stable client id** (``client-id`` from ``--node-config`` in a
 deployment, the partition id in simulation), learnt from a ``query`` handshake; Flower node ids
@@ -16,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,13 +27,20 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
-from fedmosaic_core.federation import protocol as proto
-from fedmosaic_core.federation.config import FederationConfig
+from fedmosaic_core.pqlora.state import Spec
 from fedmosaic_core.rela import ClientUpdate, GlobalState, aggregate_global_states
+from fedmosaic_flower import records
+from fedmosaic_flower.config import FederationConfig
+from fedmosaic_flower.records import ProtocolError, client_sort_key
+from server_app.run_store import RunStore
 
 log = logging.getLogger("fedmosaic.server")
+
+#: fields of a log row that a client's metrics may not overwrite
+ROW_FIELDS = frozenset({"client", "arch", "model_id", "bytes_up", "bytes_down", "round", "scores",
+                        "strategy", "round_time_s"})
 
 
 @dataclass
@@ -40,8 +50,8 @@ class ClientRecord:
     client_id: str
     arch: str
     model_id: str
-    schema_shared: dict[str, tuple[int, ...]]
-    schema_same_arch: dict[str, tuple[int, ...]]
+    schema_shared: Spec
+    schema_same_arch: Spec
 
 
 @dataclass
@@ -53,8 +63,22 @@ class RoundOutcome:
     excluded: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
-    weights: np.ndarray | None = None
-    weight_ids: list[str] = field(default_factory=list)
+
+
+def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
+    """Per-round instructions for the clients (training knobs come from the run config)."""
+    last = server_round == config.num_server_rounds
+    every = config.eval_others_every
+    eval_others = last or (every > 0 and server_round % every == 0)
+    return ConfigRecord(
+        {
+            "server-round": server_round,
+            "num-server-rounds": config.num_server_rounds,
+            "eval-others": bool(eval_others),
+            "eval-unseen": bool(config.eval_unseen and eval_others),
+            "run-name": config.resolved_run_name,
+        }
+    )
 
 
 class FedMosaicStrategy(Strategy):
@@ -62,17 +86,21 @@ class FedMosaicStrategy(Strategy):
 
     ``config.strategy`` selects: ``fedmosaic`` (relevance weights), ``fedmosaic-uniform`` (equal
     weights over the other clients), ``fedavg`` (averaging within architecture groups) and
-    ``local`` (no sharing).
+    ``local`` (no sharing). ``store`` (optional) keeps the run log and checkpoints on disk.
     """
 
-    def __init__(self, config: FederationConfig) -> None:
+    def __init__(self, config: FederationConfig, store: RunStore | None = None) -> None:
         self.config = config
+        self.store = store
         self.clients: dict[str, ClientRecord] = {}
         self.node_of: dict[str, int] = {}
         self.globals: dict[str, GlobalState] = {}
         self.task_vectors: dict[str, np.ndarray] = {}
         self.last_weights: np.ndarray | None = None
         self.last_weight_ids: list[str] = []
+        self.last_outcome: RoundOutcome | None = None
+        self.last_round = 0
+        self._selected: dict[str, int] = {}
         self._sent_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ handshake
@@ -83,125 +111,99 @@ class FedMosaicStrategy(Strategy):
         if not unknown:
             return
         messages = [
-            Message(
-                RecordDict({proto.CONFIG: ConfigRecord({"server-round": 0})}),
-                dst_node_id=node_id,
-                message_type=MessageType.QUERY,
-                group_id="handshake",
-            )
+            Message(RecordDict({records.CONFIG: ConfigRecord({"server-round": 0})}),
+                    dst_node_id=node_id, message_type=MessageType.QUERY, group_id="handshake")
             for node_id in unknown
         ]
         for reply in grid.send_and_receive(messages, timeout=timeout):
             self.register_reply(reply)
 
     def register_reply(self, reply: Message) -> str | None:
+        """Record one handshake reply; the client id, or None when the reply is unusable."""
         node_id = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("handshake: node %s failed: %s", node_id, reply.error.reason)
             return None
         try:
-            info = proto.read_client_info(reply.content)
-            schema = info.get("schema")
-            if not isinstance(schema, dict) or {"shared", "same-arch"} - set(schema):
-                raise proto.ProtocolError("client-info: missing 'schema' with 'shared' and 'same-arch'")
-        except proto.ProtocolError as err:
+            hello = records.parse_handshake(reply.content)
+        except ProtocolError as err:
             log.warning("handshake: node %s excluded: %s", node_id, err)
             return None
-        client_id = info["client-id"]
-        previous_node = self.node_of.get(client_id)
+        previous_node = self.node_of.get(hello.client_id)
         if previous_node is not None and previous_node != node_id:
-            log.info("client %s moved from node %s to node %s", client_id, previous_node, node_id)
-        self.node_of[client_id] = node_id
-        self.clients[client_id] = ClientRecord(
-            client_id=client_id,
-            arch=info["arch"],
-            model_id=info["model-id"],
-            schema_shared={k: tuple(v) for k, v in schema["shared"].items()},
-            schema_same_arch={k: tuple(v) for k, v in schema["same-arch"].items()},
+            log.info("client %s moved from node %s to node %s", hello.client_id, previous_node, node_id)
+        self.node_of[hello.client_id] = node_id
+        self.clients[hello.client_id] = ClientRecord(
+            hello.client_id, hello.arch, hello.model_id, hello.shared_spec, hello.same_arch_spec
         )
-        return client_id
+        return hello.client_id
 
     # ------------------------------------------------------------------ train
     def select_clients(self, server_round: int) -> list[str]:
         """A seeded fraction of the known clients (all of them at fraction 1)."""
-        ids = sorted(self.node_of)
+        ids = sorted(self.node_of, key=client_sort_key)
         count = max(1, math.ceil(self.config.fraction_train * len(ids)))
         if count >= len(ids):
             return ids
         rng = random.Random(self.config.seed * 100_003 + server_round)
-        return sorted(rng.sample(ids, count))
+        return sorted(rng.sample(sorted(self.node_of), count), key=client_sort_key)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """One message per selected client, carrying that client's own global state."""
+        """One message per selected client, carrying that client's own global state.
+
+        ``arrays`` is unused: there is no single global model. ``config`` is extended with this
+        round's instructions (:func:`round_config`)."""
         messages = []
-        self._sent_bytes = {}
+        self._selected, self._sent_bytes = {}, {}
+        instructions = {**dict(config), **dict(round_config(self.config, server_round))}
         for client_id in self.select_clients(server_round):
-            content = RecordDict({proto.CONFIG: ConfigRecord(dict(config))})
+            content = RecordDict({records.CONFIG: ConfigRecord(instructions)})
             state = self.globals.get(client_id)
             if state is not None and self.config.strategy != "local":
-                content[proto.GLOBAL_SHARED] = proto.encode_state(state.shared)
-                content[proto.GLOBAL_SAME_ARCH] = proto.encode_state(state.same_arch)
-            self._sent_bytes[client_id] = proto.content_bytes(content)
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.node_of[client_id],
-                    message_type=MessageType.TRAIN,
-                    group_id=str(server_round),
-                )
-            )
+                content[records.GLOBAL_SHARED] = records.encode_state(state.shared)
+                content[records.GLOBAL_SAME_ARCH] = records.encode_state(state.same_arch)
+            node_id = self.node_of[client_id]
+            self._selected[client_id] = node_id
+            self._sent_bytes[client_id] = records.content_bytes(content)
+            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN,
+                                    group_id=str(server_round)))
         return messages
 
+    def _client_of_node(self, node_id: int) -> str:
+        return next((c for c, n in self._selected.items() if n == node_id), f"node-{node_id}")
+
     def parse_reply(self, reply: Message) -> tuple[ClientUpdate, dict[str, Any]]:
-        """Decode one train reply; raises ProtocolError with the reason when it is unusable."""
+        """Decode one train reply and check it against the handshake: ProtocolError if unusable."""
         if reply.has_error():
-            raise proto.ProtocolError(f"client error: {reply.error.reason}")
-        size = proto.content_bytes(reply.content)
-        if size > self.config.max_reply_mb * 2**20:
-            raise proto.ProtocolError(
-                f"reply of {size / 2**20:.1f} MB exceeds max-reply-mb={self.config.max_reply_mb}"
-            )
-        info = proto.read_client_info(reply.content)
-        client_id = info["client-id"]
-        known = self.clients.get(client_id)
+            raise ProtocolError(f"client error: {reply.error.reason}")
+        decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20)
+        known = self.clients.get(decoded.client_id)
         if known is None:
-            raise proto.ProtocolError(f"unknown client id {client_id!r} (no handshake)")
-        if info["arch"] != known.arch:
-            raise proto.ProtocolError(
-                f"architecture changed from {known.arch!r} to {info['arch']!r} without a handshake"
+            raise ProtocolError(f"unknown client id {decoded.client_id!r} (no handshake)")
+        expected_node = self._selected.get(decoded.client_id)
+        if expected_node is None:
+            raise ProtocolError(f"client {decoded.client_id!r} was not asked to train this round")
+        if reply.metadata.src_node_id != expected_node:
+            raise ProtocolError(
+                f"reply for client {decoded.client_id!r} came from node {reply.metadata.src_node_id}, "
+                f"not from its node {expected_node}"
             )
-        records = reply.content.array_records
-        for key in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH, proto.TASK_VECTOR):
-            if key not in records:
-                raise proto.ProtocolError(f"reply has no {key!r} record")
-        update = ClientUpdate(
-            client_id=client_id,
-            arch=known.arch,
-            shared=proto.decode_state(records[proto.LOCAL_SHARED], proto.LOCAL_SHARED),
-            same_arch=proto.decode_state(records[proto.LOCAL_SAME_ARCH], proto.LOCAL_SAME_ARCH),
-            task_vector=proto.decode_task_vector(records[proto.TASK_VECTOR]),
-        )
-        metrics = dict(reply.content.metric_records.get(proto.METRICS, MetricRecord()))
-        row: dict[str, Any] = {
-            "client": client_id,
-            "arch": known.arch,
-            "model_id": known.model_id,
-            "bytes_up": size,
-            **{k.replace("-", "_"): v for k, v in metrics.items()},
-        }
-        scores = info.get("scores")
-        if isinstance(scores, dict):
-            row["scores"] = scores
+        if decoded.arch != known.arch:
+            raise ProtocolError(f"architecture changed from {known.arch!r} to {decoded.arch!r} without a handshake")
+        update = ClientUpdate(decoded.client_id, known.arch, decoded.shared, decoded.same_arch, decoded.task_vector)
+        row: dict[str, Any] = {k.replace("-", "_"): v for k, v in decoded.metrics.items()
+                               if k.replace("-", "_") not in ROW_FIELDS}
+        row.update(client=decoded.client_id, arch=known.arch, model_id=known.model_id, bytes_up=decoded.size_bytes)
+        if decoded.scores:
+            row["scores"] = decoded.scores
         return update, row
 
-    def expected_schemas(
-        self,
-    ) -> tuple[dict[str, tuple[int, ...]] | None, dict[str, dict[str, tuple[int, ...]]]]:
+    def expected_schemas(self) -> tuple[Spec | None, dict[str, Spec]]:
         """Shared schema agreed by the majority of clients; same-arch schema per architecture."""
         shared_votes: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
-        same_arch: dict[str, dict[str, tuple[int, ...]]] = {}
+        same_arch: dict[str, Spec] = {}
         for rec in self.clients.values():
             key = tuple(sorted(rec.schema_shared.items()))
             shared_votes[key] = shared_votes.get(key, 0) + 1
@@ -214,67 +216,60 @@ class FedMosaicStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        outcome = self.aggregate_round(server_round, list(replies), expected=None)
-        metrics = MetricRecord({"num-replied": len(outcome.replied)})
-        return None, metrics
+        """Validate replies, log exclusions, and build every client's next global state.
 
-    def aggregate_round(
-        self, server_round: int, replies: list[Message], expected: list[str] | None
-    ) -> RoundOutcome:
-        """Validate replies, log exclusions, and build every client's next global state."""
+        Returns no ArrayRecord (each client's global stays on the server, sent by the next
+        ``configure_train``) and the round's MetricRecord; details in :attr:`last_outcome`."""
         outcome = RoundOutcome(server_round)
         updates: list[ClientUpdate] = []
-        seen: set[str] = set()
         for reply in replies:
-            node_id = reply.metadata.src_node_id
             try:
                 update, row = self.parse_reply(reply)
-            except proto.ProtocolError as err:
-                client = next((c for c, n in self.node_of.items() if n == node_id), f"node-{node_id}")
+            except ProtocolError as err:
+                client = self._client_of_node(reply.metadata.src_node_id)
                 log.warning("round %d: client %s excluded: %s", server_round, client, err)
                 outcome.excluded[client] = str(err)
                 continue
-            if update.client_id in seen:
+            if any(u.client_id == update.client_id for u in updates):
                 log.warning("round %d: duplicate reply from %s ignored", server_round, update.client_id)
                 continue
-            seen.add(update.client_id)
             row["bytes_down"] = self._sent_bytes.get(update.client_id, 0)
             row["round"] = server_round
             updates.append(update)
             outcome.rows.append(row)
-        if expected is not None:
-            outcome.missing = sorted(set(expected) - seen - set(outcome.excluded))
-            for client in outcome.missing:
-                log.warning("round %d: client %s did not reply in time; left out", server_round, client)
+        seen = {u.client_id for u in updates}
+        outcome.missing = sorted(set(self._selected) - seen - set(outcome.excluded), key=client_sort_key)
+        for client in outcome.missing:
+            log.warning("round %d: client %s did not reply in time; left out", server_round, client)
         # replies arrive in whatever order the clients finish: aggregate in client-id order so the
         # floating-point sums, and hence a whole run, are reproducible for a seed
         updates.sort(key=lambda u: client_sort_key(u.client_id))
-        outcome.rows.sort(key=lambda r: client_sort_key(str(r["client"])))
         expected_shared, expected_same_arch = self.expected_schemas()
         result = aggregate_global_states(
-            updates,
-            dict(self.globals),
-            mode=self.config.strategy,
-            tau=self.config.tau,
-            expected_shared=expected_shared,
-            expected_same_arch=expected_same_arch,
+            updates, dict(self.globals), mode=self.config.strategy, tau=self.config.tau,
+            expected_shared=expected_shared, expected_same_arch=expected_same_arch,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason
             log.warning("round %d: client %s excluded from aggregation: %s", server_round, client, reason)
-        valid = {u.client_id for u in updates} - set(result.excluded)
-        outcome.replied = sorted(valid)
-        outcome.rows = [r for r in outcome.rows if r["client"] in valid]
+        valid = set(result.client_ids)
+        outcome.replied = sorted(valid, key=client_sort_key)
+        outcome.rows = sorted((r for r in outcome.rows if r["client"] in valid),
+                              key=lambda r: client_sort_key(str(r["client"])))
         for u in updates:
             if u.client_id in valid and u.task_vector is not None:
                 self.task_vectors[u.client_id] = u.task_vector
         self.globals.update(result.globals)
-        outcome.weights = result.weights
-        outcome.weight_ids = list(result.client_ids)
         if result.weights is not None and result.weights.size:
             self.last_weights = result.weights
             self.last_weight_ids = list(result.client_ids)
-        return outcome
+        self.last_outcome = outcome
+        losses = [float(r["train_loss"]) for r in outcome.rows if isinstance(r.get("train_loss"), float)]
+        metrics = {"num-replied": len(outcome.replied), "num-excluded": len(outcome.excluded),
+                   "num-missing": len(outcome.missing)}
+        if losses and all(math.isfinite(x) for x in losses):
+            metrics["train-loss"] = float(np.mean(losses))
+        return None, MetricRecord(metrics)
 
     # ------------------------------------------------------------------ evaluate (in train)
     def configure_evaluate(
@@ -283,20 +278,69 @@ class FedMosaicStrategy(Strategy):
         """Evaluation rides in the train message (one model load per round): nothing to send."""
         return []
 
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
 
     def summary(self) -> None:
-        log.info(
-            "FedMosaicStrategy: strategy=%s tau=%s fraction-train=%s min-clients=%s timeout=%ss",
-            self.config.strategy,
-            self.config.tau,
-            self.config.fraction_train,
-            self.config.min_clients,
-            self.config.round_timeout,
-        )
+        c = self.config
+        log.info("FedMosaicStrategy: strategy=%s tau=%s fraction-train=%s min-clients=%s timeout=%ss",
+                 c.strategy, c.tau, c.fraction_train, c.min_clients, c.round_timeout)
+
+    # ------------------------------------------------------------------ the rounds
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run rounds up to ``num_rounds`` (default ``num-server-rounds``), resuming after the
+        store's newest checkpoint when the config says ``resume``.
+
+        ``initial_arrays``, ``evaluate_config`` and ``evaluate_fn`` are not used: clients start
+        from their own zero-output adapters and evaluate inside the train round."""
+        num_rounds = self.config.num_server_rounds if num_rounds is None else num_rounds
+        timeout = self.config.round_timeout if timeout is None else timeout
+        train_config = train_config or ConfigRecord()
+        first_round = 1
+        if self.store is not None:
+            first_round, checkpoint = self.store.open()
+            if checkpoint is not None:
+                self.load_state(*checkpoint)
+        self.last_round = first_round - 1
+        self.summary()
+        result = Result()
+        for server_round in range(first_round, num_rounds + 1):
+            nodes = wait_for_nodes(grid, self.config.min_clients, timeout)
+            present = set(nodes)
+            for client, node in list(self.node_of.items()):
+                if node not in present:
+                    del self.node_of[client]
+            self.register_nodes(grid, nodes, timeout)
+            if len(self.node_of) < self.config.min_clients:
+                raise RuntimeError(f"round {server_round}: only {len(self.node_of)} client(s) registered, "
+                                   f"min-clients={self.config.min_clients}")
+            log.info("[ROUND %d/%d] %d clients", server_round, self.config.num_server_rounds, len(self.node_of))
+            started = time.monotonic()
+            messages = self.configure_train(server_round, ArrayRecord(), train_config, grid)
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            _, metrics = self.aggregate_train(server_round, replies)
+            outcome = self.last_outcome
+            assert outcome is not None and metrics is not None
+            elapsed = time.monotonic() - started
+            for row in outcome.rows:
+                row["strategy"] = self.config.strategy
+                row["round_time_s"] = round(elapsed, 3)
+            result.train_metrics_clientapp[server_round] = metrics
+            if self.store is not None:
+                self.store.record_round(server_round, outcome.rows, self.state_tensors(), self.state_meta())
+            log.info("round %d done in %.1fs: %d replied, %d excluded, %d missing", server_round, elapsed,
+                     len(outcome.replied), len(outcome.excluded), len(outcome.missing))
+            self.last_round = server_round
+        return result
 
     # ------------------------------------------------------------------ state for checkpoints
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -316,12 +360,9 @@ class FedMosaicStrategy(Strategy):
     def state_meta(self) -> dict[str, Any]:
         return {
             "clients": {
-                c: {
-                    "arch": r.arch,
-                    "model_id": r.model_id,
+                c: {"arch": r.arch, "model_id": r.model_id,
                     "schema_shared": {k: list(v) for k, v in r.schema_shared.items()},
-                    "schema_same_arch": {k: list(v) for k, v in r.schema_same_arch.items()},
-                }
+                    "schema_same_arch": {k: list(v) for k, v in r.schema_same_arch.items()}}
                 for c, r in self.clients.items()
             },
             "weight_ids": self.last_weight_ids,
@@ -330,13 +371,9 @@ class FedMosaicStrategy(Strategy):
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Inverse of :meth:`state_tensors` / :meth:`state_meta`."""
         self.clients = {
-            c: ClientRecord(
-                client_id=c,
-                arch=r["arch"],
-                model_id=r["model_id"],
-                schema_shared={k: tuple(v) for k, v in r["schema_shared"].items()},
-                schema_same_arch={k: tuple(v) for k, v in r["schema_same_arch"].items()},
-            )
+            c: ClientRecord(c, r["arch"], r["model_id"],
+                            {k: tuple(v) for k, v in r["schema_shared"].items()},
+                            {k: tuple(v) for k, v in r["schema_same_arch"].items()})
             for c, r in meta.get("clients", {}).items()
         }
         globals_: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
@@ -351,15 +388,8 @@ class FedMosaicStrategy(Strategy):
                 self.task_vectors[parts[1]] = value.numpy().astype(np.float32)
             elif name == "weights":
                 self.last_weights = value.numpy()
-        self.globals = {
-            c: GlobalState(shared=g["shared"], same_arch=g["same-arch"]) for c, g in globals_.items()
-        }
+        self.globals = {c: GlobalState(shared=g["shared"], same_arch=g["same-arch"]) for c, g in globals_.items()}
         self.last_weight_ids = list(meta.get("weight_ids", []))
-
-
-def client_sort_key(client_id: str) -> tuple[int, int, str]:
-    """Numeric ids in numeric order, then the others by name."""
-    return (0, int(client_id), "") if client_id.isdigit() else (1, 0, client_id)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:

@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_fedmosaic(args: list[str], cache: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``python -m fedmosaic_core.cli ARGS`` offline with ``FEDMOSAIC_CACHE=cache``; output merged."""
+    """``python -m fedmosaic_cli.main ARGS`` offline with ``FEDMOSAIC_CACHE=cache``; output merged."""
     env = dict(os.environ, FEDMOSAIC_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "fedmosaic_core.cli", *args]
+    command = [sys.executable, "-m", "fedmosaic_cli.main", *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True, cwd=ROOT)
     try:

@@ -6,11 +6,19 @@ replies. A callable that returns ``None`` simulates a client that does not answe
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
+
+from fedmosaic_flower.config import FederationConfig
+from server_app.run_store import RunStore
+from server_app.strategy import FedMosaicStrategy
 
 Handler = Callable[[Message], Message | None]
 
@@ -50,3 +58,25 @@ class InProcessGrid(Grid):
             if reply is not None:
                 replies.append(reply)
         return replies
+
+
+@dataclass
+class RunOutcome:
+    strategy: FedMosaicStrategy
+    rows: list[dict[str, Any]]
+    run_dir: Path
+    last_round: int
+
+
+def run_federation(grid: Grid, config: FederationConfig, *, stop_after: int | None = None) -> RunOutcome:
+    """What the ServerApp does, on a given grid: the strategy's ``start`` with a run store
+    (``stop_after``: stop after that round, as a crashed server would)."""
+    store = RunStore(config)
+    strategy = FedMosaicStrategy(config, store)
+    strategy.start(grid, num_rounds=stop_after or config.num_server_rounds)
+    return RunOutcome(strategy, store.rows, store.dir, strategy.last_round)
+
+
+def seeded(*parts: object) -> int:
+    """A seed that is the same in every process (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "little")

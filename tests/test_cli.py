@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedmosaic_core.cli import comparison_table, per_model_table
+from fedmosaic_cli.main import comparison_table, per_model_table
 
 
 def _summary(self_by_client: dict[str, tuple[str, float]]) -> dict:  # type: ignore[type-arg]

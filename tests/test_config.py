@@ -11,7 +11,7 @@ import tomllib
 from flower_fakes import InProcessGrid
 from flwr.app import Context, RecordDict
 
-from fedmosaic_core.federation.config import ConfigError, FederationConfig, parse_run_config
+from fedmosaic_flower.config import ConfigError, FederationConfig, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_server_app_rejects_bad_config_before_any_message(tmp_path: Path) -> Non
 
 def test_cli_bad_config_exits_nonzero_with_one_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "fedmosaic_core.cli", "main-job", "-c", "tau=0"],
+        [sys.executable, "-m", "fedmosaic_cli.main", "main-job", "-c", "tau=0"],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
         env={"PATH": "/usr/bin:/bin", "FEDMOSAIC_CACHE": str(tmp_path), "HOME": str(tmp_path)},
     )

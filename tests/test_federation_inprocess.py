@@ -9,15 +9,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flower_fakes import InProcessGrid
+from flower_fakes import InProcessGrid, run_federation
 from flwr.app import Context, Message, RecordDict
 
 from client_app.app import app as client_app
 from drake_data.mini.builder import build_drake_mini
-from fedmosaic_core.federation import protocol as proto
-from fedmosaic_core.federation.config import parse_run_config
 from fedmosaic_core.rela import relevance_weights, task_similarity
-from server_app.runner import run_federation
+from fedmosaic_flower import records as proto
+from fedmosaic_flower.config import parse_run_config
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,14 @@ from fedmosaic_core.models import (
     load_tiny_tokenizer,
 )
 from fedmosaic_core.models.collate import IGNORE_INDEX
-from fedmosaic_core.models.prepare import (
+from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
+from fedmosaic_core.models.pretrain import (
     PretrainConfig,
     answer_loss,
     find_prepared,
     prepare_preset,
     samples_digest,
 )
-from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
 from fedmosaic_core.models.tokenizer_build import ASSETS_DIR, SPECIAL_TOKENS, train_tokenizer
 from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 
@@ -219,7 +219,7 @@ def test_bad_model_names_give_clear_errors(tmp_path: Path, monkeypatch: pytest.M
         load_model("nobody/no-such-model")
     with pytest.raises(ModelNotAvailableError, match="not a model directory"):
         load_model(tmp_path)
-    with pytest.raises(ModelNotAvailableError, match="python -m fedmosaic_core.models.prepare"):
+    with pytest.raises(ModelNotAvailableError, match="fedmosaic prepare-models"):
         load_model("tiny-llama-s", prepare_if_missing=False, cache_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown quantization 'fp3'"):
         load_model("tiny-llama-s", quantization="fp3", random_init=True)  # type: ignore[arg-type]
@@ -254,7 +254,7 @@ def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
     train, held = samples[:170], samples[170:]
     loaded = load_model("tiny-llama-s", random_init=True)
     before = answer_loss(loaded.model, loaded.processor, held, 128)
-    from fedmosaic_core.models.prepare import pretrain
+    from fedmosaic_core.models.pretrain import pretrain
 
     pretrain(loaded.model, loaded.processor, train, PretrainConfig(steps=60, batch_size=8), seed=0)
     after = answer_loss(loaded.model, loaded.processor, held, 128)
@@ -263,19 +263,21 @@ def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
 
 def test_prepare_presets_on_drake_mini_then_load_by_data_root(tmp_path: Path) -> None:
     from drake_data.mini import build_drake_mini
-    from fedmosaic_core.models.prepare import prepare_presets, public_data_digest
+    from fedmosaic_core.models.pretrain import prepare_presets
+    from fedmosaic_flower.prepare import DrakePublicSplit
 
     root = build_drake_mini(tmp_path / "drake", seed=0, size="tiny")
     cache = tmp_path / "cache"
-    prepared = prepare_presets(cache, root, seed=0, presets=["tiny-qwen2-s"], steps={"tiny-qwen2-s": 3})
+    public = DrakePublicSplit(root)
+    prepared = prepare_presets(public, cache, seed=0, presets=["tiny-qwen2-s"], steps={"tiny-qwen2-s": 3})
     directory = prepared["tiny-qwen2-s"]
-    assert public_data_digest(root)[:12] in directory.name
+    assert public.digest()[:12] in directory.name
     record = json.loads((directory / "prepare.json").read_text())
     assert record["num_train"] > 0 and record["after"]["held_out_answer_loss"] > 0
-    loaded = load_model("tiny-qwen2-s", cache_dir=cache, public_data_root=root, prepare_if_missing=False)
+    loaded = load_model("tiny-qwen2-s", cache_dir=cache, public_split=public, prepare_if_missing=False)
     assert loaded.fingerprint.family == "qwen2"
     with pytest.raises(ModelNotAvailableError, match="not prepared"):
-        load_model("tiny-qwen2-s", seed=5, cache_dir=cache, public_data_root=root,
+        load_model("tiny-qwen2-s", seed=5, cache_dir=cache, public_split=public,
                    prepare_if_missing=False)
 
 

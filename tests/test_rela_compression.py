@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from demo_batches import BYTE_VOCAB_SIZE, task_batches
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedmosaic_core.rela import (
@@ -16,7 +17,6 @@ from fedmosaic_core.rela import (
     relevance_weights,
     task_similarity,
 )
-from fedmosaic_core.rela.demo_batches import BYTE_VOCAB_SIZE, task_batches
 
 TASKS = (
     "chatterbot:food",

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flower_fakes import InProcessGrid
+from flower_fakes import InProcessGrid, run_federation, seeded
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedmosaic_core.federation import protocol as proto
-from fedmosaic_core.federation.config import parse_run_config
 from fedmosaic_core.rela import relevance_weights, task_similarity
+from fedmosaic_flower import records as proto
+from fedmosaic_flower.config import parse_run_config
 from server_app.report import write_report
-from server_app.runner import RunStateError, run_federation
+from server_app.run_store import RunStateError
 
 R = 4
 WIDTH = {"arch-a": 16, "arch-b": 24}
 
 
 def _seeded(*parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(abs(hash(json.dumps([str(p) for p in parts]))) % 2**31)
+    return torch.Generator().manual_seed(seeded(*parts))
 
 
 class MockClient:
@@ -38,7 +37,7 @@ class MockClient:
 
     def task_vector(self) -> np.ndarray:
         base = np.random.default_rng(100 + self.group).normal(size=(8, 32))
-        noise = np.random.default_rng(abs(hash(self.client_id)) % 2**31).normal(size=(8, 32))
+        noise = np.random.default_rng(seeded(self.client_id)).normal(size=(8, 32))
         return (base + 0.3 * noise).astype(np.float32)
 
     def __call__(self, msg: Message) -> Message | None:
@@ -211,7 +210,7 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
 
 
 def test_round_config_marks_last_round_for_others(tmp_path: Path) -> None:
-    from server_app.runner import round_config
+    from server_app.strategy import round_config
 
     config = _config(tmp_path, **{"eval-others-every": 2, "num-server-rounds": 3})
     flags = [bool(round_config(config, r)["eval-others"]) for r in (1, 2, 3)]

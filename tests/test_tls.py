@@ -10,7 +10,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedmosaic_core.federation.tls import write_certificates
+from fedmosaic_cli.tls import write_certificates
 
 
 def test_server_certificate_is_signed_by_the_ca_and_names_every_host(tmp_path: Path) -> None:

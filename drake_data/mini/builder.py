@@ -32,7 +32,6 @@ from drake_data.errors import DrakeDataError
 from drake_data.layout import (
     IMAGE_TOKEN,
     TaskRef,
-    atomic_write_text,
     dump_json,
     load_scenario,
     load_task,
@@ -41,6 +40,7 @@ from drake_data.layout import (
     write_task,
 )
 from drake_data.mini import sources as S
+from fedmosaic_core.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 

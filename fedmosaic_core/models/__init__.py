@@ -7,7 +7,6 @@ from .loading import (
     DEFAULT_PROBE_MODEL,
     LoadedModel,
     ModelNotAvailableError,
-    cache_root,
     disable_avx512bf16_repacking,
     load_model,
 )
@@ -23,7 +22,6 @@ __all__ = [
     "UnknownPresetError",
     "build_preset",
     "build_tiny_processor",
-    "cache_root",
     "collate",
     "collate_for_generation",
     "disable_avx512bf16_repacking",

@@ -46,11 +46,9 @@ puts such a file into an injected model, checking architecture, r and shapes fir
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,6 +65,7 @@ from fedmosaic_core.modeling import decoder_parts
 from fedmosaic_core.pqlora.config import DEFAULT_TARGET_MODULES
 from fedmosaic_core.pqlora.model import pq_layer_indices
 from fedmosaic_core.pqlora.orthonormal import orthonormal_bases
+from fedmosaic_core.storage import atomic_write_with
 
 from .collate import SampleLike, collate, image_token_count
 from .fingerprint import ArchitectureFingerprint
@@ -571,29 +570,25 @@ def anchor_aligned_bases(anchor: LoadedModel, config: AlignConfig) -> AlignedBas
     return AlignedBases(state, fp, anchor.name, fp, anchor.name, config.seed, metrics)
 
 
+def alignment_summary(metrics: dict[str, Any]) -> str:
+    """One readable line of an alignment's quality figures."""
+    return (f"latent cosine {metrics['cosine_before']:.3f} -> {metrics['cosine_after']:.3f}, "
+            f"CKA {metrics['cka_before']:.3f} -> {metrics['cka_after']:.3f}, "
+            f"max ||AA^T-I|| {metrics['max_orthonormality_error_A']:.1e}, "
+            f"token matching error {metrics['token_matching_error_held_out']:.3f}, "
+            f"{metrics['seconds']:.1f} s")
+
+
 # ------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_aligned_bases(bases: AlignedBases, out_dir: str | os.PathLike[str]) -> Path:
     """Write ``<fingerprint id>.safetensors`` + ``.json`` into ``out_dir``; returns the tensor file."""
     out = Path(out_dir)
     stem = bases.fingerprint.id
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(bases.state.items())}
     meta = {"fingerprint_id": stem, "anchor": bases.anchor_fingerprint.id, "r": str(bases.fingerprint.r)}
-    _atomic_write(out / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write_with(out / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
     text = json.dumps(bases.metadata(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_with(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     return out / f"{stem}.safetensors"
 
 
@@ -658,39 +653,3 @@ def load_aligned_bases(pq_model: Any, path: str | os.PathLike[str]) -> dict[str,
         raise AlignmentError(f"{file} does not fit the model: " + "; ".join(problems[:8]))
     pq_model.load_pq_bases(state)
     return dict(meta)
-
-
-def main(argv: list[str] | None = None) -> None:
-    from .loading import cache_root, load_model
-    from .prepare import default_public_data_root, load_public_samples
-
-    parser = argparse.ArgumentParser(description="Align PQ-layer A/B of models to an anchor.")
-    parser.add_argument("--anchor", required=True, help="smallest model (preset, path or hub id)")
-    parser.add_argument("--other", nargs="+", required=True, help="models to align to the anchor")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0, help="PQ-LoRA seed of the anchor A/B")
-    parser.add_argument("--public-data", type=Path, default=None, help="DRAKE-mini root")
-    parser.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
-    parser.add_argument("--steps", type=int, default=AlignConfig.steps)
-    args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    config = AlignConfig(r=args.r, seed=args.seed, steps=args.steps)
-    root = args.public_data or default_public_data_root(0, cache_root())
-    samples = load_public_samples(root)
-    anchor = load_model(args.anchor, quantization=args.quantization, public_data_root=root)
-    path = save_aligned_bases(anchor_aligned_bases(anchor, config), args.out)
-    print(f"anchor {args.anchor}: {path}")
-    for name in args.other:
-        other = load_model(name, quantization=args.quantization, public_data_root=root)
-        bases = align_bases(anchor, other, samples, config)
-        path = save_aligned_bases(bases, args.out)
-        m = bases.metrics
-        print(f"{name}: {path}\n  latent cosine {m['cosine_before']:.3f} -> {m['cosine_after']:.3f}, "
-              f"CKA {m['cka_before']:.3f} -> {m['cka_after']:.3f}, "
-              f"max ||AA^T-I|| {m['max_orthonormality_error_A']:.2e}, "
-              f"token matching error {m['token_matching_error_held_out']:.3f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 ``load_model(name_or_path, quantization="none"|"nf4"|"int8", dtype=None, device=None)``
 
-* **Presets** (``tiny-llama-s`` …) come from the prepared cache (see :mod:`.prepare`). When a
+* **Presets** (``tiny-llama-s`` …) come from the prepared cache (see :mod:`.pretrain`). When a
   preset is not prepared yet it is prepared on demand (a few tens of seconds per preset on
   2 CPU cores, guarded by a file lock so concurrent clients prepare it once); pass
   ``prepare_if_missing=False`` to get an error instead, or ``random_init=True`` for the
@@ -28,8 +28,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fedmosaic_core.storage import cache_home
+
 from .fingerprint import ArchitectureFingerprint
 from .presets import PRESETS, build_preset, preset_spec
+from .pretrain import PublicSplit, find_prepared, prepare_presets
 
 Quantization = Literal["none", "nf4", "int8"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "nf4", "int8")
@@ -58,12 +61,6 @@ class LoadedModel:
     @property
     def is_multimodal(self) -> bool:
         return hasattr(self.processor, "image_processor")
-
-
-def cache_root() -> Path:
-    """``$FEDMOSAIC_CACHE`` or ``~/.cache/fedmosaic``."""
-    env = os.environ.get("FEDMOSAIC_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "fedmosaic"
 
 
 def default_device() -> torch.device:
@@ -188,7 +185,7 @@ def load_model(
     random_init: bool = False,
     prepare_if_missing: bool = True,
     cache_dir: str | os.PathLike[str] | None = None,
-    public_data_root: str | os.PathLike[str] | None = None,
+    public_split: PublicSplit | None = None,
 ) -> LoadedModel:
     """Load a preset, local checkpoint directory or hub id (see the module docstring)."""
     torch_device = torch.device(device) if device is not None else default_device()
@@ -200,7 +197,7 @@ def load_model(
         return _load_preset(
             name, quantization, torch_dtype, torch_device, seed=seed, random_init=random_init,
             prepare_if_missing=prepare_if_missing, cache_dir=cache_dir,
-            public_data_root=public_data_root,
+            public_split=public_split,
         )
     if name.startswith("tiny-") and not Path(name).exists():
         preset_spec(name)  # raises UnknownPresetError naming the known presets
@@ -229,7 +226,7 @@ def _load_preset(
     random_init: bool,
     prepare_if_missing: bool,
     cache_dir: str | os.PathLike[str] | None,
-    public_data_root: str | os.PathLike[str] | None,
+    public_split: PublicSplit | None,
 ) -> LoadedModel:
     model: Any
     if random_init:
@@ -243,20 +240,17 @@ def _load_preset(
             model, processor = _from_pretrained(tmp, quantization, dtype, device)
         return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
 
-    from .prepare import find_prepared, prepare_presets
-
-    directory = find_prepared(name, seed, cache_dir=cache_dir, public_data_root=public_data_root)
+    digest = public_split.digest() if public_split is not None else None
+    directory = find_prepared(name, seed, cache_dir=cache_dir, data_hash=digest)
     if directory is None:
-        if not prepare_if_missing:
+        if not prepare_if_missing or public_split is None:
             raise ModelNotAvailableError(
                 f"preset {name!r} (seed {seed}) is not prepared in "
-                f"{Path(cache_dir) if cache_dir else cache_root()}; run "
-                f"`python -m fedmosaic_core.models.prepare --presets {name} --seed {seed}` "
+                f"{Path(cache_dir) if cache_dir else cache_home()}; run "
+                f"`fedmosaic prepare-models --presets {name} --seed {seed}` "
                 "(or pass random_init=True for an untrained model)"
             )
-        prepared = prepare_presets(
-            cache_dir=cache_dir, public_data_root=public_data_root, seed=seed, presets=[name]
-        )
+        prepared = prepare_presets(public_split, cache_dir=cache_dir, seed=seed, presets=[name])
         directory = prepared[name]
     model, processor = _from_pretrained(str(directory), quantization, dtype, device)
     return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)

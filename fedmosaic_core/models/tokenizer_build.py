@@ -11,14 +11,14 @@ Training is deterministic: the corpus is sorted and de-duplicated before trainin
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import typer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from fedmosaic_core.storage import atomic_write_text
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 IMAGE_TOKEN = "<image>"
@@ -127,38 +127,25 @@ def tokenizer_config() -> dict[str, object]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build(out_dir: Path = ASSETS_DIR, vocab_size: int = DEFAULT_VOCAB_SIZE) -> Path:
     """Train and write ``tokenizer.json`` + ``tokenizer_config.json`` into ``out_dir``."""
     tokenizer = train_tokenizer(vocab_size)
-    _atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True) + "\n")
-    _atomic_write_text(
+    atomic_write_text(out_dir / "tokenizer.json", tokenizer.to_str(pretty=True) + "\n")
+    atomic_write_text(
         out_dir / "tokenizer_config.json", json.dumps(tokenizer_config(), indent=2) + "\n"
     )
     return out_dir / "tokenizer.json"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ASSETS_DIR)
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    args = parser.parse_args(argv)
-    path = build(args.out, args.vocab_size)
+def main(
+    out: Path = typer.Option(ASSETS_DIR, help="folder for tokenizer.json + tokenizer_config.json"),
+    vocab_size: int = typer.Option(DEFAULT_VOCAB_SIZE, help="BPE vocabulary size"),
+) -> None:
+    """Train the committed byte-level BPE tokenizer of the tiny presets."""
+    path = build(out, vocab_size)
     size = Tokenizer.from_file(str(path)).get_vocab_size()
-    print(f"wrote {path} (vocab {size})")
+    typer.echo(f"wrote {path} (vocab {size})")
 
 
 if __name__ == "__main__":
-    main()
+    typer.run(main)

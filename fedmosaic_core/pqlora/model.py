@@ -6,7 +6,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedmosaic_core.modeling import decoder_parts
+from fedmosaic_core.storage import atomic_write_with
 
 from .config import PQLoRAConfig
 from .layer import BRANCHES, DualLoRALinear, GateContext, PQLoRALinear, _GatedDualAdapter, base_kind
@@ -190,17 +190,6 @@ def _read_adapter_config(directory: Path) -> tuple[PQLoRAConfig, dict[str, Any]]
     except (TypeError, ValueError) as err:
         raise AdapterStateError(f"{path}: {err}") from None
     return config, meta
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PQLoRAModel(nn.Module):
@@ -437,11 +426,11 @@ class PQLoRAModel(nn.Module):
             "num_layers": self.num_layers,
             "pq_layer_indices": self.pq_layer_indices,
         }
-        _atomic_write(
+        atomic_write_with(
             folder / ADAPTER_WEIGHTS_NAME,
             lambda tmp: save_file(tensors, tmp, metadata={"format": ADAPTER_FORMAT}),
         )
-        _atomic_write(
+        atomic_write_with(
             folder / ADAPTER_CONFIG_NAME,
             lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
         )

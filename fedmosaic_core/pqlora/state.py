@@ -1,6 +1,6 @@
-"""State keys of a PQ-LoRA model and the checks run before any state is written.
+"""The one owner of PQ-LoRA state keys, schemas and their validation (docs/method.md, "PQ-LoRA").
 
-Keys (docs/interfaces.md):
+Keys:
 
 - shared (PQ layers, architecture independent):  ``pq.{k}.{module}.P`` (r×r), ``pq.{k}.{module}.Q`` (r,)
 - same-architecture (plain LoRA layers):          ``lora.{layer}.{module}.A`` (lora_r×d_in),
@@ -9,18 +9,30 @@ Keys (docs/interfaces.md):
 - PQ bases (frozen, architecture specific):       ``pq.{k}.{module}.A`` (r×d_in), ``pq.{k}.{module}.B`` (d_out×r)
 
 ``k`` is the block position of a PQ layer (0..num_blocks−1), ``layer`` the decoder layer index.
+A *schema* (``Spec``) maps every key of a part to its shape. Aggregation, the server's
+handshake, adapter loading and A/B alignment all build and check keys through this module.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 Shape = tuple[int, ...]
 Spec = dict[str, Shape]
+Part = Literal["shared", "same-arch", "local-only", "pq-bases"]
 
 _MAX_LISTED = 8
+_MODULE = r"[A-Za-z][A-Za-z0-9_]{0,63}"
+KEY_PATTERNS: dict[str, re.Pattern[str]] = {
+    "shared": re.compile(rf"^pq\.(\d{{1,4}})\.({_MODULE})\.(P|Q)$"),
+    "same-arch": re.compile(rf"^lora\.(\d{{1,4}})\.({_MODULE})\.(A|B)$"),
+    "local-only": re.compile(rf"^gate\.(\d{{1,4}})\.({_MODULE})\.weight$"),
+    "pq-bases": re.compile(rf"^pq\.(\d{{1,4}})\.({_MODULE})\.(A|B)$"),
+}
 
 
 class AdapterStateError(ValueError):
@@ -39,12 +51,72 @@ def gate_key(layer: int, module: str) -> str:
     return f"gate.{layer}.{module}.weight"
 
 
-def state_problems(state: object, spec: Spec, what: str) -> list[str]:
-    """Every reason why ``state`` does not match ``spec`` (key → shape); empty when it does.
+def is_key(part: str, key: object) -> bool:
+    """Whether ``key`` is a well-formed key of ``part``."""
+    return isinstance(key, str) and KEY_PATTERNS[part].match(key) is not None
 
-    Checked: mapping type, unknown and missing keys, non-tensor values, non-floating dtypes,
-    shapes, NaN/Inf values.
-    """
+
+def rank_of(key: str, shape: Shape) -> int | None:
+    """r read off a PQ / LoRA shape (P: r×r, Q: r, A: r×d_in, B: d_out×r)."""
+    if not shape:
+        return None
+    return shape[-1] if key.endswith(".B") else shape[0]
+
+
+def parse_spec(raw: object, part: str, max_keys: int = 4096) -> Spec:
+    """A schema received as JSON (key → list of ints) → ``Spec``; ValueError naming what is wrong."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{part} schema must be an object of key → shape, got {type(raw).__name__}")
+    if len(raw) > max_keys:
+        raise ValueError(f"{part} schema has {len(raw)} keys (at most {max_keys})")
+    spec: Spec = {}
+    for key, shape in raw.items():
+        if not is_key(part, key):
+            raise ValueError(f"malformed {part} key {key!r}")
+        if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 2
+                or not all(type(s) is int and 0 < s <= 1 << 20 for s in shape)):
+            raise ValueError(f"{part} key {key!r}: shape must be 1 or 2 positive integers, got {shape!r}")
+        spec[key] = tuple(shape)
+    return spec
+
+
+def key_problem(part: str, key: str, value: object, want: Shape, check_finite: bool = True) -> str | None:
+    """Why ``value`` cannot be ``part[key]`` of shape ``want``, or None."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return f"{part} {key!r} is not a floating-point torch.Tensor"
+    shape = tuple(value.shape)
+    if shape != want:
+        got_r, want_r = rank_of(key, shape), rank_of(key, want)
+        if len(shape) == len(want) and got_r != want_r:
+            return f"wrong rank r={got_r} (expected r={want_r}): {part} {key!r} has shape {shape}, expected {want}"
+        return f"wrong shape: {part} {key!r} has shape {shape}, expected {want}"
+    if check_finite and not bool(torch.isfinite(value).all()):
+        return f"non-finite values (NaN/Inf) in {part} {key!r}"
+    return None
+
+
+def first_problem(part: str, state: object, spec: Spec, check_finite: bool = True) -> str | None:
+    """The first reason why ``state`` does not match ``spec`` (a received update), or None."""
+    if not isinstance(state, Mapping):
+        return f"{part} state is a {type(state).__name__}, not a dict"
+    if state.keys() != spec.keys():
+        for key in sorted(map(str, state)):
+            if not is_key(part, key):
+                return f"malformed {part} key {key!r}"
+            if key not in spec:
+                return f"unknown {part} key {key!r}"
+        missing = sorted(set(spec) - set(state))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"missing {part} key {missing[0]!r}{more}"
+    for key, want in spec.items():
+        problem = key_problem(part, key, state[key], want, check_finite)
+        if problem:
+            return problem
+    return None
+
+
+def state_problems(state: object, spec: Spec, what: str) -> list[str]:
+    """Every reason why ``state`` does not match ``spec`` (key → shape); empty when it does."""
     if not isinstance(state, Mapping):
         return [f"{what} state must be a mapping of key → tensor, got {type(state).__name__}"]
     problems: list[str] = []
@@ -55,22 +127,10 @@ def state_problems(state: object, spec: Spec, what: str) -> list[str]:
     if missing:
         problems.append(f"{what}: missing key(s) {_listed(missing)}")
     for key, shape in spec.items():
-        if key not in state:
-            continue
-        value = state[key]
-        if not isinstance(value, torch.Tensor):
-            problems.append(f"{what}: {key} is a {type(value).__name__}, expected a torch.Tensor")
-            continue
-        if not value.is_floating_point():
-            problems.append(f"{what}: {key} has dtype {value.dtype}, expected a floating dtype")
-            continue
-        if tuple(value.shape) != shape:
-            problems.append(f"{what}: {key} has shape {tuple(value.shape)}, expected {shape}")
-            continue
-        finite = torch.isfinite(value)
-        if not bool(finite.all()):
-            bad = int((~finite).sum())
-            problems.append(f"{what}: {key} has {bad} NaN/Inf value(s)")
+        if key in state:
+            problem = key_problem(what, key, state[key], shape)
+            if problem:
+                problems.append(problem)
     return problems
 
 

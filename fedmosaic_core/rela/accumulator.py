@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fedmosaic_core.rela.probe import TaskVectorProbe
+from fedmosaic_core.storage import atomic_write_with
 
 _FORMAT = "fedmosaic-rela-accumulator-v1"
 
@@ -186,15 +186,7 @@ class TaskVectorAccumulator:
         """Atomically write the state as one safetensors file (metadata in its header)."""
         path = Path(path)
         tensors, meta = self.state_dict()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"rela_accumulator": json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_with(path, lambda tmp: save_file(tensors, tmp, metadata={"rela_accumulator": json.dumps(meta)}))
 
     def load(self, path: str | os.PathLike[str]) -> None:
         """Restore the state written by :meth:`save` (the configuration must match)."""

@@ -1,13 +1,13 @@
-"""Per-client global adapters on the server (RELA, DESIGN §4).
+"""Per-client global adapters on the server (RELA; docs/method.md, "RELA").
 
 For the M valid clients of a round, with weight matrix W (M × M)::
 
     shared (PQ P/Q, every architecture):   G_i[key] = Σ_j W_ij · L_j[key]
     same-arch (plain LoRA A/B):            G_i[key] = Σ_{j ∈ arch(i)} W_ij · L_j[key] / Σ_{j ∈ arch(i)} W_ij
 
-Every parameter is stacked across clients into an M × numel matrix and all M customised states
-come out of one matrix product ``W @ stack`` per parameter (chunked over parameters, so peak
-extra memory is one parameter's stack, not the whole payload).
+Each part is flattened per client and stacked into one M × D matrix (D: all its floats), checked
+for NaN/Inf in one pass, and all M customised states come out of one matrix product
+``W @ stack``; each client's tensors are views into its row of the result.
 
 Modes:
 
@@ -34,7 +34,7 @@ storage per parameter).
 from __future__ import annotations
 
 import logging
-import re
+import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,15 +43,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmosaic_core.pqlora.state import Spec, first_problem, is_key
 from fedmosaic_core.rela.similarity import relevance_weights, task_similarity
 
 logger = logging.getLogger(__name__)
 
 MODES = ("fedmosaic", "fedmosaic-uniform", "fedavg", "local")
-SHARED_KEY = re.compile(r"^pq\.(\d+)\.([A-Za-z0-9_]+)\.(P|Q)$")
-SAME_ARCH_KEY = re.compile(r"^lora\.(\d+)\.([A-Za-z0-9_]+)\.(A|B)$")
-
-Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclass
@@ -87,55 +84,26 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
-def _majority_shapes(states: Sequence[Mapping[str, Any]]) -> Shapes:
+def _majority_spec(states: Sequence[Mapping[str, Any]]) -> Spec:
     """The most common key set, and for each key its most common shape."""
     if not states:
         return {}
     keys = Counter(frozenset(state) for state in states).most_common(1)[0][0]
-    shapes: Shapes = {}
+    spec: Spec = {}
     for key in sorted(keys):
-        counts = Counter(_shape(state[key]) for state in states if key in state)
-        shape = counts.most_common(1)[0][0]
+        shape = Counter(_shape(state[key]) for state in states if key in state).most_common(1)[0][0]
         if shape is not None:
-            shapes[key] = shape
-    return shapes
+            spec[key] = shape
+    return spec
 
 
-def _rank_of(key: str, shape: tuple[int, ...]) -> int | None:
-    """r read off a PQ / LoRA shape (P: r×r, Q: r, A: r×d_in, B: d_out×r)."""
-    if not shape:
-        return None
-    suffix = key.rsplit(".", 1)[-1]
-    return shape[-1] if suffix == "B" else shape[0]
-
-
-def _check_state(
-    part: str, state: Mapping[str, Any], expected: Shapes, pattern: re.Pattern[str]
-) -> str | None:
-    if not isinstance(state, Mapping):
-        return f"{part} state is a {type(state).__name__}, not a dict"
-    for key in sorted(state):
-        if not isinstance(key, str) or not pattern.match(key):
-            return f"malformed {part} key {key!r}"
-        if key not in expected:
-            return f"unknown {part} key {key!r}"
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        return f"missing {part} key {missing[0]!r}{more}"
-    for key in sorted(state):
-        value = state[key]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            return f"{part} {key!r} is not a floating-point torch.Tensor"
-        shape, want = tuple(value.shape), expected[key]
-        if shape != want:
-            got_r, want_r = _rank_of(key, shape), _rank_of(key, want)
-            if len(shape) == len(want) and got_r != want_r:
-                return f"wrong rank r={got_r} (expected r={want_r}): {part} {key!r} has shape {shape}, expected {want}"
-            return f"wrong shape: {part} {key!r} has shape {shape}, expected {want}"
-        if not bool(torch.isfinite(value).all()):
-            return f"non-finite values (NaN/Inf) in {part} {key!r}"
-    return None
+def _checked_spec(name: str, part: str, shapes: Mapping[str, Sequence[int]]) -> Spec:
+    spec: Spec = {}
+    for key, shape in shapes.items():
+        if not is_key(part, key):
+            raise ValueError(f"aggregate_global_states: {name} has a malformed key {key!r}")
+        spec[key] = tuple(int(s) for s in shape)
+    return dict(sorted(spec.items()))
 
 
 def _as_task_vector(value: Any) -> np.ndarray | None:
@@ -146,7 +114,7 @@ def _as_task_vector(value: Any) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def _check_task_vector(vector: np.ndarray | None, expected: tuple[int, ...] | None) -> str | None:
+def _task_vector_problem(vector: np.ndarray | None, expected: tuple[int, ...] | None) -> str | None:
     if vector is None:
         return "no task vector"
     if not np.issubdtype(vector.dtype, np.floating):
@@ -158,39 +126,34 @@ def _check_task_vector(vector: np.ndarray | None, expected: tuple[int, ...] | No
     return None
 
 
-def _check_expected(name: str, shapes: Mapping[str, tuple[int, ...]], pattern: re.Pattern[str]) -> Shapes:
-    out: Shapes = {}
-    for key, shape in shapes.items():
-        if not pattern.match(key):
-            raise ValueError(f"aggregate_global_states: {name} has a malformed key {key!r}")
-        out[key] = tuple(int(s) for s in shape)
+# -- flat stacks ------------------------------------------------------------------------------
+def _stack(states: Sequence[Mapping[str, torch.Tensor]], spec: Spec) -> torch.Tensor:
+    """M × D float32 matrix: row j is state j's tensors, in ``spec`` order, flattened."""
+    width = sum(math.prod(shape) for shape in spec.values())
+    out = torch.empty(len(states), width, dtype=torch.float32)
+    for row, state in zip(out, states, strict=True):
+        torch.cat([state[key].detach().reshape(-1).float().cpu() for key in spec], out=row)
     return out
 
 
-# -- mixing -----------------------------------------------------------------------------------
-def _mix(
-    weights: np.ndarray,
-    states: Sequence[Mapping[str, torch.Tensor]],
-    keys: Sequence[str],
-    device: torch.device,
-) -> list[dict[str, torch.Tensor]]:
-    """``out[i][key] = Σ_j weights[i, j] · states[j][key]`` as one matrix product per key."""
-    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
-    outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(w.shape[0])]
-    for key in keys:
-        shape = states[0][key].shape
-        stack = torch.stack([state[key].detach().reshape(-1).to(device, torch.float32) for state in states])
-        mixed = w @ stack  # rows × numel
-        for i, row in enumerate(mixed):
-            outputs[i][key] = row.view(shape)
+def _unstack(matrix: torch.Tensor, spec: Spec) -> list[dict[str, torch.Tensor]]:
+    """Inverse of :func:`_stack`: per row, key → a view of that row in the key's shape."""
+    sizes = [math.prod(shape) for shape in spec.values()]
+    outputs = []
+    for row in matrix:
+        pieces = torch.split(row, sizes)
+        outputs.append({key: piece.view(shape) for (key, shape), piece in zip(spec.items(), pieces, strict=True)})
     return outputs
+
+
+def _non_finite_key(state: Mapping[str, torch.Tensor], spec: Spec) -> str:
+    return next(key for key in spec if not bool(torch.isfinite(state[key]).all()))
 
 
 def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float) -> np.ndarray:
     m = len(valid)
     if mode == "fedmosaic":
-        vectors = [_as_task_vector(u.task_vector) for u in valid]
-        return relevance_weights(task_similarity(vectors), tau)
+        return relevance_weights(task_similarity([_as_task_vector(u.task_vector) for u in valid]), tau)
     if mode == "fedmosaic-uniform":
         return (1.0 - np.eye(m)) / (m - 1)
     if mode == "fedavg":
@@ -200,48 +163,52 @@ def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float) -> np.n
     raise AssertionError(mode)
 
 
+def _mix(weights: np.ndarray, stack: torch.Tensor, device: torch.device) -> torch.Tensor:
+    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
+    return (w @ stack.to(device)).to("cpu") if device.type != "cpu" else w @ stack
+
+
 def aggregate_global_states(
     updates: list[ClientUpdate],
     previous: dict[str, GlobalState],
     *,
     mode: str = "fedmosaic",
     tau: float = 0.5,
-    expected_shared: dict[str, tuple[int, ...]] | None = None,
-    expected_same_arch: dict[str, dict[str, tuple[int, ...]]] | None = None,
+    expected_shared: Mapping[str, Sequence[int]] | None = None,
+    expected_same_arch: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     device: str | torch.device | None = None,
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
 
     ``expected_shared``: key → shape of the shared state, for everyone; ``expected_same_arch``:
     arch → (key → shape). When None they are inferred from the majority of this round's updates
-    (per architecture for the same-arch part). ``device``: where the matrix products run and
-    the new states live (default CPU).
+    (per architecture for the same-arch part). ``device``: where the matrix products run (the
+    new states live on the CPU).
     """
     if mode not in MODES:
         raise ValueError(f"aggregate_global_states: unknown mode {mode!r}; expected one of {MODES}")
     if not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"aggregate_global_states: tau must be a positive number, got {tau!r}")
     ids = [u.client_id for u in updates]
-    duplicates = sorted({cid for cid in ids if ids.count(cid) > 1})
+    duplicates = sorted({cid for cid, count in Counter(ids).items() if count > 1})
     if duplicates:
         raise ValueError(f"aggregate_global_states: duplicate client ids {duplicates}")
 
-    shared_shapes = (
-        _check_expected("expected_shared", expected_shared, SHARED_KEY)
+    shared_spec = (
+        _checked_spec("expected_shared", "shared", expected_shared)
         if expected_shared is not None
-        else _majority_shapes([u.shared for u in updates if isinstance(u.shared, Mapping)])
+        else _majority_spec([u.shared for u in updates if isinstance(u.shared, Mapping)])
     )
-    arch_shapes: dict[str, Shapes]
+    arch_specs: dict[str, Spec]
     if expected_same_arch is not None:
-        arch_shapes = {
-            arch: _check_expected(f"expected_same_arch[{arch!r}]", shapes, SAME_ARCH_KEY)
+        arch_specs = {
+            arch: _checked_spec(f"expected_same_arch[{arch!r}]", "same-arch", shapes)
             for arch, shapes in expected_same_arch.items()
         }
     else:
-        archs = sorted({u.arch for u in updates})
-        arch_shapes = {
-            arch: _majority_shapes([u.same_arch for u in updates if u.arch == arch and isinstance(u.same_arch, Mapping)])
-            for arch in archs
+        arch_specs = {
+            arch: _majority_spec([u.same_arch for u in updates if u.arch == arch and isinstance(u.same_arch, Mapping)])
+            for arch in sorted({u.arch for u in updates})
         }
     need_task_vector = mode == "fedmosaic"
     tv_shape: tuple[int, ...] | None = None
@@ -249,23 +216,50 @@ def aggregate_global_states(
         shapes = [v.shape for v in (_as_task_vector(u.task_vector) for u in updates) if v is not None]
         tv_shape = Counter(shapes).most_common(1)[0][0] if shapes else None
 
-    valid: list[ClientUpdate] = []
+    # structure first (keys, shapes, dtypes: cheap), values in one pass over the stacks
     excluded: dict[str, str] = {}
+    candidates: list[ClientUpdate] = []
     for update in updates:
         reason: str | None
-        if update.arch not in arch_shapes:
+        if update.arch not in arch_specs:
             reason = f"unknown architecture {update.arch!r}"
         else:
-            reason = _check_state("shared", update.shared, shared_shapes, SHARED_KEY) or _check_state(
-                "same-arch", update.same_arch, arch_shapes[update.arch], SAME_ARCH_KEY
+            reason = first_problem("shared", update.shared, shared_spec, check_finite=False) or first_problem(
+                "same-arch", update.same_arch, arch_specs[update.arch], check_finite=False
             )
         if reason is None and need_task_vector:
-            reason = _check_task_vector(_as_task_vector(update.task_vector), tv_shape)
+            reason = _task_vector_problem(_as_task_vector(update.task_vector), tv_shape)
         if reason is None:
-            valid.append(update)
+            candidates.append(update)
         else:
             excluded[update.client_id] = reason
-            logger.warning("RELA: client %s excluded from this round: %s", update.client_id, reason)
+
+    shared_stack = _stack([u.shared for u in candidates], shared_spec)
+    finite = torch.isfinite(shared_stack).all(dim=1)
+    arch_stacks: dict[str, tuple[list[int], torch.Tensor]] = {}
+    for arch in sorted({u.arch for u in candidates}):
+        members = [i for i, u in enumerate(candidates) if u.arch == arch]
+        stack = _stack([candidates[i].same_arch for i in members], arch_specs[arch])
+        finite[members] &= torch.isfinite(stack).all(dim=1)
+        arch_stacks[arch] = (members, stack)
+    keep = [i for i in range(len(candidates)) if bool(finite[i])]
+    for i in range(len(candidates)):
+        if not bool(finite[i]):
+            update = candidates[i]
+            if not bool(torch.isfinite(shared_stack[i]).all()):
+                where = f"shared {_non_finite_key(update.shared, shared_spec)!r}"
+            else:
+                where = f"same-arch {_non_finite_key(update.same_arch, arch_specs[update.arch])!r}"
+            excluded[update.client_id] = f"non-finite values (NaN/Inf) in {where}"
+    for client_id, reason in excluded.items():
+        logger.warning("RELA: client %s excluded from this round: %s", client_id, reason)
+    valid = [candidates[i] for i in keep]
+    if len(keep) < len(candidates):
+        position = {old: new for new, old in enumerate(keep)}
+        shared_stack = shared_stack[keep]
+        for arch, (members, stack) in list(arch_stacks.items()):
+            rows = [k for k, i in enumerate(members) if i in position]
+            arch_stacks[arch] = ([position[members[k]] for k in rows], stack[rows])
 
     client_ids = [u.client_id for u in valid]
     result_globals: dict[str, GlobalState] = {
@@ -281,20 +275,21 @@ def aggregate_global_states(
 
     weights = _weight_matrix(mode, valid, tau)
     target = torch.device("cpu") if device is None else torch.device(device)
-    shared_out = _mix(weights, [u.shared for u in valid], sorted(shared_shapes), target)
+    shared_out = _unstack(_mix(weights, shared_stack, target), shared_spec)
     for update, shared in zip(valid, shared_out, strict=True):
         before = previous.get(update.client_id)
         result_globals[update.client_id] = GlobalState(shared, dict(before.same_arch) if before else {})
 
-    for arch in sorted({u.arch for u in valid}):
-        members = [i for i, u in enumerate(valid) if u.arch == arch]
+    for arch, (members, stack) in arch_stacks.items():
+        if not members:
+            continue
         block = weights[np.ix_(members, members)]
         totals = block.sum(axis=1)
         receivers = [k for k in range(len(members)) if totals[k] > 0]
         if not receivers:
             continue  # a lone client of its architecture keeps its previous plain-LoRA global
         normalised = block[receivers] / totals[receivers, None]
-        mixed = _mix(normalised, [valid[i].same_arch for i in members], sorted(arch_shapes[arch]), target)
+        mixed = _unstack(_mix(normalised, stack, target), arch_specs[arch])
         for k, state in zip(receivers, mixed, strict=True):
             result_globals[valid[members[k]].client_id].same_arch = state
     return AggregationResult(result_globals, weights, client_ids, excluded)

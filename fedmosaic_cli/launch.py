@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmosaic_core.federation.tls import TlsFiles
+from fedmosaic_cli.tls import TlsFiles
 
 CONNECTION = "fedmosaic-sim"
 
@@ -218,46 +218,52 @@ def flwr_run(
     run_config: Mapping[str, Any],
     num_supernodes: int | None = None,
     num_cpus_per_client: int = 1,
-    log_path: Path | None = None,
+    log_path: Path,
     timeout: float = 3600.0,
-) -> tuple[int, str, str]:
-    """Submit the app and stream its logs; returns (run_id, final status, captured output).
+    on_wait: Callable[[], None] | None = None,
+) -> tuple[int, str]:
+    """Submit the app (``flwr run --format json`` gives the run id), stream its logs into
+    ``log_path`` (``flwr log``) while calling ``on_wait`` about once a second, and return
+    (run id, final status as ``flwr ls`` reports it).
 
     ``num_supernodes`` is for a simulation SuperLink; leave it None for a deployment."""
-    command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", *run_config_args(run_config)]
+    command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", *run_config_args(run_config)]
     if num_supernodes is not None:
         command += [
             "--federation-config",
             f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus_per_client}",
         ]
-    started = time.monotonic()
-    process = subprocess.Popen(
-        command, env=handle.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    run_id: int | None = None
+    submitted = subprocess.run(command, env=handle.env, capture_output=True, text=True, timeout=600)
     try:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line)
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if run_id is None and "run" in line.lower():
-                for token in line.replace(":", " ").split():
-                    if token.isdigit() and len(token) >= 6:
-                        run_id = int(token)
-                        break
-            if time.monotonic() - started > timeout:
-                raise LaunchError(f"flwr run exceeded {timeout:.0f}s")
-        process.wait(timeout=60)
-    finally:
-        stop_process_group(process)
-    output = "".join(lines)
-    if log_path is not None:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_path.write_text(output)
-    if run_id is None:
-        raise LaunchError(f"flwr run did not report a run id (exit {process.returncode}):\n{output[-2000:]}")
+        payload = json.loads(submitted.stdout)
+        run_id = int(payload["run-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise LaunchError(
+            f"flwr run did not start a run (exit {submitted.returncode}): "
+            f"{(submitted.stdout + submitted.stderr)[-2000:]}"
+        ) from None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(log_path, "w") as sink:
+        follower = subprocess.Popen(
+            [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=handle.env,
+            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            while follower.poll() is None:
+                if on_wait is not None:
+                    on_wait()
+                if time.monotonic() - started > timeout:
+                    raise LaunchError(f"run {run_id} exceeded {timeout:.0f}s; log: {log_path}")
+                time.sleep(1.0)
+        finally:
+            stop_process_group(follower)
     status = run_status(handle, run_id)
-    return run_id, status, output
+    for _ in range(30):  # the log stream may end a moment before the run's status is final
+        if status.startswith("finished"):
+            break
+        time.sleep(1.0)
+        status = run_status(handle, run_id)
+    if on_wait is not None:
+        on_wait()
+    return run_id, status

@@ -7,22 +7,79 @@ apps run from a copy of the code under ``$FLWR_HOME``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from drake_data.layout import Scenario, load_scenario
-from fedmosaic_core.federation.config import FederationConfig, default_home
+from drake_data.layout import Scenario, load_scenario, resolve_image_path
+from drake_data.mini import build_drake_mini, load_public
+from drake_data.prompts import render_sample
+from fedmosaic_core.models.align import (
+    FORMAT_VERSION,
+    AlignConfig,
+    align_bases,
+    alignment_summary,
+    anchor_aligned_bases,
+    save_aligned_bases,
+)
+from fedmosaic_core.models.collate import SampleLike
+from fedmosaic_core.models.loading import LoadedModel, load_model
+from fedmosaic_core.storage import cache_home, file_lock
+from fedmosaic_flower.config import FederationConfig
 
 log = logging.getLogger("fedmosaic.prepare")
+
+
+class DrakePublicSplit:
+    """DRAKE-mini's public split under ``root`` (:class:`fedmosaic_core.models.pretrain.PublicSplit`)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def digest(self) -> str:
+        """sha256 over the records (canonical JSON) and the bytes of every image they reference."""
+        digest = hashlib.sha256()
+        for record in load_public(self.root):
+            digest.update(json.dumps(record, sort_keys=True).encode("utf-8"))
+            images = record.get("image") or []
+            for image in [images] if isinstance(images, str) else images:
+                found = resolve_image_path(self.root, image)
+                if found is None:
+                    raise FileNotFoundError(f"public split image {image!r} not found under {self.root}")
+                digest.update(found.read_bytes())
+            digest.update(b"\1")
+        return digest.hexdigest()
+
+    def samples(self) -> list[SampleLike]:
+        items = list(load_public(self.root))
+        if not items:
+            raise ValueError(f"the public split under {self.root} is empty")
+        return [render_sample(record, self.root) for record in items]
+
+
+def default_public_data_root(seed: int, cache_dir: Path | None = None) -> Path:
+    """``$FEDMOSAIC_PUBLIC_DATA`` or DRAKE-mini built (once) under ``<cache>/drake-mini-seed<seed>``."""
+    env = os.environ.get("FEDMOSAIC_PUBLIC_DATA")
+    if env:
+        return Path(env).expanduser()
+    cache = cache_dir or cache_home()
+    root = cache / f"drake-mini-seed{seed}"
+    if not root.exists():
+        with file_lock(cache / f".drake-mini-seed{seed}.lock"):
+            if not root.exists():
+                build_drake_mini(root, seed)
+    return root
 
 
 def resolve_data_root(config: FederationConfig) -> Path:
     """``data-root`` or DRAKE-mini for this seed under the cache."""
     if config.data_root:
         return Path(config.data_root).expanduser()
-    return default_home() / f"drake-mini-seed{config.seed}"
+    return cache_home() / f"drake-mini-seed{config.seed}"
 
 
 def scenario_path(config: FederationConfig, data_root: Path) -> Path:
@@ -68,29 +125,30 @@ def probe_model_id(config: FederationConfig, scenario: Scenario) -> str:
 
 def bases_dir(config: FederationConfig, anchor: str) -> Path:
     """Where the aligned A/B (one file per architecture, named by its fingerprint) are cached."""
-    from fedmosaic_core.models.align import FORMAT_VERSION
-
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in anchor)
     version = f"v{FORMAT_VERSION}-seed{config.seed}-r{config.r}"
-    return default_home() / "bases" / version / f"anchor-{safe}"
+    return cache_home() / "bases" / version / f"anchor-{safe}"
+
+
+def load_run_model(
+    config: FederationConfig, model_id: str, data_root: Path, quantization: str | None = None
+) -> LoadedModel:
+    """A model of the run: presets pretrained (once, cached) on the public split under
+    ``data_root``; hub ids and paths as they are."""
+    return load_model(
+        model_id, quantization=quantization or config.quantization, seed=config.seed,  # type: ignore[arg-type]
+        public_split=DrakePublicSplit(data_root), random_init=not config.pretrained,
+    )
 
 
 def prepare_federation(config: FederationConfig) -> Path:
     """Build DRAKE-mini if needed, prepare every model of the scenario, align A/B; returns data root."""
     data_root = resolve_data_root(config)
     if not config.data_root:
-        from drake_data.mini.builder import build_drake_mini
-
         build_drake_mini(data_root, seed=config.seed)
     scenario = load_run_scenario(config, data_root)
     model_ids = sorted({c.model_id for c in scenario.clients})
-    from fedmosaic_core.models.loading import load_model
-
-    loaded = {
-        m: load_model(m, quantization="none", seed=config.seed, public_data_root=data_root,
-                      random_init=not config.pretrained)
-        for m in model_ids
-    }
+    loaded = {m: load_run_model(config, m, data_root, quantization="none") for m in model_ids}
     if config.align_bases and len(model_ids) > 1:
         align_federation_bases(config, data_root, loaded)
     return data_root
@@ -99,14 +157,6 @@ def prepare_federation(config: FederationConfig) -> Path:
 def align_federation_bases(config: FederationConfig, data_root: Path, loaded: dict) -> Path:  # type: ignore[type-arg]
     """DESIGN §3: the smallest model is the anchor (seeded orthonormal A/B); every other
     architecture's A is trained to match the anchor's latents, B mapped by CCA. Cached."""
-    from fedmosaic_core.models.align import (
-        AlignConfig,
-        align_bases,
-        anchor_aligned_bases,
-        save_aligned_bases,
-    )
-    from fedmosaic_core.models.prepare import load_public_samples
-
     anchor = smallest_model(list(loaded))
     out = bases_dir(config, anchor)
     align_config = AlignConfig(r=config.r, seed=config.seed)
@@ -114,7 +164,7 @@ def align_federation_bases(config: FederationConfig, data_root: Path, loaded: di
     todo = sorted({m for m, fp in wanted.items() if not (out / f"{fp}.safetensors").is_file()})
     if not todo:
         return out
-    samples = load_public_samples(data_root)
+    samples = DrakePublicSplit(data_root).samples()
     done: set[str] = set()
     for model_id in [anchor, *[m for m in todo if m != anchor]]:
         fp = wanted[model_id]
@@ -125,7 +175,7 @@ def align_federation_bases(config: FederationConfig, data_root: Path, loaded: di
         else:
             log.info("aligning A/B of %s to anchor %s (r=%d)", model_id, anchor, config.r)
             bases = align_bases(loaded[anchor], loaded[model_id], samples, align_config)
-            log.info("alignment %s: %s", model_id, {k: v for k, v in bases.metrics.items() if not isinstance(v, dict)})
+            log.info("aligned %s: %s", model_id, alignment_summary(bases.metrics))
         save_aligned_bases(bases, out)
         done.add(fp)
     return out

@@ -1,7 +1,4 @@
-"""Pretrain the tiny presets on DRAKE-mini's public split, once, and cache them (DESIGN §8).
-
-``python -m fedmosaic_core.models.prepare [--presets tiny-llama-s ...] [--seed 0]
-[--public-data DIR] [--cache-dir DIR]``
+"""Pretrain the tiny presets on a public split, once, and cache them (docs/method.md, "Offline models").
 
 All weights (vision tower, projector, language model) are trained from their seeded random
 initialisation with AdamW (linear warm-up, cosine decay) on the public split minus a held-out
@@ -9,42 +6,37 @@ slice, so a preset learns the chat/answer format and basic visual features befor
 adapts it. The loss is the answer cross-entropy plus ``PROMPT_LOSS_WEIGHT`` × the next-token loss
 on the prompt's text tokens (image and padding positions carry no loss).
 
-Cache layout under ``cache_dir`` (default ``$FEDMOSAIC_CACHE`` or ``~/.cache/fedmosaic``)::
+The public split is anything that implements :class:`PublicSplit` (a digest that keys the cache
+and the rendered samples); the benchmark package provides DRAKE-mini's, the command line is
+``fedmosaic prepare-models``. Cache layout under ``cache_dir`` (default: :func:`cache_home`)::
 
     models/<preset>-seed<seed>-<data hash>-v<recipe>/   save_pretrained output + prepare.json
-    models/<preset>-seed<seed>.latest.json              pointer used when no data root is given
+    models/<preset>-seed<seed>.latest.json              pointer used when no public split is given
 
-The data hash is :func:`public_data_digest` (the public split's records and image file bytes).
-Directories are written to a temporary sibling and renamed into place (atomic); a file lock
-makes concurrent callers prepare a preset once. The same seed, data and thread count give the
-same weights. Use ``--threads 1`` on a shared machine: tiny models gain little from a second
-thread, and oversubscribed cores slow every step down many times.
+Folders are built in a temporary sibling and renamed into place; a file lock makes concurrent
+callers prepare a preset once. The same seed, data and thread count give the same weights.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedmosaic_core.storage import atomic_build_dir, atomic_write_json, cache_home, file_lock
+
 from .collate import IGNORE_INDEX, SampleLike, collate, generate_answers
-from .loading import cache_root
 from .presets import PRESETS, build_preset, preset_spec
 
 RECIPE_VERSION = 1
@@ -78,64 +70,13 @@ DEFAULT_STEPS = {"tiny-llama-s": 300, "tiny-llama-m": 200, "tiny-qwen2-s": 300}
 
 
 # ----------------------------------------------------------------------------------- data
-def load_public_samples(root: str | os.PathLike[str]) -> list[SampleLike]:
-    """DRAKE-mini's public split under ``root`` as rendered samples (via ``drake_data``)."""
-    try:
-        from drake_data.mini import load_public
-    except ImportError as error:
-        raise RuntimeError(
-            "drake_data.mini.load_public is not available; build DRAKE-mini with "
-            "`python -m drake_data.mini build --out DIR --seed 0` (drake_data package)"
-        ) from error
-    root_path = Path(root)
-    items = list(load_public(root_path))
-    if not items:
-        raise ValueError(f"the public split under {root_path} is empty")
-    if isinstance(items[0], dict):
-        from drake_data.prompts import render_sample
+class PublicSplit(Protocol):
+    """Public data the presets are pretrained on: ``digest()`` keys the cache (cheap, no
+    rendering); ``samples()`` renders them, only when a preset must actually be trained."""
 
-        return [render_sample(record, root_path) for record in items]
-    return items
+    def digest(self) -> str: ...
 
-
-def default_public_data_root(seed: int, cache_dir: Path) -> Path:
-    """``$FEDMOSAIC_PUBLIC_DATA`` or DRAKE-mini built (once) under ``cache_dir/drake-mini-seed<seed>``."""
-    env = os.environ.get("FEDMOSAIC_PUBLIC_DATA")
-    if env:
-        return Path(env).expanduser()
-    root = cache_dir / f"drake-mini-seed{seed}"
-    if not root.exists():
-        try:
-            from drake_data.mini import build_drake_mini
-        except ImportError as error:
-            raise RuntimeError(
-                f"no public data for preparing presets: set FEDMOSAIC_PUBLIC_DATA or pass "
-                f"--public-data; drake_data.mini.build_drake_mini is unavailable ({error})"
-            ) from error
-        with _file_lock(cache_dir / f".drake-mini-seed{seed}.lock"):
-            if not root.exists():
-                build_drake_mini(root, seed)
-    return root
-
-
-def public_data_digest(root: str | os.PathLike[str]) -> str:
-    """sha256 over the public split's records (canonical JSON) and the bytes of every image file
-    they reference: the data part of the cache key, cheap (no image decoding)."""
-    from drake_data.layout import resolve_image_path
-    from drake_data.mini import load_public
-
-    root_path = Path(root)
-    digest = hashlib.sha256()
-    for record in load_public(root_path):
-        digest.update(json.dumps(record, sort_keys=True).encode("utf-8"))
-        images = record.get("image") or []
-        for image in [images] if isinstance(images, str) else images:
-            found = resolve_image_path(root_path, image)
-            if found is None:
-                raise FileNotFoundError(f"public split image {image!r} not found under {root_path}")
-            digest.update(found.read_bytes())
-        digest.update(b"\1")
-    return digest.hexdigest()
+    def samples(self) -> Sequence[SampleLike]: ...
 
 
 def samples_digest(samples: Sequence[SampleLike]) -> str:
@@ -275,31 +216,12 @@ def pretrain(
 
 
 # ---------------------------------------------------------------------------------- cache
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=True)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def prepared_dir_name(preset: str, seed: int, data_hash: str) -> str:
     return f"{preset}-seed{seed}-{data_hash[:12]}-v{RECIPE_VERSION}"
 
 
 def _models_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    return (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "models"
+    return (Path(cache_dir).expanduser() if cache_dir else cache_home()) / "models"
 
 
 def _pointer(models_dir: Path, preset: str, seed: int) -> Path:
@@ -311,14 +233,13 @@ def find_prepared(
     seed: int = 0,
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    public_data_root: str | os.PathLike[str] | None = None,
+    data_hash: str | None = None,
 ) -> Path | None:
-    """The prepared directory of ``preset`` (exact data key when a data root is given, else the
+    """The prepared directory of ``preset`` (exact data key when ``data_hash`` is given, else the
     latest preparation for this seed), or None."""
     preset_spec(preset)
     models_dir = _models_dir(cache_dir)
-    if public_data_root is not None:
-        data_hash = public_data_digest(public_data_root)
+    if data_hash is not None:
         directory = models_dir / prepared_dir_name(preset, seed, data_hash)
         return directory if (directory / "prepare.json").is_file() else None
     pointer = _pointer(models_dir, preset, seed)
@@ -343,12 +264,12 @@ def prepare_preset(
     data_hash = data_hash or samples_digest(samples)  # callers with a data root pass its digest
     directory = models_dir / prepared_dir_name(preset, seed, data_hash)
     models_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(models_dir / f".{directory.name}.lock"):
+    with file_lock(models_dir / f".{directory.name}.lock"):
         if not (directory / "prepare.json").is_file():
             if not samples:
                 raise ValueError(f"no public samples to prepare {preset!r} with")
             _train_and_save(preset, samples, directory, seed, config, data_hash, evaluate_accuracy)
-        _atomic_write_json(_pointer(models_dir, preset, seed), {"dir": directory.name})
+        atomic_write_json(_pointer(models_dir, preset, seed), {"dir": directory.name})
     return directory
 
 
@@ -367,8 +288,8 @@ def _train_and_save(
         after = {"held_out_answer_loss": answer_loss(model, processor, held_out, config.max_length)}
         if evaluate_accuracy:
             after["held_out_accuracy"] = answer_accuracy(model, processor, held_out, config.max_length)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         record = {
@@ -378,16 +299,14 @@ def _train_and_save(
             "num_parameters": sum(p.numel() for p in model.parameters()),
             "torch_threads": torch.get_num_threads(),
         }
-        _atomic_write_json(tmp / "prepare.json", record)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "prepare.json", record)
+
+    atomic_build_dir(directory, save)
 
 
 def prepare_presets(
+    public: PublicSplit,
     cache_dir: str | os.PathLike[str] | None = None,
-    public_data_root: str | os.PathLike[str] | None = None,
     seed: int = 0,
     presets: Sequence[str] | None = None,
     *,
@@ -397,9 +316,8 @@ def prepare_presets(
     names = list(presets) if presets is not None else list(PRESETS)
     for name in names:
         preset_spec(name)
-    cache = Path(cache_dir).expanduser() if cache_dir else cache_root()
-    root = Path(public_data_root) if public_data_root else default_public_data_root(seed, cache)
-    data_hash = public_data_digest(root)
+    cache = Path(cache_dir).expanduser() if cache_dir else cache_home()
+    data_hash = public.digest()
     models_dir = cache / "models"
     out: dict[str, Path] = {}
     samples: list[SampleLike] | None = None
@@ -407,31 +325,8 @@ def prepare_presets(
         budget = (steps or {}).get(name, DEFAULT_STEPS.get(name, 300))
         ready = models_dir / prepared_dir_name(name, seed, data_hash)
         if samples is None and not (ready / "prepare.json").is_file():
-            samples = load_public_samples(root)  # rendered only when something must be trained
+            samples = list(public.samples())  # rendered only when something must be trained
         out[name] = prepare_preset(
             name, samples or [], models_dir, seed, PretrainConfig(steps=budget), data_hash=data_hash
         )
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain and cache the tiny presets.")
-    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=sorted(PRESETS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--public-data", type=Path, default=None, help="DRAKE-mini root")
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    prepared = prepare_presets(args.cache_dir, args.public_data, args.seed, args.presets)
-    for name, directory in prepared.items():
-        record = json.loads((directory / "prepare.json").read_text(encoding="utf-8"))
-        print(f"{name}: {directory}\n  before {record['before']}\n  after  {record['after']}"
-              f"\n  {record['train_seconds']:.1f} s training ({record['seconds_per_step']:.3f} s/step)")
-    print(f"total {time.perf_counter() - start:.1f} s")
-
-
-if __name__ == "__main__":
-    main()

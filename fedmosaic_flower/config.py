@@ -7,12 +7,13 @@ The single source of defaults is ``[tool.flwr.app.config]`` in ``pyproject.toml`
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedmosaic_core.storage import cache_home
 
 Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "local"]
 STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "local")
@@ -20,11 +21,6 @@ STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "loca
 
 class ConfigError(ValueError):
     """A run-config value is wrong; the message names the key."""
-
-
-def default_home() -> Path:
-    """Root for caches, data, runs and client state: ``$FEDMOSAIC_CACHE`` or ``~/.cache/fedmosaic``."""
-    return Path(os.environ.get("FEDMOSAIC_CACHE", Path.home() / ".cache" / "fedmosaic")).expanduser()
 
 
 class FederationConfig(BaseModel):
@@ -94,7 +90,7 @@ class FederationConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        base = Path(self.output_dir).expanduser() if self.output_dir else default_home() / "runs"
+        base = Path(self.output_dir).expanduser() if self.output_dir else cache_home() / "runs"
         return base / self.resolved_run_name
 
     def to_flat(self) -> dict[str, Any]:

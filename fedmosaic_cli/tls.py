@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedmosaic_core.snapshots import atomic_write_bytes
+from fedmosaic_core.storage import atomic_write_bytes
 
 
 @dataclass(frozen=True)

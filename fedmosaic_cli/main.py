@@ -1,0 +1,398 @@
+"""``fedmosaic`` command line: the main job, the baseline comparison, and preparation.
+
+``fedmosaic main-job`` prepares DRAKE-mini and the tiny models (cached), then runs the Flower app
+with ``flwr run`` on a local simulation SuperLink that it starts and stops, checks the run's final
+status with ``flwr ls`` and prints where the report is. ``fedmosaic compare`` does the same for
+several strategies on the same scenario and seed and writes a comparison table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedmosaic_flower.logs import quiet_libraries
+
+quiet_libraries()  # before the libraries are imported
+
+import click  # noqa: E402
+import typer  # noqa: E402
+from flwr.common.config import parse_config_args  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
+
+from drake_data.errors import DrakeDataError  # noqa: E402
+from fedmosaic_core.models.align import AlignmentError  # noqa: E402
+from fedmosaic_core.models.loading import ModelNotAvailableError  # noqa: E402
+from fedmosaic_core.pqlora import AdapterStateError  # noqa: E402
+from fedmosaic_core.storage import cache_home  # noqa: E402
+from fedmosaic_flower.config import STRATEGIES, ConfigError, FederationConfig, parse_run_config  # noqa: E402
+from server_app.report import percent  # noqa: E402
+
+app = typer.Typer(add_completion=False, help="FedMosaic on Flower.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+log = logging.getLogger("fedmosaic")
+
+#: errors a user can cause and fix: one red line, exit status 2 (LaunchError: the run failed, 1)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError, DrakeDataError, ModelNotAvailableError, AlignmentError, AdapterStateError,
+    FileNotFoundError, NotADirectoryError, PermissionError,
+)
+
+RUN_CONFIG_HELP = "run-config overrides in Flower's syntax: \"key=value key2='text'\" (repeatable)"
+
+
+class RunFailed(RuntimeError):
+    """The Flower run ended with a status other than completed."""
+
+
+@contextlib.contextmanager
+def expected_errors() -> Iterator[None]:
+    """Turn the errors a user can fix into one line on stderr and a non-zero exit."""
+    from fedmosaic_cli.launch import LaunchError
+    from server_app.run_store import RunStateError
+
+    try:
+        yield
+    except (*EXPECTED_ERRORS, RunStateError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    except (LaunchError, RunFailed) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _app_dir(app_dir: Path | None) -> Path:
+    if app_dir is not None:
+        return app_dir.resolve()
+    here = Path(__file__).resolve().parents[1]
+    if (here / "pyproject.toml").exists():
+        return here
+    raise typer.BadParameter("cannot find the Flower app (pyproject.toml); pass --app-dir")
+
+
+def _defaults(app_dir: Path) -> dict[str, Any]:
+    import tomllib
+
+    data = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    return dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``--run-config`` values as Flower parses them (``"a=1 b='x'"``, repeatable); a bare word
+    that is not a TOML value (``strategy=local``) is taken as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            out.update(parse_config_args([item]))
+        except (click.ClickException, ValueError):
+            for pair in item.split():
+                if "=" not in pair:
+                    raise typer.BadParameter(f"--run-config expects key=value pairs, got {pair!r}") from None
+                key, value = pair.split("=", 1)
+                try:
+                    out.update(parse_config_args([f"{key}={value}"]))
+                except (click.ClickException, ValueError):
+                    out[key] = value
+    return out
+
+
+class RoundProgress:
+    """A progress bar of the run's rounds, read from its ``rounds.jsonl`` while it runs."""
+
+    def __init__(self, progress: Progress, log_file: Path, num_rounds: int, num_clients: int) -> None:
+        self.progress, self.log_file, self.num_clients = progress, log_file, num_clients
+        self.task = progress.add_task("waiting for round 1", total=num_rounds)
+
+    def __call__(self) -> None:
+        if not self.log_file.exists():
+            return
+        rounds: dict[int, int] = {}
+        for line in self.log_file.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
+                server_round = int(json.loads(line)["round"])
+                rounds[server_round] = rounds.get(server_round, 0) + 1
+        if rounds:
+            last = max(rounds)
+            self.progress.update(self.task, completed=last,
+                                 description=f"round {last} done, {rounds[last]}/{self.num_clients} clients replied")
+
+
+def _config(app_dir: Path, overrides: dict[str, Any]) -> FederationConfig:
+    """The validated run config: the app's defaults with ``overrides`` (ConfigError if bad)."""
+    return parse_run_config({**_defaults(app_dir), **overrides})
+
+
+def _run_one(
+    app_dir: Path,
+    overrides: dict[str, Any],
+    flwr_home: Path,
+    deployment_clients: list[str] | None = None,
+    tls: bool = False,
+) -> dict[str, Any]:
+    """Prepare, run one federation through Flower, check its status; returns the summary.
+
+    By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
+    (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
+    from fedmosaic_cli.launch import flwr_run, local_deployment, simulation_superlink
+    from fedmosaic_flower.prepare import load_run_scenario, prepare_federation
+
+    config = _config(app_dir, overrides)
+    started = time.monotonic()
+    typer.secho("Preparing DRAKE-mini, tiny models and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
+    data_root = prepare_federation(config)
+    prepared_s = time.monotonic() - started
+    scenario = load_run_scenario(config, data_root)
+    if not config.data_root:
+        overrides = {**overrides, "data-root": str(data_root)}
+    if not config.output_dir:
+        overrides = {**overrides, "output-dir": str(config.run_dir.parent)}
+    cpus = config.torch_threads or (os.cpu_count() or 1)
+    log_path = config.run_dir.parent / f"{config.run_dir.name}-flwr-run.log"
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
+                        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), transient=False)
+    typer.secho(f"Running {config.strategy} on {config.scenario} via `flwr run`; Flower's log: {log_path}",
+                fg=typer.colors.BLUE)
+    if deployment_clients is None:
+        with simulation_superlink(flwr_home) as link, progress:
+            watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
+                                  len(scenario.clients))
+            run_id, status = flwr_run(
+                app_dir, link, run_config=overrides, num_supernodes=len(scenario.clients),
+                num_cpus_per_client=cpus, log_path=log_path, on_wait=watch,
+            )
+    else:
+        known = {str(c.client_id) for c in scenario.clients}
+        deployment_clients = deployment_clients or sorted(known, key=int)
+        # wait for every SuperNode before the first round (they connect within seconds)
+        overrides = {"min-clients": len(deployment_clients), **overrides}
+        unknown = [c for c in deployment_clients if c not in known]
+        if unknown:
+            typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
+                        f"{', '.join(sorted(known, key=int))}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        node_configs = [
+            {"client-id": cid, "state-dir": str(config.run_dir / "supernode-state" / f"client-{cid}"),
+             "data-root": str(data_root)}
+            for cid in deployment_clients
+        ]
+        from fedmosaic_cli.tls import write_certificates
+
+        tls_files = write_certificates(flwr_home / "certificates") if tls else None
+        with local_deployment(flwr_home, node_configs, tls=tls_files) as (link, _nodes), progress:
+            watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
+                                  len(deployment_clients))
+            run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
+    elapsed = time.monotonic() - started
+    if status != "finished:completed":
+        raise RunFailed(f"Flower run {run_id} ended with status {status!r}; log: {log_path}")
+    summary = json.loads((config.run_dir / "report" / "summary.json").read_text())
+    summary["timing"] = {"prepare_s": round(prepared_s, 1), "total_s": round(elapsed, 1)}
+    summary["run_dir"] = str(config.run_dir)
+    summary["strategy"] = config.strategy
+    (config.run_dir / "report" / "timing.json").write_text(json.dumps(summary["timing"]))
+    return summary
+
+
+@app.command("main-job")
+def main_job(
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
+    app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+) -> None:
+    """FedMosaic on DRAKE-mini with heterogeneous tiny models, via `flwr run`."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with expected_errors():
+        summary = _run_one(_app_dir(app_dir), parse_overrides(run_config), cache_home() / "flwr-home")
+    table = (Path(summary["run_dir"]) / "report" / "table.md").read_text()
+    typer.echo(table)
+    typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s, "
+               f"of which preparation {summary['timing']['prepare_s']} s)")
+
+
+@app.command("local-deployment")
+def local_deployment_command(
+    clients: str = typer.Option("", help="comma-separated client ids (default: every scenario client)"),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
+    app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+    tls: bool = typer.Option(True, "--tls/--insecure", help="TLS with a fresh self-signed CA (default) or none"),
+) -> None:
+    """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
+    per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ids = [c.strip() for c in clients.split(",") if c.strip()]
+    with expected_errors():
+        summary = _run_one(_app_dir(app_dir), parse_overrides(run_config),
+                           cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls)
+    typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
+    typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
+
+
+def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
+    pct = percent
+
+    lines = [
+        "| method | Self A_last | Self A_AUC | Others A_last | Others A_AUC | Unseen A_last | bytes up / client / round | bytes down / client / round |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summaries.items():
+        o = s["overall"]
+        lines.append(
+            f"| {name} | {pct(o['self_last'])} | {pct(o['self_auc'])} | {pct(o['others_last'])} | "
+            f"{pct(o['others_auc'])} | {pct(o['unseen_last'])} | {o['bytes_up_per_round']:.0f} | {o['bytes_down_per_round']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_model_table(per_seed: dict[str, list[dict[str, Any]]]) -> str:
+    """Self A_last (mean %) by base model, over the clients of that model and all seeds."""
+    models = sorted({c["model_id"] for runs in per_seed.values() for r in runs for c in r["clients"].values()})
+    lines = ["| method | " + " | ".join(f"Self A_last: {m}" for m in models) + " |",
+             "|---|" + "---|" * len(models)]
+    for name, runs in per_seed.items():
+        cells = []
+        for model in models:
+            values = [float(c["self_last"]) for r in runs for c in r["clients"].values() if c["model_id"] == model]
+            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@app.command()
+def compare(
+    strategies: str = typer.Option(",".join(["local", "fedavg", "fedmosaic-uniform", "fedmosaic"]),
+                                   help="comma-separated strategies"),
+    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
+    out: Path | None = typer.Option(None, help="where to write comparison.md / comparison.json"),
+    app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+) -> None:
+    """Run the baselines and FedMosaic on the same scenario and seed(s); write a comparison table."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    directory = _app_dir(app_dir)
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    for name in names:
+        if name not in STRATEGIES:
+            raise typer.BadParameter(f"unknown strategy {name!r}; expected some of {', '.join(STRATEGIES)}")
+    overrides = parse_overrides(run_config)
+    results: dict[str, dict[str, Any]] = {}
+    per_seed: dict[str, list[dict[str, Any]]] = {}
+    for seed in [int(s) for s in seeds.split(",")]:
+        for name in names:
+            with expected_errors():
+                summary = _run_one(directory, {**overrides, "strategy": name, "seed": seed}, cache_home() / "flwr-home")
+            per_seed.setdefault(name, []).append(summary)
+    for name, runs in per_seed.items():
+        keys = runs[0]["overall"].keys()
+        results[name] = {"overall": {k: float(sum(r["overall"][k] for r in runs) / len(runs)) for k in keys},
+                         "runs": [r["run_dir"] for r in runs]}
+    table = comparison_table(results) + "\n" + per_model_table(per_seed)
+    target = out or (cache_home() / "comparisons" / time.strftime("%Y%m%d-%H%M%S"))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "comparison.md").write_text(table)
+    (target / "comparison.json").write_text(json.dumps(results, indent=1))
+    typer.echo(table)
+    typer.echo(f"Comparison written to {target}")
+
+
+@app.command()
+def certificates(
+    out: Path = typer.Option(..., help="folder for ca.crt, server.pem, server.key (and ca.key)"),
+    host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="SuperLink host name or IP (repeat)"),
+    days: int = typer.Option(365, help="validity in days"),
+) -> None:
+    """A self-signed CA and a SuperLink server certificate for TLS (see deploy/README.md)."""
+    from fedmosaic_cli.tls import write_certificates
+
+    try:
+        files = write_certificates(out, host, days)
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"SuperLink: {' '.join(files.superlink_args())}")
+    typer.echo(f"SuperNodes and flwr CLI: {' '.join(files.client_args())}")
+
+
+@app.command()
+def prepare(
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
+    app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+) -> None:
+    """Build DRAKE-mini, prepare the tiny models and align A/B (what the first run does)."""
+    from fedmosaic_flower.prepare import prepare_federation
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    with expected_errors():
+        config = _config(_app_dir(app_dir), parse_overrides(run_config))
+        typer.echo(f"Prepared; data at {prepare_federation(config)}")
+
+
+@app.command("prepare-models")
+def prepare_models(
+    presets: list[str] = typer.Option(None, "--presets", help="tiny presets to prepare (default: all)"),
+    seed: int = typer.Option(0, help="seed of the preparation (and of DRAKE-mini when it is built)"),
+    public_data: Path | None = typer.Option(None, help="a DRAKE-mini root (default: built in the cache)"),
+    cache_dir: Path | None = typer.Option(None, help="cache root (default: $FEDMOSAIC_CACHE)"),
+    threads: int = typer.Option(1, help="torch threads (tiny models gain little from more)"),
+) -> None:
+    """Pretrain and cache the tiny presets on DRAKE-mini's public split."""
+    import torch
+
+    from fedmosaic_core.models.pretrain import prepare_presets
+    from fedmosaic_flower.prepare import DrakePublicSplit, default_public_data_root
+
+    torch.set_num_threads(threads)
+    with expected_errors():
+        root = public_data or default_public_data_root(seed, cache_dir)
+        start = time.perf_counter()
+        prepared = prepare_presets(DrakePublicSplit(root), cache_dir, seed, presets or None)
+    for name, directory in prepared.items():
+        record = json.loads((directory / "prepare.json").read_text(encoding="utf-8"))
+        before, after = record["before"], record["after"]
+        typer.echo(f"{name}: {directory}\n  held-out answer loss {before['held_out_answer_loss']:.2f} -> "
+                   f"{after['held_out_answer_loss']:.2f}; {record['train_seconds']:.1f} s training")
+    typer.echo(f"total {time.perf_counter() - start:.1f} s")
+
+
+@app.command()
+def align(
+    anchor: str = typer.Option(..., help="the smallest model of the federation (preset, path or hub id)"),
+    other: list[str] = typer.Option(..., help="a model to align to the anchor (repeat)"),
+    out: Path = typer.Option(..., help="folder for one A/B file per architecture"),
+    r: int = typer.Option(16, help="PQ-LoRA rank"),
+    seed: int = typer.Option(0, help="PQ-LoRA seed of the anchor's A/B"),
+    public_data: Path | None = typer.Option(None, help="a DRAKE-mini root (default: built in the cache)"),
+    quantization: str = typer.Option("none", help="none, nf4 or int8"),
+) -> None:
+    """Align the PQ layers' A/B of other architectures to an anchor's, on public data."""
+    import torch
+
+    from fedmosaic_core.models.align import (
+        AlignConfig,
+        align_bases,
+        alignment_summary,
+        anchor_aligned_bases,
+        save_aligned_bases,
+    )
+    from fedmosaic_core.models.loading import load_model
+    from fedmosaic_flower.prepare import DrakePublicSplit, default_public_data_root
+
+    torch.manual_seed(seed)
+    config = AlignConfig(r=r, seed=seed)
+    with expected_errors():
+        public = DrakePublicSplit(public_data or default_public_data_root(0))
+        samples = public.samples()
+        anchor_model = load_model(anchor, quantization=quantization, public_split=public)  # type: ignore[arg-type]
+        typer.echo(f"anchor {anchor}: {save_aligned_bases(anchor_aligned_bases(anchor_model, config), out)}")
+        for name in other:
+            bases = align_bases(anchor_model, load_model(name, quantization=quantization, public_split=public),  # type: ignore[arg-type]
+                                samples, config)
+            typer.echo(f"{name}: {save_aligned_bases(bases, out)}\n  {alignment_summary(bases.metrics)}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,1 +1,0 @@
-"""Shared federation protocol: run configuration and message encoding (no server/client code)."""

@@ -1,0 +1,121 @@
+"""A run on the server's disk: its config, per-round log, checkpoints, and resume.
+
+Layout under ``<output-dir>/<run-name>/``: ``config.json`` (the validated run config),
+``rounds.jsonl`` (one JSON row per client and round, appended after every round),
+``checkpoints/round-NNNN/{state.safetensors,state.json}`` written atomically and named by
+``checkpoints/LATEST``. A fresh run moves an older run of the same name aside; ``resume``
+continues after the newest checkpoint and refuses a config that changed anything but the keys
+in :data:`RESUME_IGNORED_KEYS`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedmosaic_core.storage import atomic_write_text, prune_rounds, read_snapshot, write_snapshot
+from fedmosaic_flower.config import FederationConfig
+
+log = logging.getLogger("fedmosaic.server")
+
+LOG_FILE = "rounds.jsonl"
+RESUME_IGNORED_KEYS = {"resume", "num_server_rounds", "round_timeout"}
+
+
+class RunStateError(RuntimeError):
+    """The run directory does not fit the requested run (e.g. resume with another config)."""
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf become null: every line of the log stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunStore:
+    """The run directory of one federation run."""
+
+    def __init__(self, config: FederationConfig, keep: int = 2) -> None:
+        self.config = config
+        self.dir = config.run_dir
+        self.keep = keep
+        self.rows: list[dict[str, Any]] = []
+
+    @property
+    def log_path(self) -> Path:
+        return self.dir / LOG_FILE
+
+    def open(self) -> tuple[int, tuple[dict[str, torch.Tensor], dict[str, Any]] | None]:
+        """Fresh run or resume: (first round to run, the checkpoint to restore or None)."""
+        saved_config = self.dir / "config.json"
+        if self.config.resume:
+            checkpoint = self.latest_checkpoint()
+            if checkpoint is not None:
+                previous = json.loads(saved_config.read_text()) if saved_config.exists() else {}
+                mine = self.config.model_dump()
+                changed = sorted(
+                    k for k in mine if k not in RESUME_IGNORED_KEYS and k in previous and previous[k] != mine[k]
+                )
+                if changed:
+                    raise RunStateError(f"resume: {self.dir} was run with different values for {', '.join(changed)}")
+                server_round, tensors, meta = checkpoint
+                self.rows = [r for r in self._read_rows() if int(r.get("round", 0)) <= server_round]
+                atomic_write_text(self.log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+                log.info("resuming %s after round %d", self.dir, server_round)
+                return server_round + 1, (tensors, meta)
+            log.info("resume: no checkpoint in %s, starting at round 1", self.dir)
+        elif (self.dir / "checkpoints").exists():
+            archive = self.dir.with_name(f"{self.dir.name}-previous-{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(self.dir), str(archive))
+            log.info("a previous run of %s was moved to %s", self.dir.name, archive)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.unlink(missing_ok=True)
+        atomic_write_text(saved_config, json.dumps(self.config.model_dump(), indent=1, sort_keys=True))
+        return 1, None
+
+    def _read_rows(self) -> list[dict[str, Any]]:
+        if not self.log_path.exists():
+            return []
+        rows = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash mid-append
+        return rows
+
+    def record_round(
+        self, server_round: int, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+    ) -> None:
+        """Append the round's rows to the log, then checkpoint the server state."""
+        safe = [_json_safe(r) for r in rows]
+        with open(self.log_path, "a", encoding="utf-8") as handle:
+            handle.write("".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in safe))
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.rows.extend(safe)
+        root = self.dir / "checkpoints"
+        final = write_snapshot(root / f"round-{server_round:04d}", "state", tensors, {"round": server_round, **meta})
+        atomic_write_text(root / "LATEST", final.name + "\n")
+        prune_rounds(root, self.keep)
+
+    def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]] | None:
+        """(round, tensors, meta) of the newest complete checkpoint, or None when there is none."""
+        pointer = self.dir / "checkpoints" / "LATEST"
+        if not pointer.exists():
+            return None
+        tensors, meta = read_snapshot(pointer.parent / pointer.read_text().strip(), "state")
+        return int(meta["round"]), tensors, meta
