@@ -98,3 +98,17 @@ def test_resume_gives_the_same_next_round_states(data_root: Path, tmp_path: Path
     for cid, state in full.strategy.globals.items():
         for key, value in state.shared.items():
             torch.testing.assert_close(resumed.strategy.globals[cid].shared[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_one_clientapp_process_serves_two_runs_with_their_own_configs(data_root: Path, tmp_path: Path) -> None:
+    """The same ClientApp (same process, same cached models) serves run A with local-steps 2,
+    then run B with local-steps 5: run B trains 5 steps (the stale-config bug trained 2)."""
+    steps = {}
+    for name, local_steps in (("run-a", 2), ("run-b", 5)):
+        config = _config(data_root, tmp_path / "runs", **{"run-name": name, "local-steps": local_steps,
+                                                           "num-server-rounds": 1, "min-clients": 1})
+        recorder = Recorder(0, config.to_flat())
+        run_federation(InProcessGrid({100: recorder}), config)
+        steps[name] = recorder.replies[1].content.metric_records[proto.METRICS]["train-steps"]
+    assert steps == {"run-a": 2.0, "run-b": 5.0}

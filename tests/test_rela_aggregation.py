@@ -266,3 +266,16 @@ def test_argument_errors() -> None:
         aggregate_global_states(updates + [updates[0]], {})
     with pytest.raises(ValueError, match="malformed key"):
         aggregate_global_states(updates, {}, expected_shared={"P": (4, 4)})
+
+
+def test_an_empty_same_architecture_part_is_aggregated() -> None:
+    """Models whose every adapted layer is a PQ layer have no plain LoRA to share."""
+    updates = [
+        ClientUpdate(f"c{i}", "arch", {"pq.0.q_proj.P": torch.full((2, 2), float(i)), "pq.0.q_proj.Q": torch.ones(2)},
+                     {}, np.eye(2, dtype=np.float32) + i)
+        for i in range(3)
+    ]
+    result = aggregate_global_states(updates, {}, mode="fedmosaic-uniform")
+    assert not result.excluded
+    torch.testing.assert_close(result.globals["c0"].shared["pq.0.q_proj.P"], torch.full((2, 2), 1.5))
+    assert result.globals["c1"].same_arch == {}

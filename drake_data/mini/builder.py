@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+import drake_data.mini.sources as S
 from drake_data.errors import DrakeDataError
 from drake_data.layout import (
     IMAGE_TOKEN,
@@ -39,7 +40,6 @@ from drake_data.layout import (
     parse_scenario,
     write_task,
 )
-from drake_data.mini import sources as S
 from fedmosaic_core.storage import atomic_write_text
 
 log = logging.getLogger(__name__)

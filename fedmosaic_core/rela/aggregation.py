@@ -131,6 +131,8 @@ def _stack(states: Sequence[Mapping[str, torch.Tensor]], spec: Spec) -> torch.Te
     """M × D float32 matrix: row j is state j's tensors, in ``spec`` order, flattened."""
     width = sum(math.prod(shape) for shape in spec.values())
     out = torch.empty(len(states), width, dtype=torch.float32)
+    if not spec:
+        return out  # e.g. a model whose every adapted layer is a PQ layer: no plain LoRA
     for row, state in zip(out, states, strict=True):
         torch.cat([state[key].detach().reshape(-1).float().cpu() for key in spec], out=row)
     return out
