@@ -1,4 +1,4 @@
-"""Local training of every scenario client under each choice of A/B (DESIGN §3).
+"""Local training of every scenario client under each choice of A/B (docs/method.md, "Aligning A and B across architectures").
 
 For every client of the default scenario: its prepared tiny preset, PQ-LoRA injected with the
 run's defaults (r, alpha, dropout, learning rates from pyproject.toml), ``--steps`` AdamW steps

@@ -4,7 +4,7 @@
 [--out results.json]``
 
 1. Train-step time per preset (all weights, AdamW) at batch 8 × 64 tokens with one 32×32 image
-   per sample (DESIGN §8 budget: about 0.1 s on 2 cores).
+   per sample (docs/method.md, "Offline models" budget: about 0.1 s on 2 cores).
 2. ``prepare_presets`` on DRAKE-mini's public split (fresh cache unless ``--cache-dir`` already
    holds them): wall time for all presets and each preset's held-out answer loss / exact-match
    accuracy before and after pretraining.

@@ -35,7 +35,7 @@ def drake_tasks() -> list[dict[str, Any]]:
 
 
 def drake_client_map() -> dict[int, list[str]]:
-    """client id → its 4 task labels, in stream order (DESIGN §6 table)."""
+    """client id → its 4 task labels, in stream order (docs/method.md, "DRAKE" table)."""
     return {int(k): list(v) for k, v in _registry_json("drake_clients.json").items()}
 
 

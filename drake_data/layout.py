@@ -1,4 +1,4 @@
-"""The DRAKE on-disk layout and scenario files (DESIGN §6).
+"""The DRAKE on-disk layout and scenario files (docs/method.md, "DRAKE").
 
 ```
 <root>/<Dataset>/{train,test}/dataset-<subset_id>.json      # one JSON list of records per task

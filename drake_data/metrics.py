@@ -1,4 +1,4 @@
-"""Benchmark metrics (DESIGN §6), pure python/numpy. Scores are percentages in [0, 100].
+"""Benchmark metrics (docs/method.md, "DRAKE"), pure python/numpy. Scores are percentages in [0, 100].
 
 - task score: mean of per-sample scores (accuracy for multi-choice, token F1 for open-ended) × 100.
 - Self = mean over clients i of the mean over i's own tasks of s_i(t).

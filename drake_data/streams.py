@@ -1,4 +1,4 @@
-"""Data streams and the replay memory of DESIGN §6, deterministic under a seed and resumable.
+"""Data streams and the replay memory of docs/method.md, "DRAKE", deterministic under a seed and resumable.
 
 *dynamic*: tasks one after another, ``rounds_per_task`` rounds each; a task's samples (shuffled
 with the seed) are cut into that many consecutive, near-equal chunks.

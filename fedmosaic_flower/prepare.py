@@ -119,7 +119,7 @@ def smallest_model(model_ids: list[str]) -> str:
 
 
 def probe_model_id(config: FederationConfig, scenario: Scenario) -> str:
-    """``probe-model`` or the smallest model of the federation (DESIGN §4)."""
+    """``probe-model`` or the smallest model of the federation (docs/method.md, "RELA")."""
     return config.probe_model or smallest_model([c.model_id for c in scenario.clients])
 
 
@@ -155,7 +155,7 @@ def prepare_federation(config: FederationConfig) -> Path:
 
 
 def align_federation_bases(config: FederationConfig, data_root: Path, loaded: dict) -> Path:  # type: ignore[type-arg]
-    """DESIGN §3: the smallest model is the anchor (seeded orthonormal A/B); every other
+    """docs/method.md, "Aligning A and B across architectures": the smallest model is the anchor (seeded orthonormal A/B); every other
     architecture's A is trained to match the anchor's latents, B mapped by CCA. Cached."""
     anchor = smallest_model(list(loaded))
     out = bases_dir(config, anchor)

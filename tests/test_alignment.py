@@ -1,4 +1,4 @@
-"""A/B alignment (DESIGN §3): math pieces, cross-tokenizer matching, end-to-end files, errors."""
+"""A/B alignment (docs/method.md, "Aligning A and B across architectures"): math pieces, cross-tokenizer matching, end-to-end files, errors."""
 
 from __future__ import annotations
 

@@ -192,7 +192,7 @@ def test_nf4_on_cpu_evaluate_then_train_keeps_gradients() -> None:
     wrapped = inject_pqlora(loaded.model, PQ)
     batch = collate(loaded.processor, SAMPLES[:4], 128)
     wrapped.eval()
-    with torch.no_grad():  # the DESIGN §8 trap: an eval forward first
+    with torch.no_grad():  # the docs/method.md, "Offline models" trap: an eval forward first
         eval_loss = wrapped(**batch).loss
     assert torch.isfinite(eval_loss)
     wrapped.train()

@@ -1,4 +1,4 @@
-"""PQ-LoRA on bitsandbytes 4-bit / 8-bit bases on CPU (DESIGN §8: evaluate, then train)."""
+"""PQ-LoRA on bitsandbytes 4-bit / 8-bit bases on CPU (docs/method.md, "Offline models": evaluate, then train)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Real data shipped inside installed packages (DESIGN §8), loaded offline as 32×32 RGB arrays.
+"""Real data shipped inside installed packages (docs/method.md, "Offline models"), loaded offline as 32×32 RGB arrays.
 
 - scikit-learn digits: 1797 8×8 hand-written digits (a copy of the UCI optical digits set).
 - easy-vqa: 5000 64×64 images of one coloured shape, with 48k generated questions.

@@ -1,5 +1,5 @@
 """Models: tiny LLaVA presets, loading (incl. 4-bit), fingerprints, collation, preparation and
-cross-architecture A/B alignment (DESIGN §2, §3, §8)."""
+cross-architecture A/B alignment (docs/method.md, "PQ-LoRA", "Aligning A and B across architectures", "Offline models")."""
 
 from .collate import collate, collate_for_generation, generate_answers
 from .fingerprint import ArchitectureFingerprint

@@ -1,4 +1,4 @@
-"""Cross-architecture A/B alignment of PQ layers (DESIGN §3).
+"""Cross-architecture A/B alignment of PQ layers (docs/method.md, "Aligning A and B across architectures").
 
 ``python -m fedmosaic_core.models.align --anchor tiny-llama-s --other tiny-llama-m tiny-qwen2-s
 --out DIR [--r 16] [--seed 0] [--public-data ROOT]``
@@ -404,7 +404,7 @@ def _inv_sqrt_and_sqrt(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def cca_map_b(
     y_anchor: torch.Tensor, y_other: torch.Tensor, b_anchor: torch.Tensor, gamma: float
 ) -> tuple[torch.Tensor, float]:
-    """``B_o = T·B_a`` with T from regularised CCA of the outputs (DESIGN §3 step 3).
+    """``B_o = T·B_a`` with T from regularised CCA of the outputs (docs/method.md, "Aligning A and B across architectures" step 3).
 
     Returns B_o and the mean canonical correlation (diagonal of Σ).
     """

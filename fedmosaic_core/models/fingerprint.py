@@ -1,4 +1,4 @@
-"""Architecture fingerprint: which clients may share plain-LoRA A/B (DESIGN §2).
+"""Architecture fingerprint: which clients may share plain-LoRA A/B (docs/method.md, "PQ-LoRA").
 
 Two models have the same fingerprint exactly when every plain-LoRA factor has the same shape in
 both and the layers line up: same family, hidden size, layer count, MLP width, attention

@@ -1,4 +1,4 @@
-"""Load a model + processor by preset name, hub id or local path (DESIGN §2, §8).
+"""Load a model + processor by preset name, hub id or local path (docs/method.md, "PQ-LoRA", "Offline models").
 
 ``load_model(name_or_path, quantization="none"|"nf4"|"int8", dtype=None, device=None)``
 
@@ -12,7 +12,7 @@
   ``AutoModelForImageTextToText``, text-only ones through ``AutoModelForCausalLM``.
 * **4-bit NF4** via ``BitsAndBytesConfig`` (double quantisation, compute dtype bf16 on CUDA and
   fp32 on CPU), language model only (vision tower, projector and lm_head stay in full
-  precision). Every ``bnb.nn.Linear4bit`` gets ``support_avx512bf16_for_cpu = False`` (DESIGN §8:
+  precision). Every ``bnb.nn.Linear4bit`` gets ``support_avx512bf16_for_cpu = False`` (docs/method.md, "Offline models":
   otherwise an eval forward on AVX512-BF16 CPUs repacks weights and later training silently
   loses gradients).
 """

@@ -1,4 +1,4 @@
-"""Tiny LLaVA-style presets built from configs (the embedded default models, DESIGN §8).
+"""Tiny LLaVA-style presets built from configs (the embedded default models, docs/method.md, "Offline models").
 
 Each preset is a ``LlavaForConditionalGeneration``: a 2-layer CLIP vision tower on 32×32 images
 (patch 8 → 16 patch tokens; the CLS token is dropped by the ``default`` feature strategy), a

@@ -1,4 +1,4 @@
-"""PQ-LoRA: the dimension-invariant dual adapter of FedMosaic (DESIGN §2), in peft-tuner shape.
+"""PQ-LoRA: the dimension-invariant dual adapter of FedMosaic (docs/method.md, "PQ-LoRA"), in peft-tuner shape.
 
 ``config`` (:class:`PQLoRAConfig`), ``layer`` (:class:`PQLoRALinear`, :class:`DualLoRALinear`),
 ``model`` (:func:`inject_pqlora`, :class:`PQLoRAModel`), ``state`` (keys, checks) and

@@ -1,4 +1,4 @@
-"""Configuration of a PQ-LoRA adapter (DESIGN §2), validated when it is built."""
+"""Configuration of a PQ-LoRA adapter (docs/method.md, "PQ-LoRA"), validated when it is built."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PQ-LoRA and plain dual-LoRA layers around a linear-like base (DESIGN §2).
+"""PQ-LoRA and plain dual-LoRA layers around a linear-like base (docs/method.md, "PQ-LoRA").
 
 Every adapted layer computes, for an input row vector x,
 
@@ -119,7 +119,7 @@ class _GatedDualAdapter(nn.Module):
         self.in_features = int(base_layer.in_features)
         self.out_features = int(base_layer.out_features)
         if self.base_kind == "4bit":
-            # DESIGN §8: an eval-mode, no-grad CPU forward would repack the 4-bit weights into
+            # docs/method.md, "Offline models": an eval-mode, no-grad CPU forward would repack the 4-bit weights into
             # a layout without backward, silently dropping gradients in later training.
             base_layer.support_avx512bf16_for_cpu = False
             _unpack_cpu_4bit(base_layer)

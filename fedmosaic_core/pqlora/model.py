@@ -131,7 +131,7 @@ def inject_pqlora(model: nn.Module, config: PQLoRAConfig) -> PQLoRAModel:
 
     model.requires_grad_(False)
     bnb = sys.modules.get("bitsandbytes")
-    if bnb is not None:  # DESIGN §8, for every 4-bit layer (adapted or not)
+    if bnb is not None:  # docs/method.md, "Offline models", for every 4-bit layer (adapted or not)
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False

@@ -1,4 +1,4 @@
-"""Seeded orthonormal bases for PQ layers (the anchor initialisation, DESIGN §3 step 1).
+"""Seeded orthonormal bases for PQ layers (the anchor initialisation, docs/method.md, "Aligning A and B across architectures" step 1).
 
 A (r × d_in) has orthonormal rows and B (d_out × r) orthonormal columns. Each is the Q factor
 of the QR decomposition of a seeded standard Gaussian matrix, with the signs fixed so that

@@ -1,4 +1,4 @@
-"""RELA: relevance-guided aggregation (DESIGN §4).
+"""RELA: relevance-guided aggregation (docs/method.md, "RELA").
 
 Client: :class:`TaskVectorProbe` (closed-form probe gradient), :class:`TaskVectorAccumulator`
 (sanitise, round mean, smoothing; a heuristic, not differential privacy) and
