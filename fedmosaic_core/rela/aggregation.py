@@ -148,6 +148,12 @@ def _unstack(matrix: torch.Tensor, spec: Spec) -> list[dict[str, torch.Tensor]]:
     return outputs
 
 
+def _finite_rows(stack: torch.Tensor) -> torch.Tensor:
+    """Which rows hold only finite values, in one memory pass: NaN and ±Inf propagate into a
+    row's float64 sum (which cannot overflow for float32 inputs)."""
+    return torch.isfinite(stack.sum(dim=1, dtype=torch.float64))
+
+
 def _non_finite_key(state: Mapping[str, torch.Tensor], spec: Spec) -> str:
     return next(key for key in spec if not bool(torch.isfinite(state[key]).all()))
 
@@ -237,18 +243,18 @@ def aggregate_global_states(
             excluded[update.client_id] = reason
 
     shared_stack = _stack([u.shared for u in candidates], shared_spec)
-    finite = torch.isfinite(shared_stack).all(dim=1)
+    finite = _finite_rows(shared_stack)
     arch_stacks: dict[str, tuple[list[int], torch.Tensor]] = {}
     for arch in sorted({u.arch for u in candidates}):
         members = [i for i, u in enumerate(candidates) if u.arch == arch]
         stack = _stack([candidates[i].same_arch for i in members], arch_specs[arch])
-        finite[members] &= torch.isfinite(stack).all(dim=1)
+        finite[members] &= _finite_rows(stack)
         arch_stacks[arch] = (members, stack)
     keep = [i for i in range(len(candidates)) if bool(finite[i])]
     for i in range(len(candidates)):
         if not bool(finite[i]):
             update = candidates[i]
-            if not bool(torch.isfinite(shared_stack[i]).all()):
+            if not bool(_finite_rows(shared_stack[i : i + 1])[0]):
                 where = f"shared {_non_finite_key(update.shared, shared_spec)!r}"
             else:
                 where = f"same-arch {_non_finite_key(update.same_arch, arch_specs[update.arch])!r}"
