@@ -57,9 +57,10 @@ def expected_errors() -> Iterator[None]:
     from fedmosaic_cli.launch import LaunchError
     from server_app.run_store import RunStateError
 
+    user_errors: tuple[type[Exception], ...] = (*EXPECTED_ERRORS, RunStateError)
     try:
         yield
-    except (*EXPECTED_ERRORS, RunStateError) as err:
+    except user_errors as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     except (LaunchError, RunFailed) as err:

@@ -50,7 +50,7 @@ def atomic_write_json(path: Path, data: Any, mode: int | None = 0o644) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True), mode)
 
 
-def atomic_write_with(path: Path, write: Callable[[str], None], mode: int | None = 0o644) -> None:
+def atomic_write_with(path: Path, write: Callable[[str], object], mode: int | None = 0o644) -> None:
     """For writers that need a file name (``safetensors.save_file``, ``save_pretrained`` of one
     file): ``write(tmp_path)`` then rename onto ``path``."""
     path = Path(path)

@@ -147,9 +147,10 @@ def read_client_info(content: RecordDict) -> dict[str, Any]:
     strings) and the JSON fields ``schema`` / ``scores`` decoded."""
     if CLIENT_INFO not in content.config_records:
         raise ProtocolError(f"reply has no {CLIENT_INFO!r} record")
-    info = dict(content.config_records[CLIENT_INFO])
+    info: dict[str, Any] = dict(content.config_records[CLIENT_INFO])
     for key in ("arch", "model-id"):
-        if not isinstance(info.get(key), str) or not info[key] or len(info[key]) > 256:
+        value = info.get(key)
+        if not isinstance(value, str) or not value or len(value) > 256:
             raise ProtocolError(f"{CLIENT_INFO}: missing, empty or over-long {key!r}")
     info["client-id"] = check_client_id(info.get("client-id"))
     for key in ("schema", "scores"):

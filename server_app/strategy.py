@@ -265,7 +265,7 @@ class FedMosaicStrategy(Strategy):
             self.last_weight_ids = list(result.client_ids)
         self.last_outcome = outcome
         losses = [float(r["train_loss"]) for r in outcome.rows if isinstance(r.get("train_loss"), float)]
-        metrics = {"num-replied": len(outcome.replied), "num-excluded": len(outcome.excluded),
+        metrics: dict[str, int | float | list[int] | list[float]] = {"num-replied": len(outcome.replied), "num-excluded": len(outcome.excluded),
                    "num-missing": len(outcome.missing)}
         if losses and all(math.isfinite(x) for x in losses):
             metrics["train-loss"] = float(np.mean(losses))
