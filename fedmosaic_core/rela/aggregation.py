@@ -5,9 +5,9 @@ For the M valid clients of a round, with weight matrix W (M × M)::
     shared (PQ P/Q, every architecture):   G_i[key] = Σ_j W_ij · L_j[key]
     same-arch (plain LoRA A/B):            G_i[key] = Σ_{j ∈ arch(i)} W_ij · L_j[key] / Σ_{j ∈ arch(i)} W_ij
 
-Each part is flattened per client and stacked into one M × D matrix (D: all its floats), checked
-for NaN/Inf in one pass, and all M customised states come out of one matrix product
-``W @ stack``; each client's tensors are views into its row of the result.
+The clients' tensors are gathered a run of parameters at a time into a tile (M × a run of
+floats, small enough to stay in cache), checked for NaN/Inf with one matrix-vector product and
+mixed with one matrix product ``W @ tile``; each client's tensors are views into the result.
 
 Modes:
 
@@ -126,36 +126,62 @@ def _task_vector_problem(vector: np.ndarray | None, expected: tuple[int, ...] | 
     return None
 
 
-# -- flat stacks ------------------------------------------------------------------------------
-def _stack(states: Sequence[Mapping[str, torch.Tensor]], spec: Spec) -> torch.Tensor:
-    """M × D float32 matrix: row j is state j's tensors, in ``spec`` order, flattened."""
-    width = sum(math.prod(shape) for shape in spec.values())
-    out = torch.empty(len(states), width, dtype=torch.float32)
-    if not spec:
-        return out  # e.g. a model whose every adapted layer is a PQ layer: no plain LoRA
-    for row, state in zip(out, states, strict=True):
-        torch.cat([state[key].detach().reshape(-1).float().cpu() for key in spec], out=row)
-    return out
+# -- mixing ------------------------------------------------------------------------------------
+#: floats per gathered tile (all clients × a run of keys): small enough to stay in cache
+TILE_FLOATS = 1 << 20
 
 
-def _unstack(matrix: torch.Tensor, spec: Spec) -> list[dict[str, torch.Tensor]]:
-    """Inverse of :func:`_stack`: per row, key → a view of that row in the key's shape."""
-    sizes = [math.prod(shape) for shape in spec.values()]
-    outputs = []
-    for row in matrix:
-        pieces = torch.split(row, sizes)
-        outputs.append({key: piece.view(shape) for (key, shape), piece in zip(spec.items(), pieces, strict=True)})
-    return outputs
+def _key_runs(spec: Spec, width: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """``spec``'s keys in order, cut into runs of about ``width`` floats (a key is never split)."""
+    runs: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    filled = 0
+    for key, shape in spec.items():
+        if runs[-1] and filled + math.prod(shape) > width:
+            runs.append([])
+            filled = 0
+        runs[-1].append((key, shape))
+        filled += math.prod(shape)
+    return [run for run in runs if run]
+
+
+def _mix_states(
+    weights: np.ndarray, states: Sequence[Mapping[str, torch.Tensor]], spec: Spec, device: torch.device
+) -> tuple[list[dict[str, torch.Tensor]], list[int]]:
+    """``out[i][key] = Σ_j weights[i, j] · states[j][key]`` for every key of ``spec``, and the
+    indices j of states holding NaN/Inf (whose results must not be used).
+
+    The clients' tensors are gathered a run of keys at a time into one tile (clients × floats)
+    that stays in cache, checked for NaN/Inf with one matrix-vector product, and mixed with one
+    matrix product; every output tensor is a view into its tile's result."""
+    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
+    outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(w.shape[0])]
+    finite = torch.ones(len(states), dtype=torch.bool)
+    runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
+    widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
+    buffer = torch.empty(len(states) * max(widths, default=0), dtype=torch.float32)  # reused: no page faults
+    for run, width in zip(runs, widths, strict=True):
+        sizes = [math.prod(shape) for _, shape in run]
+        tile = buffer[: len(states) * width].view(len(states), width)
+        for row, state in zip(tile, states, strict=True):
+            torch.cat([state[key].detach().reshape(-1).float().cpu() for key, _ in run], out=row)
+        finite &= _finite_rows(tile)
+        mixed = (w @ tile.to(device)).cpu()
+        for (key, shape), block in zip(run, torch.split(mixed, sizes, dim=1), strict=True):
+            for output, value in zip(outputs, block.unflatten(1, shape).unbind(0), strict=True):
+                output[key] = value
+    return outputs, [j for j in range(len(states)) if not bool(finite[j])]
 
 
 def _finite_rows(stack: torch.Tensor) -> torch.Tensor:
-    """Which rows hold only finite values, in one memory pass: NaN and ±Inf propagate into a
-    row's float64 sum (which cannot overflow for float32 inputs)."""
-    return torch.isfinite(stack.sum(dim=1, dtype=torch.float64))
+    """Which rows hold only finite values, in one matrix-vector product: NaN and ±Inf propagate
+    into a row's sum (so does a float32 overflow of the sum, i.e. values beyond ~1e38 / D)."""
+    if stack.shape[1] == 0:
+        return torch.ones(stack.shape[0], dtype=torch.bool)
+    return torch.isfinite(stack @ torch.ones(stack.shape[1], dtype=stack.dtype))
 
 
-def _non_finite_key(state: Mapping[str, torch.Tensor], spec: Spec) -> str:
-    return next(key for key in spec if not bool(torch.isfinite(state[key]).all()))
+def _non_finite_key(state: Mapping[str, torch.Tensor], spec: Spec) -> str | None:
+    return next((key for key in spec if not bool(torch.isfinite(state[key]).all())), None)
 
 
 def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float) -> np.ndarray:
@@ -169,11 +195,6 @@ def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float) -> np.n
         same = (arch[:, None] == arch[None, :]).astype(np.float64)
         return same / same.sum(axis=1, keepdims=True)
     raise AssertionError(mode)
-
-
-def _mix(weights: np.ndarray, stack: torch.Tensor, device: torch.device) -> torch.Tensor:
-    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
-    return (w @ stack.to(device)).to("cpu") if device.type != "cpu" else w @ stack
 
 
 def aggregate_global_states(
@@ -224,7 +245,7 @@ def aggregate_global_states(
         shapes = [v.shape for v in (_as_task_vector(u.task_vector) for u in updates) if v is not None]
         tv_shape = Counter(shapes).most_common(1)[0][0] if shapes else None
 
-    # structure first (keys, shapes, dtypes: cheap), values in one pass over the stacks
+    # structure first (keys, shapes, dtypes: cheap); values while they are mixed
     excluded: dict[str, str] = {}
     candidates: list[ClientUpdate] = []
     for update in updates:
@@ -242,62 +263,79 @@ def aggregate_global_states(
         else:
             excluded[update.client_id] = reason
 
-    shared_stack = _stack([u.shared for u in candidates], shared_spec)
-    finite = _finite_rows(shared_stack)
-    arch_stacks: dict[str, tuple[list[int], torch.Tensor]] = {}
-    for arch in sorted({u.arch for u in candidates}):
-        members = [i for i, u in enumerate(candidates) if u.arch == arch]
-        stack = _stack([candidates[i].same_arch for i in members], arch_specs[arch])
-        finite[members] &= _finite_rows(stack)
-        arch_stacks[arch] = (members, stack)
-    keep = [i for i in range(len(candidates)) if bool(finite[i])]
-    for i in range(len(candidates)):
-        if not bool(finite[i]):
-            update = candidates[i]
-            if not bool(_finite_rows(shared_stack[i : i + 1])[0]):
-                where = f"shared {_non_finite_key(update.shared, shared_spec)!r}"
-            else:
-                where = f"same-arch {_non_finite_key(update.same_arch, arch_specs[update.arch])!r}"
-            excluded[update.client_id] = f"non-finite values (NaN/Inf) in {where}"
+    target = torch.device("cpu") if device is None else torch.device(device)
+    valid = list(candidates)
+    while True:  # normally once; again without the clients whose values turn out non-finite
+        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target)
+        if not mixed.bad:
+            break
+        for update in mixed.bad:
+            excluded[update.client_id] = _non_finite_reason(update, shared_spec, arch_specs[update.arch])
+        bad = {id(u) for u in mixed.bad}
+        valid = [u for u in valid if id(u) not in bad]
     for client_id, reason in excluded.items():
         logger.warning("RELA: client %s excluded from this round: %s", client_id, reason)
-    valid = [candidates[i] for i in keep]
-    if len(keep) < len(candidates):
-        position = {old: new for new, old in enumerate(keep)}
-        shared_stack = shared_stack[keep]
-        for arch, (members, stack) in list(arch_stacks.items()):
-            rows = [k for k, i in enumerate(members) if i in position]
-            arch_stacks[arch] = ([position[members[k]] for k in rows], stack[rows])
 
     client_ids = [u.client_id for u in valid]
     result_globals: dict[str, GlobalState] = {
         cid: GlobalState(dict(state.shared), dict(state.same_arch)) for cid, state in previous.items()
     }
     m = len(valid)
-    if mode == "local" or m < 2:
+    if mixed.weights is None:
         if mode != "local":
             logger.warning("RELA: only %d valid client(s) this round; everyone keeps the previous global state", m)
         for cid in client_ids:
             result_globals.setdefault(cid, GlobalState())
         return AggregationResult(result_globals, np.zeros((m, m)), client_ids, excluded)
-
-    weights = _weight_matrix(mode, valid, tau)
-    target = torch.device("cpu") if device is None else torch.device(device)
-    shared_out = _unstack(_mix(weights, shared_stack, target), shared_spec)
-    for update, shared in zip(valid, shared_out, strict=True):
+    for update, shared in zip(valid, mixed.shared, strict=True):
         before = previous.get(update.client_id)
         result_globals[update.client_id] = GlobalState(shared, dict(before.same_arch) if before else {})
+    for client_index, same_arch in mixed.same_arch.items():
+        result_globals[valid[client_index].client_id].same_arch = same_arch
+    return AggregationResult(result_globals, mixed.weights, client_ids, excluded)
 
-    for arch, (members, stack) in arch_stacks.items():
-        if not members:
-            continue
+
+@dataclass
+class _MixedRound:
+    weights: np.ndarray | None  # None: nothing mixed (mode local, or fewer than 2 clients)
+    shared: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    same_arch: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # client index → state
+    bad: list[ClientUpdate] = field(default_factory=list)  # clients with NaN/Inf values
+
+
+def _mix_round(
+    mode: str, tau: float, valid: list[ClientUpdate], shared_spec: Spec, arch_specs: dict[str, Spec],
+    device: torch.device,
+) -> _MixedRound:
+    """Every valid client's shared global (all architectures) and same-arch global (its own)."""
+    if mode == "local" or len(valid) < 2:
+        bad = [u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
+               or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None]
+        return _MixedRound(None, bad=bad)
+    weights = _weight_matrix(mode, valid, tau)
+    shared, bad_rows = _mix_states(weights, [u.shared for u in valid], shared_spec, device)
+    result = _MixedRound(weights, shared)
+    bad = set(bad_rows)
+    for arch in sorted({u.arch for u in valid}):
+        members = [i for i, u in enumerate(valid) if u.arch == arch]
         block = weights[np.ix_(members, members)]
         totals = block.sum(axis=1)
         receivers = [k for k in range(len(members)) if totals[k] > 0]
-        if not receivers:
-            continue  # a lone client of its architecture keeps its previous plain-LoRA global
-        normalised = block[receivers] / totals[receivers, None]
-        mixed = _unstack(_mix(normalised, stack, target), arch_specs[arch])
+        # a lone client of its architecture keeps its previous plain-LoRA global; its values
+        # are still checked (an all-zero block mixes nothing but flags NaN/Inf)
+        normalised = block[receivers] / totals[receivers, None] if receivers else np.zeros((0, len(members)))
+        mixed, bad_members = _mix_states(normalised, [valid[i].same_arch for i in members], arch_specs[arch], device)
+        bad.update(members[k] for k in bad_members)
         for k, state in zip(receivers, mixed, strict=True):
-            result_globals[valid[members[k]].client_id].same_arch = state
-    return AggregationResult(result_globals, weights, client_ids, excluded)
+            result.same_arch[members[k]] = state
+    result.bad = [valid[i] for i in sorted(bad)]
+    return result
+
+
+def _non_finite_reason(update: ClientUpdate, shared_spec: Spec, same_arch_spec: Spec) -> str:
+    shared_key = _non_finite_key(update.shared, shared_spec)
+    same_key = _non_finite_key(update.same_arch, same_arch_spec)
+    if shared_key is None and same_key is None:
+        return "values too large (their sum overflows float32)"
+    where = f"shared {shared_key!r}" if shared_key is not None else f"same-arch {same_key!r}"
+    return f"non-finite values (NaN/Inf) in {where}"

@@ -42,19 +42,21 @@ def task_similarity(vectors: Sequence[Any] | np.ndarray) -> np.ndarray:
     rows, cols = first.shape
     if rows == 0 or cols == 0:
         raise ValueError(f"task_similarity: task vectors have an empty shape {first.shape}")
-    flat = np.empty((len(vectors), rows * cols), dtype=np.float32)
+    stack = np.empty((len(vectors), rows, cols), dtype=np.float32)
     for index, vector in enumerate(vectors):
         matrix = first if index == 0 else _as_matrix(vector, index)
         if matrix.shape != first.shape:
             raise ValueError(
                 f"task_similarity: vector {index} has shape {matrix.shape}, expected {first.shape}"
             )
-        matrix = matrix.astype(np.float64, copy=False)
-        if not np.isfinite(matrix).all():
-            raise ValueError(f"task_similarity: vector {index} has NaN or Inf values")
-        norms = np.linalg.norm(matrix, axis=0, keepdims=True)
-        unit = np.divide(matrix, norms, out=np.zeros_like(matrix), where=norms > 0)
-        flat[index] = unit.reshape(-1)
+        stack[index] = matrix
+    norms = np.sqrt(np.einsum("nrc,nrc->nc", stack, stack, dtype=np.float64))  # column norms
+    finite = np.isfinite(norms).all(axis=1)  # NaN/Inf propagate into a column's norm
+    if not finite.all():
+        raise ValueError(f"task_similarity: vector {int(np.argmin(finite))} has NaN or Inf values")
+    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
+    stack *= scale[:, None, :]
+    flat = stack.reshape(len(vectors), rows * cols)
     gram = (flat @ flat.T).astype(np.float64) / cols
     gram = (gram + gram.T) / 2.0
     return np.clip(gram, -1.0, 1.0)
