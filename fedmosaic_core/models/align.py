@@ -1,7 +1,7 @@
 """Cross-architecture A/B alignment of PQ layers (docs/method.md, "Aligning A and B across architectures").
 
-``python -m fedmosaic_core.models.align --anchor tiny-llama-s --other tiny-llama-m tiny-qwen2-s
---out DIR [--r 16] [--seed 0] [--public-data ROOT]``
+Command line: ``fedmosaic align --anchor tiny-llama-s --other tiny-llama-m --other tiny-qwen2-s
+--out DIR [--r 16] [--seed 0] [--public-data ROOT]``.
 
 1. **Anchor** (the smallest model): A (r×d_in, orthonormal rows) and B (d_out×r, orthonormal
    columns) per PQ layer k and module m are the PQ-LoRA seeded initialisation
@@ -65,7 +65,8 @@ from fedmosaic_core.modeling import decoder_parts
 from fedmosaic_core.pqlora.config import DEFAULT_TARGET_MODULES
 from fedmosaic_core.pqlora.model import pq_layer_indices
 from fedmosaic_core.pqlora.orthonormal import orthonormal_bases
-from fedmosaic_core.storage import atomic_write_with
+from fedmosaic_core.pqlora.state import shared_key
+from fedmosaic_core.storage import atomic_write_text, atomic_write_with
 
 from .collate import SampleLike, collate, image_token_count
 from .fingerprint import ArchitectureFingerprint
@@ -462,7 +463,7 @@ def anchor_bases(anchor: LoadedModel, config: AlignConfig) -> dict[str, torch.Te
         d_in, d_out = _module_dims(module)
         _check_rank(anchor.name, k, name, d_in, d_out, config.r)
         a, b = orthonormal_bases(d_in, d_out, config.r, config.seed, k, name)
-        state[f"pq.{k}.{name}.A"], state[f"pq.{k}.{name}.B"] = a, b
+        state[shared_key(k, name, "A")], state[shared_key(k, name, "B")] = a, b
     return state
 
 
@@ -509,7 +510,7 @@ def align_bases(
     for (k, name), module in mods_o.items():
         d_in, d_out = _module_dims(module)
         _check_rank(other.name, k, name, d_in, d_out, config.r)
-        a_anchor, b_anchor = base_a[f"pq.{k}.{name}.A"].double(), base_a[f"pq.{k}.{name}.B"]
+        a_anchor, b_anchor = base_a[shared_key(k, name, "A")].double(), base_a[shared_key(k, name, "B")]
         a_init, _ = orthonormal_bases(d_in, d_out, config.r, config.seed, k, name)
         key = (k, name)
         z_fit = fit.stacked("x_a", key) @ a_anchor.T
@@ -517,8 +518,8 @@ def align_bases(
         y_a, y_o = fit.stacked("y_a", key), fit.stacked("y_o", key)
         b_cca, canonical = cca_map_b(y_a, y_o, b_anchor, config.gamma)
         b_other = nearest_row_orthonormal(b_cca.T).T if config.b_normalisation == "orthonormal" else b_cca
-        state[f"pq.{k}.{name}.A"] = a_other.float().contiguous()
-        state[f"pq.{k}.{name}.B"] = b_other.float().contiguous()
+        state[shared_key(k, name, "A")] = a_other.float().contiguous()
+        state[shared_key(k, name, "B")] = b_other.float().contiguous()
         x_a_test = test.stacked("x_a", key)
         z_test = x_a_test @ a_anchor.T
         x_test = test.stacked("x_o", key)
@@ -533,7 +534,7 @@ def align_bases(
             "cosine_after": mean_cosine(x_test @ a_other.T, z_test),
             "cka_before": linear_cka(x_test @ a_init.double().T, z_test),
             "cka_after": linear_cka(x_test @ a_other.T, z_test),
-            "orthonormality_error_A": orthonormality_error(state[f"pq.{k}.{name}.A"]),
+            "orthonormality_error_A": orthonormality_error(state[shared_key(k, name, "A")]),
             "cca_mean_correlation": canonical,
             "b_transfer_seeded": transfer(b_init.double(), out_map, config.seed + k),
             "b_transfer_cca_raw": transfer(b_cca, out_map, config.seed + k),
@@ -588,7 +589,7 @@ def save_aligned_bases(bases: AlignedBases, out_dir: str | os.PathLike[str]) -> 
     meta = {"fingerprint_id": stem, "anchor": bases.anchor_fingerprint.id, "r": str(bases.fingerprint.r)}
     atomic_write_with(out / f"{stem}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=meta))
     text = json.dumps(bases.metadata(), indent=2, sort_keys=True) + "\n"
-    atomic_write_with(out / f"{stem}.json", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(out / f"{stem}.json", text)
     return out / f"{stem}.safetensors"
 
 

@@ -309,13 +309,12 @@ def _mix_round(
 ) -> _MixedRound:
     """Every valid client's shared global (all architectures) and same-arch global (its own)."""
     if mode == "local" or len(valid) < 2:
-        bad = [u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
-               or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None]
-        return _MixedRound(None, bad=bad)
+        return _MixedRound(None, bad=[u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
+                                      or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None])
     weights = _weight_matrix(mode, valid, tau)
     shared, bad_rows = _mix_states(weights, [u.shared for u in valid], shared_spec, device)
     result = _MixedRound(weights, shared)
-    bad = set(bad_rows)
+    bad_rows_all = set(bad_rows)
     for arch in sorted({u.arch for u in valid}):
         members = [i for i, u in enumerate(valid) if u.arch == arch]
         block = weights[np.ix_(members, members)]
@@ -325,10 +324,10 @@ def _mix_round(
         # are still checked (an all-zero block mixes nothing but flags NaN/Inf)
         normalised = block[receivers] / totals[receivers, None] if receivers else np.zeros((0, len(members)))
         mixed, bad_members = _mix_states(normalised, [valid[i].same_arch for i in members], arch_specs[arch], device)
-        bad.update(members[k] for k in bad_members)
+        bad_rows_all.update(members[k] for k in bad_members)
         for k, state in zip(receivers, mixed, strict=True):
             result.same_arch[members[k]] = state
-    result.bad = [valid[i] for i in sorted(bad)]
+    result.bad = [valid[i] for i in sorted(bad_rows_all)]
     return result
 
 
