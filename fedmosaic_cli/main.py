@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from drake_data.errors import DrakeDataError  # noqa: E402
 from fedmosaic_core.models.align import AlignmentError  # noqa: E402
 from fedmosaic_core.models.loading import ModelNotAvailableError  # noqa: E402
 from fedmosaic_core.pqlora import AdapterStateError  # noqa: E402
-from fedmosaic_core.storage import cache_home  # noqa: E402
+from fedmosaic_core.storage import atomic_write_json, cache_home  # noqa: E402
 from fedmosaic_flower.config import STRATEGIES, ConfigError, FederationConfig, parse_run_config  # noqa: E402
 from server_app.report import percent  # noqa: E402
 
@@ -84,22 +85,24 @@ def _defaults(app_dir: Path) -> dict[str, Any]:
     return dict(data["tool"]["flwr"]["app"]["config"])
 
 
+#: one ``key=value`` pair, as Flower's ``parse_config_args`` finds them
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--run-config`` values as Flower parses them (``"a=1 b='x'"``, repeatable); a bare word
-    that is not a TOML value (``strategy=local``) is taken as a string."""
+    that is not a TOML value (``strategy=local``) is taken as a string, and text that is no
+    ``key=value`` pair is an error (Flower would drop it silently)."""
     out: dict[str, Any] = {}
     for item in items:
-        try:
-            out.update(parse_config_args([item]))
-        except (click.ClickException, ValueError):
-            for pair in item.split():
-                if "=" not in pair:
-                    raise typer.BadParameter(f"--run-config expects key=value pairs, got {pair!r}") from None
-                key, value = pair.split("=", 1)
-                try:
-                    out.update(parse_config_args([f"{key}={value}"]))
-                except (click.ClickException, ValueError):
-                    out[key] = value
+        leftover = _PAIR.sub("", item).strip()
+        if leftover:
+            raise typer.BadParameter(f"--run-config expects key=value pairs, got {leftover!r}")
+        for key, value in _PAIR.findall(item):
+            try:
+                out.update(parse_config_args([f"{key}={value}"]))
+            except (click.ClickException, ValueError):
+                out[key] = value
     return out
 
 
@@ -109,10 +112,11 @@ class RoundProgress:
     def __init__(self, progress: Progress, log_file: Path, num_rounds: int, num_clients: int) -> None:
         self.progress, self.log_file, self.num_clients = progress, log_file, num_clients
         self.task = progress.add_task("waiting for round 1", total=num_rounds)
+        self.started = time.time()
 
     def __call__(self) -> None:
-        if not self.log_file.exists():
-            return
+        if not self.log_file.exists() or self.log_file.stat().st_mtime < self.started:
+            return  # none yet, or an earlier run's log that the ServerApp has not moved aside yet
         rounds: dict[int, int] = {}
         for line in self.log_file.read_text().splitlines():
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
@@ -196,7 +200,7 @@ def _run_one(
     summary["timing"] = {"prepare_s": round(prepared_s, 1), "total_s": round(elapsed, 1)}
     summary["run_dir"] = str(config.run_dir)
     summary["strategy"] = config.strategy
-    (config.run_dir / "report" / "timing.json").write_text(json.dumps(summary["timing"]))
+    atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     return summary
 
 

@@ -1,8 +1,15 @@
-"""The comparison tables of `fedmosaic compare`, on hand-made run summaries."""
+"""The command line: comparison tables on hand-made run summaries, Flower's --run-config syntax,
+and one line per expected error."""
 
 from __future__ import annotations
 
-from fedmosaic_cli.main import comparison_table, per_model_table
+from pathlib import Path
+
+import pytest
+import typer
+from cli_process import run_fedmosaic
+
+from fedmosaic_cli.main import comparison_table, parse_overrides, per_model_table
 
 
 def _summary(self_by_client: dict[str, tuple[str, float]]) -> dict:  # type: ignore[type-arg]
@@ -26,3 +33,28 @@ def test_comparison_table_prints_percent_and_dashes_for_missing() -> None:
                "unseen_last": 0.5, "bytes_up_per_round": 1000.4, "bytes_down_per_round": 0.0}
     table = comparison_table({"fedavg": {"overall": overall}})
     assert "| fedavg | 25.0 | 12.5 | — | — | 50.0 | 1000 | 0 |" in table
+
+
+def test_run_config_takes_flowers_syntax() -> None:
+    assert parse_overrides(["num-server-rounds=2 local-steps=8", "strategy='local' tau=0.25"]) == {
+        "num-server-rounds": 2, "local-steps": 8, "strategy": "local", "tau": 0.25,
+    }
+    assert parse_overrides(["strategy=fedavg resume=true"]) == {"strategy": "fedavg", "resume": True}
+    with pytest.raises(typer.BadParameter, match="key=value"):
+        parse_overrides(["local-steps"])
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["main-job", "-c", "scenario='/nonexistent.json'"], "/nonexistent.json: scenario file not found"),
+        (["main-job", "--run-config", "local-steps=0"], "bad value for 'local-steps'"),
+        (["prepare", "-c", "no-such-key=1"], "unknown key 'no-such-key'"),
+    ],
+)
+def test_expected_errors_print_one_line_and_exit_2(tmp_path: Path, args: list[str], line: str) -> None:
+    result = run_fedmosaic(args, tmp_path / "cache", timeout=300)
+    assert result.returncode == 2, result.stdout[-3000:]
+    errors = [x for x in result.stdout.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and line in errors[0], result.stdout[-3000:]
+    assert "Traceback" not in result.stdout
