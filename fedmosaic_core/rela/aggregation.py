@@ -27,8 +27,7 @@ with no same-architecture peer keeps its previous plain-LoRA global state.
 
 ``globals`` holds an entry for every client in ``previous`` and every valid client. A part that
 has nothing new and no previous value is an empty dict, meaning "keep what you have". Outputs
-are float32; a client's tensors are rows of a per-parameter result matrix (contiguous, one
-storage per parameter).
+are float32; each tensor is a contiguous view into its tile's result (one storage per tile).
 """
 
 from __future__ import annotations
