@@ -73,10 +73,11 @@ class Resources:
         return list(self.tasks[key])
 
     def test_samples(self, ref: TaskRef, max_test: int) -> list[RenderedSample]:
-        """The first ``max_test`` samples of a task's test split (unseen tasks have only this)."""
+        """The first ``max_test`` samples of a task's test split (0: all; unseen tasks have only this)."""
         key = (ref.key, f"test-{max_test}")
         if key not in self.tests:
-            records = load_task(self.data_root, ref.dataset, ref.subset_id, "test")[:max_test]
+            records = load_task(self.data_root, ref.dataset, ref.subset_id, "test")
+            records = records[:max_test] if max_test else records
             self.tests[key] = [render_sample(r, self.data_root, ref.type) for r in records]
         return self.tests[key]
 

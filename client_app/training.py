@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from client_app.evaluation import score_samples
 from client_app.resources import AdaptedModel, Resources
 from client_app.state import ClientStateStore, capture_state, restore_adapter, restore_state
-from drake_data.answers import score_sample
 from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
-from fedmosaic_core.models.collate import collate, generate_answers
+from fedmosaic_core.models.collate import collate
 from fedmosaic_core.models.loading import LoadedModel
 from fedmosaic_core.pqlora import PQLoRAModel
 from fedmosaic_core.rela import (
@@ -40,7 +40,7 @@ from fedmosaic_flower.config import FederationConfig
 
 log = logging.getLogger("fedmosaic.client")
 
-EVAL_BATCH = 16
+MAX_GRAD_NORM = 1.0
 
 
 def derived_seed(*parts: object) -> int:
@@ -101,6 +101,10 @@ class RoundState:
     def model(self) -> PQLoRAModel:
         return self.adapted.model
 
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
 
 class FedMosaicClient:
     """A client bound to the run's config, its scenario entry, its model and its state directory."""
@@ -148,7 +152,7 @@ class FedMosaicClient:
         losses = self.train(state, server_round)
         train_time = time.monotonic() - started
         task_vector = self.task_vector(state)
-        scores = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
+        scores, unparsable = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
         self.save(state, server_round)
         metrics = {
             "train-loss": float(np.mean(losses)) if losses else math.nan,
@@ -157,6 +161,8 @@ class FedMosaicClient:
             "round-time-s": time.monotonic() - started,
             "replay-size": float(len(state.memory)),
         }
+        if unparsable is not None:
+            metrics["unparsable-rate"] = unparsable
         log.info("client %s round %d: loss %.3f, self %s, %.1fs", self.client_id, server_round,
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
         return RoundResult(state.model.shared_state(), state.model.same_arch_state(), task_vector, metrics, scores)
@@ -212,6 +218,7 @@ class FedMosaicClient:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -226,20 +233,24 @@ class FedMosaicClient:
             return None
         return upload_task_vector(self.config, state.accumulator.end_round())
 
-    def evaluate(self, state: RoundState, round_index: int, *, eval_others: bool, eval_unseen: bool) -> dict[str, dict[str, float]]:
+    def evaluate(
+        self, state: RoundState, round_index: int, *, eval_others: bool, eval_unseen: bool
+    ) -> tuple[dict[str, dict[str, float]], float | None]:
         """Self on the tasks started so far; Others (every other client's tasks) and unseen tasks
-        when the round asks for them."""
+        when the round asks for them. Also returns, when scoring by generation, the fraction of
+        Self's multiple-choice replies that named no option."""
         state.model.eval()
         started = set(state.stream.tasks_started(round_index))
-        scores = {"self": self._evaluate_refs(state, [r for r in self.entry.datasets if r.key in started])}
+        self_scores, unparsable = self._evaluate_refs(state, [r for r in self.entry.datasets if r.key in started])
+        scores = {"self": self_scores}
         if eval_others:
             owner = self.res.scenario.task_owner()
             others = [t for t in self.res.scenario.tasks() if owner[t.key] != int(self.client_id)]
-            scores["others"] = self._evaluate_refs(state, others)
+            scores["others"] = self._evaluate_refs(state, others)[0]
         if eval_unseen:
-            scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks())
+            scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks())[0]
         state.model.train()
-        return scores
+        return scores, unparsable
 
     def save(self, state: RoundState, server_round: int) -> None:
         """Everything the next round needs, as this round's snapshot."""
@@ -247,22 +258,22 @@ class FedMosaicClient:
             server_round, state.model, state.optimizer, state.names, state.accumulator, state.stream, state.memory
         ))
 
-    def _evaluate_refs(self, state: RoundState, refs: list[TaskRef]) -> dict[str, float]:
+    def _evaluate_refs(self, state: RoundState, refs: list[TaskRef]) -> tuple[dict[str, float], float | None]:
         out: dict[str, float] = {}
+        choice_samples = unparsable = 0
         for ref in refs:
             samples = self.res.test_samples(ref, self.config.eval_max_samples)
             if not samples:
                 continue
-            total = 0.0
-            for start in range(0, len(samples), EVAL_BATCH):
-                chunk = samples[start : start + EVAL_BATCH]
-                answers = generate_answers(
-                    state.model, state.adapted.loaded.processor, chunk,
-                    max_new_tokens=self.config.max_new_tokens, max_length=self.config.max_length,
-                )
-                total += sum(score_sample(a, s) for a, s in zip(answers, chunk, strict=True))
-            out[ref.key] = total / len(samples)
-        return out
+            result = score_samples(
+                state.model, state.adapted.loaded.processor, samples, scoring=self.config.scoring,
+                max_length=self.config.max_length, max_new_tokens=self.config.max_new_tokens,
+            )
+            out[ref.key] = result.score
+            choice_samples += result.choice_samples
+            unparsable += result.unparsable
+        rate = unparsable / choice_samples if self.config.scoring == "generation" and choice_samples else None
+        return out, rate
 
 
 def _mean_str(scores: dict[str, float]) -> str:

@@ -110,6 +110,11 @@ def _match(text: str, choices: Sequence[str], depth: int = 0) -> int | None:
     return None
 
 
+def chosen_index(text: str, choices: Sequence[str]) -> int | None:
+    """Index of the option that ``text`` selects, or ``None`` when it names none (unparsable)."""
+    return _match(text, choices) if choices else None
+
+
 def extract_choice(text: str, choices: Sequence[str]) -> str | None:
     """The option that ``text`` selects (an element of ``choices``), or ``None``."""
     if not choices:
@@ -149,6 +154,16 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def gold_index(sample: RenderedSample) -> int:
+    """Index of a multi-choice sample's gold answer among its choices (clear error if absent)."""
+    gold = answer_index(sample.answer, sample.choices or [])
+    if gold is None:
+        raise DrakeDataError(
+            f"record id={sample.id!r}: gold answer {sample.answer!r} is not one of the choices {sample.choices}"
+        )
+    return gold
+
+
 def score_sample(generated: str, sample: RenderedSample) -> float:
     """1/0 for a multi-choice sample (the chosen option is the gold one), token F1 for open-ended.
 
@@ -158,9 +173,4 @@ def score_sample(generated: str, sample: RenderedSample) -> float:
         return token_f1(generated, sample.answer)
     if not sample.choices:
         return float(normalise(generated) == normalise(sample.answer))
-    gold = answer_index(sample.answer, sample.choices)
-    if gold is None:
-        raise DrakeDataError(
-            f"record id={sample.id!r}: gold answer {sample.answer!r} is not one of the choices {sample.choices}"
-        )
-    return float(_match(generated, sample.choices) == gold)
+    return float(_match(generated, sample.choices) == gold_index(sample))

@@ -46,7 +46,8 @@ class FederationConfig(BaseModel):
     rounds_per_task: int = Field(4, ge=1)
     eval_others_every: int = Field(0, ge=0)
     eval_unseen: bool = True
-    eval_max_samples: int = Field(24, ge=1)
+    eval_max_samples: int = Field(0, ge=0)  # 0: every test question
+    scoring: Literal["likelihood", "generation"] = "likelihood"
     max_new_tokens: int = Field(6, ge=1)
     max_length: int = Field(96, ge=16)
     # --- local training ---

@@ -24,7 +24,7 @@ from fedmosaic_core.models import (
     load_model,
     load_tiny_tokenizer,
 )
-from fedmosaic_core.models.collate import IGNORE_INDEX
+from fedmosaic_core.models.collate import IGNORE_INDEX, PromptTooLongError
 from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
 from fedmosaic_core.models.pretrain import (
     PretrainConfig,
@@ -139,17 +139,18 @@ def test_collate_labels_only_answer_and_eos_right_padded() -> None:
         assert tok.decode(gen["input_ids"][row, -3:]).endswith("\nASSISTANT:")
 
 
-def test_collate_truncates_prompt_text_keeps_images_and_rejects_impossible() -> None:
+def test_collate_never_cuts_a_prompt_and_names_the_lengths_when_it_cannot_fit() -> None:
     loaded = load_model("tiny-llama-s", random_init=True)
     two_images = next(s for s in SAMPLES if len(s.images) == 2)
     full = collate(loaded.processor, [two_images], max_length=512)["input_ids"].shape[1]
-    cut = collate(loaded.processor, [two_images], max_length=full - 5)
-    image_id = loaded.tokenizer.convert_tokens_to_ids("<image>")
-    assert cut["input_ids"].shape[1] == full - 5
-    assert int((cut["input_ids"] == image_id).sum()) == 2 * NUM_IMAGE_TOKENS
-    assert loaded.tokenizer.decode(cut["labels"][0][cut["labels"][0] != -100]).strip() == two_images.answer + "</s>"
-    with pytest.raises(ValueError, match="max_length is 20"):
-        collate(loaded.processor, [two_images], max_length=20)
+    exact = collate(loaded.processor, [two_images], max_length=full)
+    assert exact["input_ids"].shape[1] == full
+    for generation in (False, True):
+        make = collate_for_generation if generation else collate
+        needed = full - (0 if not generation else len(loaded.tokenizer.encode(" " + two_images.answer + "</s>", add_special_tokens=False)))
+        with pytest.raises(PromptTooLongError, match=rf"sample '{two_images.id}' needs {needed} tokens "
+                           rf"\(2 image\(s\) x {NUM_IMAGE_TOKENS}.*max-length is {needed - 1}"):
+            make(loaded.processor, [two_images], max_length=needed - 1)
 
 
 @dataclass

@@ -5,9 +5,8 @@ Training batches are right-padded and carry ``labels`` = -100 everywhere except 
 tokens and the closing eos; generation batches stop after ``ASSISTANT:`` and are left-padded so
 that every row's next token is at the end.
 
-Too long a sample loses prompt *text* tokens from the left of the prompt (image tokens, the chat
-scaffolding, the end of the question with its choices and the answer are kept); a sample whose
-image tokens + answer alone exceed ``max_length`` raises ``ValueError``.
+Nothing is ever cut: a sample longer than ``max_length`` raises :class:`PromptTooLongError`,
+which names the sample and its lengths (cutting prompt text would silently drop the question).
 """
 
 from __future__ import annotations
@@ -22,6 +21,10 @@ from torch import nn
 from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
 
 IGNORE_INDEX = -100
+
+
+class PromptTooLongError(ValueError):
+    """A sample does not fit ``max_length`` (the message names the sample and every length)."""
 
 
 class SampleLike(Protocol):
@@ -105,7 +108,8 @@ def tokenize_sample(
     with_answer: bool,
     tokens_per_image: int,
 ) -> TokenizedSample:
-    """Ids of ``[bos] prompt`` (+ ``answer eos``), truncating prompt text from the left."""
+    """Ids of ``[bos] prompt`` (+ ``answer eos``); raises :class:`PromptTooLongError` when they
+    exceed ``max_length``."""
     tokenizer = _tokenizer(processor)
     image_token = _image_token(processor)
     _check_images(sample, image_token, hasattr(processor, "image_processor"))
@@ -121,17 +125,14 @@ def tokenize_sample(
     )
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     total = len(bos) + len(head_ids) + len(body_ids) + len(tail_ids) + len(answer_ids)
-    excess = total - max_length
-    if excess > 0:
-        image_id = tokenizer.convert_tokens_to_ids(image_token)
-        droppable = [i for i, tok in enumerate(body_ids) if tok != image_id]
-        if excess > len(droppable):
-            raise ValueError(
-                f"sample {sample.id!r} needs at least {total - len(droppable)} tokens "
-                f"(images, chat scaffold and answer) but max_length is {max_length}"
-            )
-        drop = set(droppable[:excess])
-        body_ids = [tok for i, tok in enumerate(body_ids) if i not in drop]
+    if total > max_length:
+        n_images = len(sample.images)
+        raise PromptTooLongError(
+            f"sample {sample.id!r} needs {total} tokens ({n_images} image(s) x {tokens_per_image}, "
+            f"{total - n_images * tokens_per_image - len(answer_ids)} prompt text and chat tokens, "
+            f"{len(answer_ids)} answer tokens) but max-length is {max_length}: raise max-length "
+            "(nothing is cut, so that no question text is lost)"
+        )
     prompt_ids = bos + head_ids + body_ids + tail_ids
     return TokenizedSample(prompt_ids + answer_ids, len(prompt_ids), list(sample.images))
 

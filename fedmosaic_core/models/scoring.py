@@ -1,0 +1,106 @@
+"""Multiple choice by option likelihood (rank classification, as lm-evaluation-harness does).
+
+For a prompt ``x`` with options ``o_1 … o_K`` the model's choice is
+
+    k* = argmax_k  log p(o_k </s> | x) = Σ_t log p(y_t | x, y_<t),
+
+summed over the option's answer tokens *and the closing eos*, in the chat template the model is
+trained with (:mod:`.collate`). That is the log-probability that the model's whole reply is
+``o_k``. It is not length-normalised (lm-evaluation-harness's ``acc``, not ``acc_norm``):
+fine-tuning targets are exactly these replies, so their probability is the quantity the model is
+trained on, and DRAKE-style options are one to three tokens long, where per-token or per-byte
+normalisation would mainly favour options that split into more, individually likely, tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .collate import IGNORE_INDEX, SampleLike, collate
+
+
+@dataclass(frozen=True)
+class _OptionSample:
+    """A sample whose answer is one candidate option (what collate needs)."""
+
+    id: str
+    prompt: str
+    answer: str
+    images: list[Any]
+
+
+def answer_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: Σ_t log softmax(logits[t-1])[labels[t]] over positions with a label.
+
+    ``logits`` (rows, length, vocab) and ``labels`` (rows, length, IGNORE_INDEX off the answer)
+    as a causal LM's forward and :func:`collate` give them; the shift by one is done here.
+    """
+    shifted = logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    token_logp = torch.log_softmax(shifted, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return (token_logp * mask).sum(dim=1)
+
+
+@torch.no_grad()
+def option_log_likelihoods(
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[SampleLike],
+    choices: Sequence[Sequence[str]],
+    max_length: int,
+    rows_per_batch: int = 48,
+) -> list[list[float]]:
+    """``log p(option </s> | prompt)`` for every option of every sample (same order as ``choices``)."""
+    if len(samples) != len(choices):
+        raise ValueError(f"{len(samples)} samples but {len(choices)} choice lists")
+    rows = [
+        (i, _OptionSample(s.id, s.prompt, option, list(s.images)))
+        for i, (s, options) in enumerate(zip(samples, choices, strict=True))
+        for option in options
+    ]
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    out: list[list[float]] = [[] for _ in samples]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(rows), rows_per_batch):
+            chunk = rows[start : start + rows_per_batch]
+            batch = collate(processor, [row for _, row in chunk], max_length)
+            labels = batch.pop("labels").to(device)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(dtype)
+            scores = answer_log_likelihoods(model(**batch).logits, labels)
+            for (i, _), value in zip(chunk, scores.tolist(), strict=True):
+                out[i].append(float(value))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def ranked_choice(log_likelihoods: Sequence[float]) -> int:
+    """Index of the most likely option (the first one on an exact tie)."""
+    if not log_likelihoods:
+        raise ValueError("no options to choose from")
+    return int(torch.tensor(list(log_likelihoods)).argmax())
+
+
+def choose_options(
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[SampleLike],
+    choices: Sequence[Sequence[str]],
+    max_length: int,
+) -> list[int]:
+    """The option each sample's prompt makes most likely (see the module docstring)."""
+    return [ranked_choice(ll) for ll in option_log_likelihoods(model, processor, samples, choices, max_length)]
+
+
+__all__ = ["answer_log_likelihoods", "choose_options", "option_log_likelihoods", "ranked_choice"]
