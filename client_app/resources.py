@@ -96,7 +96,7 @@ class Resources:
                 loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, seed=config.seed)
             )
             arch = loaded.fingerprint.with_rank(config.r).id
-            folder = bases_dir(config, smallest_model([c.model_id for c in self.scenario.clients]))
+            folder = bases_dir(config, smallest_model([c.model_id for c in self.scenario.clients]), self.data_root)
             if config.align_bases and (folder / f"{arch}.safetensors").is_file():
                 load_aligned_bases(model, folder)
                 log.info("loaded aligned A/B for %s from %s", model_id, folder)

@@ -49,7 +49,7 @@ class FederationConfig(BaseModel):
     eval_max_samples: int = Field(0, ge=0)  # 0: every test question
     scoring: Literal["likelihood", "generation"] = "likelihood"
     max_new_tokens: int = Field(6, ge=1)
-    max_length: int = Field(96, ge=16)
+    max_length: int = Field(128, ge=16)
     # --- local training ---
     local_steps: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)

@@ -7,6 +7,7 @@ apps run from a copy of the code under ``$FLWR_HOME``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,18 +62,34 @@ class DrakePublicSplit:
         return [render_sample(record, self.root) for record in items]
 
 
-def default_public_data_root(seed: int, cache_dir: Path | None = None) -> Path:
-    """``$FEDMOSAIC_PUBLIC_DATA`` or DRAKE-mini built (once) under ``<cache>/drake-mini-seed<seed>``."""
-    env = os.environ.get("FEDMOSAIC_PUBLIC_DATA")
-    if env:
-        return Path(env).expanduser()
+@functools.lru_cache(maxsize=8)
+def _digest_of(root: Path, stamp: float) -> str:
+    return DrakePublicSplit(root).digest()
+
+
+def public_digest(data_root: Path) -> str:
+    """The public split's digest (cached per folder and manifest time); "none" without a split."""
+    manifest = data_root / "manifest.json"
+    if not (data_root / "public").is_dir():
+        return "none"
+    return _digest_of(data_root.resolve(), manifest.stat().st_mtime if manifest.exists() else 0.0)
+
+
+def cached_drake_mini(seed: int, cache_dir: Path | None = None) -> Path:
+    """DRAKE-mini for ``seed`` under ``<cache>/drake-mini-seed<seed>``, built once (a cached build of
+    an older version is rebuilt: the cache is derived data)."""
     cache = cache_dir or cache_home()
     root = cache / f"drake-mini-seed{seed}"
-    if not root.exists():
-        with file_lock(cache / f".drake-mini-seed{seed}.lock"):
-            if not root.exists():
-                build_drake_mini(root, seed)
+    cache.mkdir(parents=True, exist_ok=True)
+    with file_lock(cache / f".drake-mini-seed{seed}.lock"):
+        build_drake_mini(root, seed, force=True)  # skipped when a current build is there
     return root
+
+
+def default_public_data_root(seed: int, cache_dir: Path | None = None) -> Path:
+    """``$FEDMOSAIC_PUBLIC_DATA`` or the cached DRAKE-mini of ``seed``."""
+    env = os.environ.get("FEDMOSAIC_PUBLIC_DATA")
+    return Path(env).expanduser() if env else cached_drake_mini(seed, cache_dir)
 
 
 def resolve_data_root(config: FederationConfig) -> Path:
@@ -123,10 +140,11 @@ def probe_model_id(config: FederationConfig, scenario: Scenario) -> str:
     return config.probe_model or smallest_model([c.model_id for c in scenario.clients])
 
 
-def bases_dir(config: FederationConfig, anchor: str) -> Path:
-    """Where the aligned A/B (one file per architecture, named by its fingerprint) are cached."""
+def bases_dir(config: FederationConfig, anchor: str, data_root: Path) -> Path:
+    """Where the aligned A/B (one file per architecture, named by its fingerprint) are cached:
+    keyed by the public split too, since the presets they align are pretrained on it."""
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in anchor)
-    version = f"v{FORMAT_VERSION}-seed{config.seed}-r{config.r}"
+    version = f"v{FORMAT_VERSION}-seed{config.seed}-r{config.r}-data{public_digest(data_root)[:12]}"
     return cache_home() / "bases" / version / f"anchor-{safe}"
 
 
@@ -145,7 +163,7 @@ def prepare_federation(config: FederationConfig) -> Path:
     """Build DRAKE-mini if needed, prepare every model of the scenario, align A/B; returns data root."""
     data_root = resolve_data_root(config)
     if not config.data_root:
-        build_drake_mini(data_root, seed=config.seed)
+        cached_drake_mini(config.seed)
     scenario = load_run_scenario(config, data_root)
     model_ids = sorted({c.model_id for c in scenario.clients})
     loaded = {m: load_run_model(config, m, data_root, quantization="none") for m in model_ids}
@@ -158,7 +176,7 @@ def align_federation_bases(config: FederationConfig, data_root: Path, loaded: di
     """docs/method.md, "Aligning A and B across architectures": the smallest model is the anchor (seeded orthonormal A/B); every other
     architecture's A is trained to match the anchor's latents, B mapped by CCA. Cached."""
     anchor = smallest_model(list(loaded))
-    out = bases_dir(config, anchor)
+    out = bases_dir(config, anchor, data_root)
     align_config = AlignConfig(r=config.r, seed=config.seed)
     wanted = {m: loaded[m].fingerprint.with_rank(config.r).id for m in loaded}
     todo = sorted({m for m, fp in wanted.items() if not (out / f"{fp}.safetensors").is_file()})

@@ -10,6 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from drake_data import DrakeDataError, load_scenario, load_task, render_sample
+from fedmosaic_core.models import collate_for_generation, load_model
+from fedmosaic_core.models.collate import tokenize_sample
+from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
+from fedmosaic_flower.config import FederationConfig
 from drake_data.mini import (
     build_drake_mini,
     check_leakage,
@@ -20,6 +24,7 @@ from drake_data.mini import (
     verify_build,
 )
 from drake_data.mini.__main__ import app
+from drake_data.mini.builder import GROUPS, KINDS, MEMBERS_PER_GROUP, NUM_CLIENTS, TASKS
 
 SCENARIOS = {
     "scenario-homogeneous.json": {"tiny-llama-s"},
@@ -37,13 +42,11 @@ def test_content_requirements(tiny: Path) -> None:
     for name, models in SCENARIOS.items():
         sc = load_scenario(tiny / name, tiny)  # every task's files exist
         assert {c.model_id for c in sc.clients} == models
-        assert len(sc.clients) >= 6 and all(len(c.datasets) >= 2 for c in sc.clients)
+        assert len(sc.clients) == NUM_CLIENTS and all(len(c.datasets) == 2 for c in sc.clients)
     sc = load_scenario(tiny / "scenario-homogeneous.json")
     unseen = load_unseen(tiny)
     assert len(unseen) >= 3 and not {t.key for t in unseen} & set(sc.task_owner())
-    assert len(sc.tasks()) + len(unseen) >= 12
     n_images: dict[str, set[int]] = {}
-    types = {t.key: t.type for t in sc.tasks()}
     for t in sc.tasks():
         for split in ("train", "test"):
             recs = load_task(tiny, t.dataset, t.subset_id, split)
@@ -52,25 +55,43 @@ def test_content_requirements(tiny: Path) -> None:
                 s = render_sample(rec, tiny, task_type=t.type)
                 n_images.setdefault(t.key, set()).add(len(s.images))
                 assert all(im.size == (32, 32) and im.mode == "RGB" for im in s.images)
-                assert len(s.answer.split()) <= 2
-                if t.type == "multi-choice":
-                    assert s.choices and s.answer in s.choices
-    multi = [k for k, ns in n_images.items() if min(ns) >= 2 and max(ns) <= 4]
-    assert len(multi) >= 3
-    assert any(ns == {0} for ns in n_images.values())  # text-only
-    assert "open-ended" in types.values()
-    # skills are grouped: the digits and colours groups span two clients each
-    owner = sc.task_owner()
-    assert {owner[k] for k in owner if k.startswith("Digits")} == {0, 1}
-    assert {owner[k] for k in owner if k.startswith("EasyVQA")} == {2, 3}
+                assert s.choices and s.answer in s.choices
+    assert {max(ns) for ns in n_images.values()} == {1, 2, 3}
     pub = load_public(tiny)
     assert len(pub) > 20 and all(render_sample(r, tiny) for r in pub[:10])
+
+
+def test_skill_groups_share_skills_on_disjoint_images(tiny: Path) -> None:
+    """Each group: >= 3 clients, a same-architecture pair plus another model, every question kind
+    trained by two members; members' training images are disjoint; answer formats overlap across groups."""
+    sc = load_scenario(tiny / "scenario-two-families.json")
+    model_of = {c.client_id: c.model_id for c in sc.clients}
+    kind_of = {t.key: t.kind for t in TASKS}
+    formats: dict[str, set[str]] = {}
+    for g, (skill, kinds) in enumerate(GROUPS):
+        members = list(range(g * MEMBERS_PER_GROUP, (g + 1) * MEMBERS_PER_GROUP))
+        models = [model_of[c] for c in members]
+        assert len(members) >= 3 and max(models.count(m) for m in models) >= 2 and len(set(models)) >= 2
+        trained = [kind_of[r.key] for c in members for r in sc.client(c).datasets]
+        assert sorted(trained) == sorted(kinds * 2)
+        images: dict[int, set[str]] = {}
+        for c in members:
+            for ref in sc.client(c).datasets:
+                for rec in load_task(tiny, ref.dataset, ref.subset_id, "train"):
+                    paths = rec["image"] if isinstance(rec["image"], list) else [rec["image"]]
+                    images.setdefault(c, set()).update(paths)
+        for a in members:
+            for b in members:
+                assert a == b or not images[a] & images[b]
+        formats[skill] = {KINDS[k].answer_format for k in kinds}
+    skills = list(formats)
+    assert all(formats[a] & formats[b] for a in skills for b in skills)
 
 
 def test_no_leakage(tiny: Path) -> None:
     report = check_leakage(tiny)
     assert report.train_images > 0 and report.test_images > 0 and report.public_images > 0
-    assert report.train_texts > 0 and report.test_texts > 0 and report.public_texts > 0
+    assert report.public_texts > 0  # client tasks all have images; text-only questions are public
 
 
 def test_leakage_is_detected(tiny: Path, tmp_path: Path) -> None:
@@ -118,10 +139,22 @@ def test_cli(tiny: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_full_build(tmp_path: Path) -> None:
+def test_full_build_has_enough_questions_and_no_prompt_is_cut(tmp_path: Path) -> None:
     root = build_drake_mini(tmp_path / "full", seed=0)
     manifest = verify_build(root)
     assert manifest["total_bytes"] < 100e6
     for t in manifest["tasks"]:
-        assert t["test"] >= 30 and (t["client"] is None or t["train"] >= 100)
+        assert t["test"] >= 150 and (t["client"] is None or t["train"] >= 40)
     assert len(load_public(root)) >= 2000
+    # Every task's longest prompt fits the default max-length whole, question text included.
+    processor = load_model("tiny-llama-s", random_init=True).processor
+    max_length = FederationConfig().max_length
+    for t in TASKS:
+        samples = [render_sample(r, root) for split in ("train", "test") if not (split == "train" and t.client is None)
+                   for r in load_task(root, t.dataset, t.subset_id, split)]
+        longest = max(samples, key=lambda s: len(s.prompt) + 1000 * len(s.images))
+        batch = collate_for_generation(processor, [longest], max_length)
+        text = processor.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=False)
+        assert longest.prompt.split("\n")[-1] in text
+        for sample in samples:  # raises PromptTooLongError if one cannot fit
+            tokenize_sample(processor, sample, max_length, with_answer=True, tokens_per_image=NUM_IMAGE_TOKENS)

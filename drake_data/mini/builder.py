@@ -44,17 +44,16 @@ from fedmosaic_core.storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-MINI_VERSION = "2"
+MINI_VERSION = "3"
 FORMAT = "drake-mini"
 SIZES: dict[str, dict[str, int]] = {
-    # per-task train/test questions, public images per source, public chat pairs
-    "default": {"train": 200, "test": 40, "public_images": 1000, "public_chat": 600},
-    "tiny": {"train": 15, "test": 6, "public_images": 12, "public_chat": 12},
+    # per client task: train and test questions; public images per source, public chat pairs
+    "default": {"train": 60, "test": 200, "public_images": 1000, "public_chat": 600},
+    "tiny": {"train": 12, "test": 6, "public_images": 12, "public_chat": 12},
 }
 POOL_FRACTIONS = {  # (public, test) fractions; the rest is train. EasyVQA: its own test split.
     "Digits": (0.25, 0.2), "AnimalShapes": (0.2, 0.2), "Faces": (0.2, 0.25), "EasyVQA": (0.25, 0.0),
 }
-TOPICS = ("ai", "coding", "emotion", "trivia")
 MAX_TOPIC_WORDS = 20
 MAX_CHAT_ANSWER_WORDS = 12
 MODELS = ("tiny-llama-s", "tiny-llama-m", "tiny-qwen2-s")
@@ -64,46 +63,93 @@ EXCLUDE_FROM_HASH = ("manifest.json", "README.md")
 
 # ------------------------------------------------------------------------------ task specs
 @dataclass(frozen=True)
+class QuestionKind:
+    """One kind of question: which source it draws on, its skill group and its answer format."""
+
+    dataset: str
+    skill: str
+    answer_format: str
+    images_per_question: str
+    description: str
+
+
+KINDS: dict[str, QuestionKind] = {
+    "digit-name": QuestionKind("Digits", "digits", "digit", "1", "name the digit (4 options)"),
+    "digit-parity": QuestionKind("Digits", "digits", "yes/no", "1", "is the digit even?"),
+    "digit-larger": QuestionKind("Digits", "digits", "image k", "2", "which of two images shows the larger digit?"),
+    "colour-name": QuestionKind("EasyVQA", "colours", "colour", "1", "name the shape's colour (4 options)"),
+    "colour-same": QuestionKind("EasyVQA", "colours", "yes/no", "2", "do the two shapes have the same colour?"),
+    "colour-which": QuestionKind("EasyVQA", "colours", "image k", "3", "which of three images shows a <colour> shape?"),
+    "animal-name": QuestionKind("AnimalShapes", "animals", "animal", "1", "name the animal silhouette (4 options)"),
+    "animal-same": QuestionKind("AnimalShapes", "animals", "yes/no", "2", "do the two silhouettes show the same animal?"),
+    "animal-which": QuestionKind("AnimalShapes", "animals", "image k", "3", "which of three images is a <animal> silhouette?"),
+    # unseen kinds (test split only)
+    "digit-same": QuestionKind("Digits", "digits", "yes/no", "2", "do the two images show the same digit?"),
+    "digit-which": QuestionKind("Digits", "digits", "image k", "3", "which of three images shows the digit d?"),
+    "shape-name": QuestionKind("EasyVQA", "shapes", "shape", "1", "name the shape (3 options)"),
+}
+#: Skill groups: each group's members train on two of its three question kinds (member k: kinds
+#: k and k+1, so every kind is trained by two members at different times), each member on its own
+#: slice of the group's training images. Every group answers in yes/no and "Image k" besides its
+#: own vocabulary, so each group's answer format overlaps the others' while its skill differs.
+GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
+    ("digits", ("digit-name", "digit-parity", "digit-larger")),
+    ("colours", ("colour-name", "colour-same", "colour-which")),
+    ("animals", ("animal-name", "animal-same", "animal-which")),
+)
+MEMBERS_PER_GROUP = 3
+UNSEEN_KINDS = ("digit-same", "digit-which", "shape-name")
+NUM_CLIENTS = len(GROUPS) * MEMBERS_PER_GROUP
+#: Model of each member, per group, in the default (three-model) scenario: every group has a
+#: same-architecture pair plus a client of another size or family.
+GROUP_MODELS = (
+    ("tiny-llama-s", "tiny-llama-s", "tiny-llama-m"),
+    ("tiny-qwen2-s", "tiny-qwen2-s", "tiny-llama-s"),
+    ("tiny-llama-m", "tiny-llama-m", "tiny-qwen2-s"),
+)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     dataset: str
     subset_id: int
-    type: str
-    skill: str
-    description: str
-    images_per_question: str
+    kind: str
     client: int | None  # None: unseen (test only)
+    slot: int = 0  # which slice of the source's training images the client's questions use
 
     @property
     def key(self) -> str:
         return f"{self.dataset}-{self.subset_id}"
 
+    @property
+    def info(self) -> QuestionKind:
+        return KINDS[self.kind]
+
     def ref(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"dataset": self.dataset, "subset_id": self.subset_id, "type": self.type}
-        if self.type == "open-ended":
-            d["metric"] = "F1"
-        return d
+        return {"dataset": self.dataset, "subset_id": self.subset_id, "type": "multi-choice"}
 
 
-TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("Digits", 0, "multi-choice", "digits", "name the digit (4 options)", "1", 0),
-    TaskSpec("Digits", 2, "multi-choice", "digits", "is the digit even? (yes/no)", "1", 0),
-    TaskSpec("Digits", 1, "multi-choice", "digits", "which of two images shows the larger digit?", "2", 1),
-    TaskSpec("Digits", 3, "multi-choice", "digits", "which of three images shows digit d?", "3", 1),
-    TaskSpec("EasyVQA", 0, "multi-choice", "colours", "name the shape's colour (4 options)", "1", 2),
-    TaskSpec("EasyVQA", 1, "multi-choice", "colours", "easy-VQA's own yes/no questions about colours", "1", 2),
-    TaskSpec("EasyVQA", 2, "multi-choice", "colours", "do the two shapes have the same colour?", "2", 3),
-    TaskSpec("EasyVQA", 3, "open-ended", "colours", "name colour and shape (token F1)", "1", 3),
-    TaskSpec("AnimalShapes", 0, "multi-choice", "animals", "name the animal silhouette (4 options)", "1", 4),
-    TaskSpec("AnimalShapes", 1, "multi-choice", "animals", "which of 3-4 images is a <animal> silhouette?", "3-4", 4),
-    TaskSpec("ChatTopics", 0, "multi-choice", "text", "topic of a chat line (text only)", "0", 5),
-    TaskSpec("Faces", 0, "multi-choice", "faces", "is there a human face? (yes/no)", "1", 5),
-    # unseen: test split only
-    TaskSpec("Digits", 4, "multi-choice", "digits", "do two images show the same digit?", "2", None),
-    TaskSpec("EasyVQA", 4, "multi-choice", "colours", "which of three images shows a <colour> shape?", "3", None),
-    TaskSpec("EasyVQA", 5, "multi-choice", "colours", "name the shape (3 options)", "1", None),
-    TaskSpec("AnimalShapes", 2, "multi-choice", "animals", "do two silhouettes show the same animal?", "2", None),
-)
-NUM_CLIENTS = 6
+def _task_specs() -> tuple[TaskSpec, ...]:
+    """Client tasks in client order (two each, in stream order), then the unseen ones."""
+    next_subset: dict[str, int] = {}
+    specs: list[TaskSpec] = []
+
+    def new(kind: str, client: int | None, slot: int = 0) -> None:
+        dataset = KINDS[kind].dataset
+        subset = next_subset.get(dataset, 0)
+        next_subset[dataset] = subset + 1
+        specs.append(TaskSpec(dataset, subset, kind, client, slot))
+
+    for g, (_skill, kinds) in enumerate(GROUPS):
+        for member in range(MEMBERS_PER_GROUP):
+            for step in range(2):
+                new(kinds[(member + step) % len(kinds)], g * MEMBERS_PER_GROUP + member, member)
+    for kind in UNSEEN_KINDS:
+        new(kind, None)
+    return tuple(specs)
+
+
+TASKS: tuple[TaskSpec, ...] = _task_specs()
 
 
 def _mc(n_images: int, question: str, choices: Sequence[str]) -> str:
@@ -139,7 +185,6 @@ class _Build:
         self.skipped: dict[str, int] = {f"{n}_duplicate_images": s.duplicates_removed for n, s in self.sources.items()}
         self.skipped["EasyVQA_images_without_colour_or_shape"] = int(self.sources["EasyVQA"].extra["unlabeled_skipped"])
         self.chat: dict[str, list[list[str]]] = S.load_chat_corpus()
-        self.topic_lines: dict[str, list[tuple[str, str]]] = _topic_lines(self)
 
     def rng(self, *key: int | str) -> np.random.Generator:
         """A generator for one purpose, independent of the order things are built in."""
@@ -168,8 +213,16 @@ class _Build:
     def attr(self, source: str, index: int) -> dict[str, Any]:
         return self.sources[source].attrs[int(index)]
 
-    def by_label(self, source: str, split: str, key: str) -> dict[Any, np.ndarray]:
+    def pool(self, source: str, split: str, slot: int = 0) -> np.ndarray:
+        """A split's images; the train split is cut into one disjoint slice per group member."""
         pool = self.pools[source][split]
+        if split != "train":
+            return pool
+        order = self.rng("slices", source).permutation(pool)
+        return np.sort(np.array_split(order, MEMBERS_PER_GROUP)[slot])
+
+    def by_label(self, source: str, split: str, key: str, slot: int = 0) -> dict[Any, np.ndarray]:
+        pool = self.pool(source, split, slot)
         labels = np.asarray([self.attr(source, i)[key] for i in pool], dtype=object)
         return {lab: pool[labels == lab] for lab in sorted(set(labels.tolist()))}
 
@@ -203,230 +256,82 @@ def _balanced(rng: np.random.Generator, n: int, options: Sequence[Any]) -> list[
 
 
 def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, Any]]:
+    """``n`` distinct questions of ``spec``'s kind on ``split``'s images (balanced answers)."""
     rng = b.rng("task", spec.key, split)
     prefix = f"{spec.key}-{split}"
     rid = lambda i: f"{prefix}-{i:05d}"  # noqa: E731
-    key = spec.key
+    kind, source = spec.kind, spec.dataset
+    label = {"Digits": "digit", "EasyVQA": "color", "AnimalShapes": "animal"}[source]
+    if kind == "shape-name":
+        label = "shape"
+    by = b.by_label(source, split, label, spec.slot)
+    values = sorted(by)
+    pick = lambda v: int(rng.choice(by[v]))  # noqa: E731
+    image = lambda v: b.image(source, pick(v))  # noqa: E731
+    images_k = [f"Image {j + 1}" for j in range(3)]
+    name_question = {"digit-name": "What digit is written in the image?", "colour-name": "What color is the shape?",
+                     "animal-name": "Which animal is shown in the silhouette?", "shape-name": "What shape is in the image?"}
+    same_question = {"digit-same": "Do the two images show the same digit?",
+                     "colour-same": "Do these two shapes have the same color?",
+                     "animal-same": "Do the two silhouettes show the same animal?"}
+    which_question = {"digit-which": "Which image shows the digit {}?", "colour-which": "Which image shows a {} shape?",
+                      "animal-which": "Which of these images is a {} silhouette?"}
 
-    if spec.dataset == "Digits":
-        by = b.by_label("Digits", split, "digit")
-        digits = sorted(by)
-        pick = lambda d: int(rng.choice(by[d]))  # noqa: E731
-        if key == "Digits-0":
-            targets = _balanced(rng, n, digits)
-
-            def make(i: int) -> dict[str, Any]:
-                d = targets[i]
-                others = [int(x) for x in rng.choice([x for x in digits if x != d], 3, replace=False)]
-                choices = [str(x) for x in rng.permutation([d, *others])]
-                return _record(rid(i), [b.image("Digits", pick(d))], _mc(1, "What digit is written in the image?", choices), str(d))
-        elif key == "Digits-2":
-            targets = _balanced(rng, n, YES_NO)
-
-            def make(i: int) -> dict[str, Any]:
-                even = targets[i] == "Yes"
-                d = int(rng.choice([x for x in digits if (x % 2 == 0) == even]))
-                return _record(rid(i), [b.image("Digits", pick(d))], _mc(1, "Is the digit in the image even?", YES_NO), targets[i])
-        elif key == "Digits-1":
-            targets = _balanced(rng, n, [1, 2])
-
-            def make(i: int) -> dict[str, Any]:
-                lo, hi = sorted(int(x) for x in rng.choice(digits, 2, replace=False))
-                pair = [hi, lo] if targets[i] == 1 else [lo, hi]
-                imgs = [b.image("Digits", pick(d)) for d in pair]
-                return _record(rid(i), imgs, _mc(2, "Which image shows the larger digit?", ["Image 1", "Image 2"]), f"Image {targets[i]}")
-        elif key == "Digits-3":
-            targets = _balanced(rng, n, [1, 2, 3])
-
-            def make(i: int) -> dict[str, Any]:
-                ds = [int(x) for x in rng.choice(digits, 3, replace=False)]
-                target = ds[targets[i] - 1]
-                imgs = [b.image("Digits", pick(d)) for d in ds]
-                return _record(rid(i), imgs, _mc(3, f"Which image shows the digit {target}?", ["Image 1", "Image 2", "Image 3"]),
-                               f"Image {targets[i]}")
-        elif key == "Digits-4":
-            targets = _balanced(rng, n, YES_NO)
-
-            def make(i: int) -> dict[str, Any]:
-                if targets[i] == "Yes":
-                    d = int(rng.choice(digits))
-                    a, c = (int(x) for x in rng.choice(by[d], 2, replace=False))
-                else:
-                    d1, d2 = (int(x) for x in rng.choice(digits, 2, replace=False))
-                    a, c = pick(d1), pick(d2)
-                imgs = [b.image("Digits", a), b.image("Digits", c)]
-                return _record(rid(i), imgs, _mc(2, "Do the two images show the same digit?", YES_NO), targets[i])
-        else:
-            raise AssertionError(key)
-
-    elif spec.dataset == "EasyVQA":
-        pool = b.pools["EasyVQA"][split]
-        by_color = b.by_label("EasyVQA", split, "color")
-        colors = sorted(by_color)
-        col = lambda i: b.attr("EasyVQA", i)["color"]  # noqa: E731
-        shp = lambda i: b.attr("EasyVQA", i)["shape"]  # noqa: E731
-        if key == "EasyVQA-0":
-            targets = _balanced(rng, n, colors)
-
-            def make(i: int) -> dict[str, Any]:
-                c = targets[i]
-                img = int(rng.choice(by_color[c]))
-                others = [str(x) for x in rng.choice([x for x in colors if x != c], 3, replace=False)]
-                choices = [str(x) for x in rng.permutation([c, *others])]
-                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, "What color is the shape?", choices), c)
-        elif key == "EasyVQA-1":
-            colour_qs: dict[str, list[tuple[int, str]]] = {"yes": [], "no": []}  # (image, question)
-            for img in pool:
-                for q, a in b.attr("EasyVQA", img)["questions"]:
-                    if a in colour_qs and any(w in q.split() for w in S.COLORS):
-                        colour_qs[a].append((int(img), q))
-            targets = _balanced(rng, n, YES_NO)
-
-            def make(i: int) -> dict[str, Any]:
-                cands = colour_qs[targets[i].lower()]
-                img, q = cands[int(rng.integers(len(cands)))]
-                question = q[:1].upper() + q[1:]
-                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, question, YES_NO), targets[i])
-        elif key == "EasyVQA-2":
-            targets = _balanced(rng, n, YES_NO)
-
-            def make(i: int) -> dict[str, Any]:
-                if targets[i] == "Yes":
-                    c = str(rng.choice(colors))
-                    a, d = (int(x) for x in rng.choice(by_color[c], 2, replace=False))
-                else:
-                    c1, c2 = (str(x) for x in rng.choice(colors, 2, replace=False))
-                    a, d = int(rng.choice(by_color[c1])), int(rng.choice(by_color[c2]))
-                imgs = [b.image("EasyVQA", a), b.image("EasyVQA", d)]
-                return _record(rid(i), imgs, _mc(2, "Do these two shapes have the same color?", YES_NO), targets[i])
-        elif key == "EasyVQA-3":
-            order = rng.permutation(pool)
-
-            def make(i: int) -> dict[str, Any]:
-                img = int(order[i % len(order)])
-                q = IMAGE_TOKEN + "\nName the color and the shape in the image. Your answer is:"
-                return _record(rid(i), [b.image("EasyVQA", img)], q, f"{col(img)} {shp(img)}")
-        elif key == "EasyVQA-4":
-            targets = _balanced(rng, n, [1, 2, 3])
-
-            def make(i: int) -> dict[str, Any]:
-                cs = [str(x) for x in rng.choice(colors, 3, replace=False)]
-                imgs = [b.image("EasyVQA", int(rng.choice(by_color[c]))) for c in cs]
-                q = f"Which image shows a {cs[targets[i] - 1]} shape?"
-                return _record(rid(i), imgs, _mc(3, q, ["Image 1", "Image 2", "Image 3"]), f"Image {targets[i]}")
-        elif key == "EasyVQA-5":
-            by_shape = b.by_label("EasyVQA", split, "shape")
-            targets = _balanced(rng, n, sorted(by_shape))
-
-            def make(i: int) -> dict[str, Any]:
-                img = int(rng.choice(by_shape[targets[i]]))
-                choices = [str(x) for x in rng.permutation(list(S.SHAPES))]
-                return _record(rid(i), [b.image("EasyVQA", img)], _mc(1, "What shape is in the image?", choices), targets[i])
-        else:
-            raise AssertionError(key)
-
-    elif spec.dataset == "AnimalShapes":
-        by = b.by_label("AnimalShapes", split, "animal")
-        animals = sorted(by)
-        pick = lambda a: int(rng.choice(by[a]))  # noqa: E731
-        if key == "AnimalShapes-0":
-            targets = _balanced(rng, n, animals)
-
-            def make(i: int) -> dict[str, Any]:
-                a = targets[i]
-                others = [str(x) for x in rng.choice([x for x in animals if x != a], 3, replace=False)]
-                choices = [str(x) for x in rng.permutation([a, *others])]
-                return _record(rid(i), [b.image("AnimalShapes", pick(a))], _mc(1, "Which animal is shown in the silhouette?", choices), a)
-        elif key == "AnimalShapes-1":
-            counts = _balanced(rng, n, [3, 4])
-
-            def make(i: int) -> dict[str, Any]:
-                k = counts[i]
-                ans = [str(x) for x in rng.choice(animals, k, replace=False)]
-                t = int(rng.integers(k))
-                imgs = [b.image("AnimalShapes", pick(a)) for a in ans]
-                choices = [f"Image {j + 1}" for j in range(k)]
-                return _record(rid(i), imgs, _mc(k, f"Which of these images is a {ans[t]} silhouette?", choices), f"Image {t + 1}")
-        elif key == "AnimalShapes-2":
-            targets = _balanced(rng, n, YES_NO)
-
-            def make(i: int) -> dict[str, Any]:
-                if targets[i] == "Yes":
-                    a = str(rng.choice(animals))
-                    x, y = (int(v) for v in rng.choice(by[a], 2, replace=False))
-                else:
-                    a1, a2 = (str(v) for v in rng.choice(animals, 2, replace=False))
-                    x, y = pick(a1), pick(a2)
-                imgs = [b.image("AnimalShapes", x), b.image("AnimalShapes", y)]
-                return _record(rid(i), imgs, _mc(2, "Do the two silhouettes show the same animal?", YES_NO), targets[i])
-        else:
-            raise AssertionError(key)
-
-    elif key == "Faces-0":
-        pool = b.pools["Faces"][split]
-        n = min(n, len(pool))  # one question per image: the pool is small
-        order = rng.permutation(pool)
+    if kind in name_question:
+        targets = _balanced(rng, n, values)
+        n_options = min(4, len(values))
 
         def make(i: int) -> dict[str, Any]:
-            img = int(order[i])
-            ans = "Yes" if b.attr("Faces", img)["face"] else "No"
-            return _record(rid(i), [b.image("Faces", img)], _mc(1, "Is there a human face in the image?", YES_NO), ans)
-
-    elif key == "ChatTopics-0":
-        lines = b.topic_lines[split]
-        per_topic = {t: [ln for ln, tt in lines if tt == t] for t in TOPICS}
-        n = min(n, len(TOPICS) * min(len(v) for v in per_topic.values()))
-        targets = _balanced(rng, n, list(TOPICS))
-        orders = {t: [per_topic[t][j] for j in rng.permutation(len(per_topic[t]))] for t in TOPICS}
-        taken = dict.fromkeys(TOPICS, 0)
+            v = targets[i]
+            others = [x for x in rng.permutation([x for x in values if x != v])[: n_options - 1]]
+            choices = [str(x) for x in rng.permutation([v, *others])]
+            return _record(rid(i), [image(v)], _mc(1, name_question[kind], choices), str(v))
+    elif kind in same_question:
+        targets = _balanced(rng, n, YES_NO)
 
         def make(i: int) -> dict[str, Any]:
-            t = targets[i]
-            line = orders[t][taken[t]]
-            taken[t] += 1
-            q = _mc(0, f'Which topic is this line from a chat about?\n"{line}"', list(TOPICS))
-            return _record(rid(i), [], q, t)
+            if targets[i] == "Yes":
+                v = values[int(rng.integers(len(values)))]
+                x, y = (int(t) for t in rng.choice(by[v], 2, replace=False))
+                imgs = [b.image(source, x), b.image(source, y)]
+            else:
+                v1, v2 = (values[int(t)] for t in rng.choice(len(values), 2, replace=False))
+                imgs = [image(v1), image(v2)]
+            return _record(rid(i), imgs, _mc(2, same_question[kind], YES_NO), targets[i])
+    elif kind in which_question:
+        targets = _balanced(rng, n, [1, 2, 3])
+
+        def make(i: int) -> dict[str, Any]:
+            shown = [values[int(t)] for t in rng.choice(len(values), 3, replace=False)]
+            target = shown[targets[i] - 1]
+            imgs = [image(v) for v in shown]
+            return _record(rid(i), imgs, _mc(3, which_question[kind].format(target), images_k), f"Image {targets[i]}")
+    elif kind == "digit-parity":
+        targets = _balanced(rng, n, YES_NO)
+
+        def make(i: int) -> dict[str, Any]:
+            even = targets[i] == "Yes"
+            d = values[int(rng.choice([j for j, x in enumerate(values) if (int(x) % 2 == 0) == even]))]
+            return _record(rid(i), [image(d)], _mc(1, "Is the digit in the image even?", YES_NO), targets[i])
+    elif kind == "digit-larger":
+        targets = _balanced(rng, n, [1, 2])
+
+        def make(i: int) -> dict[str, Any]:
+            lo, hi = sorted(values[int(t)] for t in rng.choice(len(values), 2, replace=False))
+            pair = [hi, lo] if targets[i] == 1 else [lo, hi]
+            return _record(rid(i), [image(d) for d in pair], _mc(2, "Which image shows the larger digit?", images_k[:2]),
+                           f"Image {targets[i]}")
     else:
-        raise AssertionError(key)
-
+        raise AssertionError(kind)
     return _distinct(rng, n, make, _key, limit=50 * n + 100)
 
 
-def _topic_lines(b: _Build) -> dict[str, list[tuple[str, str]]]:
-    """Chat lines of the topic task, each from exactly one topic, split train/test by line."""
-    corpus = b.chat
-    owners: dict[str, set[str]] = {}
-    for cat, convs in corpus.items():
-        for conv in convs:
-            for u in conv:
-                owners.setdefault(u.lower(), set()).add(cat)
-    out: dict[str, list[tuple[str, str]]] = {"train": [], "test": []}
-    ambiguous = too_long = 0
-    for t in TOPICS:
-        lines = sorted({u for conv in corpus[t] for u in conv})
-        keep = []
-        for u in lines:
-            if len(owners[u.lower()]) > 1:
-                ambiguous += 1
-            elif not 2 <= len(u.split()) <= MAX_TOPIC_WORDS or '"' in u:
-                too_long += 1
-            else:
-                keep.append(u)
-        uniq = sorted({u.lower(): u for u in keep}.values())
-        order = b.rng("topic-split", t).permutation(len(uniq))
-        n_test = int(round(0.25 * len(uniq)))
-        out["test"] += [(uniq[j], t) for j in order[:n_test]]
-        out["train"] += [(uniq[j], t) for j in order[n_test:]]
-    b.skipped["ChatTopics_lines_in_several_categories"] = ambiguous
-    b.skipped["ChatTopics_lines_too_long_or_quoted"] = too_long
-    return out
-
-
-# Public captions name what the client tasks do not test (no digit value, no colour), so that a
-# base pretrained on them still has to learn the digit and colour skills the clients share.
+# Public captions name every visual attribute the client tasks ask about (digit value, colour,
+# shape, animal), so the bases can see them; the clients' tasks then test question skills on top
+# (parity, comparison, which-image, same/different) that adapters must learn and can share.
 _CAPTION = {
-    "Digits": lambda a: "a handwritten digit",
-    "EasyVQA": lambda a: f"a {a['shape']}",
+    "Digits": lambda a: f"a handwritten {a['digit']}",
+    "EasyVQA": lambda a: f"a {a['color']} {a['shape']}",
     "AnimalShapes": lambda a: f"a {a['animal']} silhouette",
     "Faces": lambda a: "a human face" if a["face"] else "a background patch",
 }
@@ -435,7 +340,7 @@ _KIND = {"Digits": "a digit", "EasyVQA": "a shape", "AnimalShapes": "an animal",
 
 def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
     """Captions ("What is in the image?"), a picture-kind multiple choice on a third of the images,
-    and short chat Q/A pairs from categories the topic task does not use. Disjoint pools only."""
+    and short chat Q/A pairs. Disjoint pools only."""
     recs: list[dict[str, Any]] = []
     cap = b.cfg["public_images"]
     for source in b.sources:
@@ -460,7 +365,7 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
         choices = [str(x) for x in rng.permutation([answer, *others])]
         recs.append(_record("", [], _mc(0, f"Choose the option '{answer}'.", choices), answer))
     pairs: list[tuple[str, str]] = []
-    for cat in sorted(set(b.chat) - set(TOPICS)):
+    for cat in sorted(b.chat):
         for conv in b.chat[cat]:
             for q, a in zip(conv, conv[1:], strict=False):
                 if 1 <= len(a.split()) <= MAX_CHAT_ANSWER_WORDS and len(q.split()) <= MAX_TOPIC_WORDS:
@@ -482,14 +387,14 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
 
 # ---------------------------------------------------------------------------- scenarios
 def _scenarios() -> dict[str, list[dict[str, Any]]]:
-    def entries(model_of: Callable[[int], str]) -> list[dict[str, Any]]:
-        return [{"client_id": c, "model_id": model_of(c),
+    def entries(model_of: Callable[[int, int], str]) -> list[dict[str, Any]]:
+        return [{"client_id": c, "model_id": model_of(c // MEMBERS_PER_GROUP, c % MEMBERS_PER_GROUP),
                  "datasets": [t.ref() for t in TASKS if t.client == c]} for c in range(NUM_CLIENTS)]
 
     return {
-        "scenario-homogeneous.json": entries(lambda c: MODELS[0]),
-        "scenario-two-sizes.json": entries(lambda c: MODELS[c % 2]),
-        "scenario-two-families.json": entries(lambda c: MODELS[c % 3]),
+        "scenario-homogeneous.json": entries(lambda g, m: MODELS[0]),
+        "scenario-two-sizes.json": entries(lambda g, m: MODELS[0] if m < 2 else MODELS[1]),
+        "scenario-two-families.json": entries(lambda g, m: GROUP_MODELS[g][m]),
     }
 
 
@@ -533,18 +438,21 @@ def _readme(manifest: dict[str, Any], seconds: float, total_bytes: int) -> str:
         "",
         "## Tasks",
         "",
-        "| task | client | skill group | type | images / question | train | test | what |",
+        "| task | client | skill group | answer format | images / question | train | test | what |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in manifest["tasks"]:
         client = "unseen" if t["client"] is None else str(t["client"])
-        lines.append(f"| {t['key']} | {client} | {t['skill']} | {t['type']} | {t['images_per_question']} | "
+        lines.append(f"| {t['key']} | {client} | {t['skill']} | {t['answer_format']} | {t['images_per_question']} | "
                      f"{t['train']} | {t['test']} | {t['description']} |")
     pub = manifest["counts"]["public"]
     lines += [
         "",
-        "Clients own the tasks of one skill group each (digits: 0, 1; colours: 2, 3; animals: 4; "
-        "unrelated text + faces: 5). Unseen tasks (test split only) are listed in `unseen.json`.",
+        f"Skill groups of {MEMBERS_PER_GROUP} clients (digits: 0-2, colours: 3-5, animals: 6-8). Member k of a "
+        "group trains on the group's question kinds k and k+1 (in that order: a dynamic stream), each member "
+        "on its own slice of the group's training images; every group also answers yes/no and 'Image k', so "
+        "answer formats overlap across groups while skills differ. Unseen tasks (test split only) are listed "
+        "in `unseen.json`.",
         "",
         f"Public split (`public/{{train,test}}/dataset-0.json`, `drake_data.mini.load_public`): {pub['train']} train / "
         f"{pub['test']} test records — captions, a picture-kind choice, short chat Q/A — built from images and "
@@ -555,8 +463,8 @@ def _readme(manifest: dict[str, Any], seconds: float, total_bytes: int) -> str:
         "test-pool images only. `python -m drake_data.mini verify DIR` re-checks it on the files.",
         "",
         "Scenarios: `scenario-homogeneous.json` (all `tiny-llama-s`), `scenario-two-sizes.json` "
-        "(`tiny-llama-s` / `tiny-llama-m`), `scenario-two-families.json` (`tiny-llama-s`, `tiny-llama-m`, "
-        "`tiny-qwen2-s`).",
+        "(per group two `tiny-llama-s` and one `tiny-llama-m`), `scenario-two-families.json` (per group a "
+        "same-architecture pair plus another size or family: " + "; ".join("/".join(m) for m in GROUP_MODELS) + ").",
         "",
         "## Sources and licences",
         "",
@@ -582,8 +490,10 @@ def _write_all(tmp: Path, seed: int, size: str) -> dict[str, Any]:
             recs = _make_task(b, spec, split, b.cfg[split])
             write_task(tmp, spec.dataset, spec.subset_id, split, recs)
             counts[split] = len(recs)
-        task_meta.append({"key": spec.key, **spec.ref(), "client": spec.client, "skill": spec.skill,
-                          "images_per_question": spec.images_per_question, "description": spec.description,
+        info = spec.info
+        task_meta.append({"key": spec.key, **spec.ref(), "kind": spec.kind, "client": spec.client,
+                          "skill": info.skill, "answer_format": info.answer_format,
+                          "images_per_question": info.images_per_question, "description": info.description,
                           "train": counts.get("train", 0), "test": counts["test"]})
     public = _public(b)
     for split, recs in public.items():
@@ -651,6 +561,21 @@ def build_drake_mini(out: Path | str, seed: int = 0, size: str = "default", forc
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("DRAKE-mini built at %s in %.1f s (%.2f MB)", out, seconds, total / 1e6)
+    return out
+
+
+def attribute_pools(seed: int) -> dict[str, dict[str, tuple[np.ndarray, list[Any]]]]:
+    """``{"digit"|"colour"|"shape"|"animal": {"public"|"test": (images, labels)}}`` from the pools
+    of the build with ``seed``: what a linear probe of a base's image features is fitted and
+    scored on (public images are what the bases are pretrained on; test images no base has seen)."""
+    b = _Build(seed, "default")
+    out: dict[str, dict[str, tuple[np.ndarray, list[Any]]]] = {}
+    for name, source, key in (("digit", "Digits", "digit"), ("colour", "EasyVQA", "color"),
+                              ("shape", "EasyVQA", "shape"), ("animal", "AnimalShapes", "animal")):
+        out[name] = {}
+        for split in ("public", "test"):
+            pool = b.pools[source][split]
+            out[name][split] = (b.sources[source].images[pool], [b.attr(source, i)[key] for i in pool])
     return out
 
 
