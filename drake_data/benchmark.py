@@ -1,7 +1,8 @@
 """The published DRAKE benchmark: task registry, client map, unseen tasks, scenarios, data root.
 
-The registry files live in ``drake_data/registry/`` (JSON, shipped inside the Flower app bundle);
-``provenance.json`` there says where each comes from and what is reconstructed.
+The registry files live in ``drake_data/registry/drake/`` (JSON, shipped inside the Flower app
+bundle): the authors' published scenario files, converted by :mod:`drake_data.convert_reference`;
+``provenance.json`` there records the source commit and each file's hash.
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from drake_data.errors import DrakeDataError
-from drake_data.layout import Scenario, TaskRef, load_scenario, load_task_refs
+from drake_data.layout import Scenario, TaskRef, load_scenario
 
-REGISTRY_DIR = Path(__file__).resolve().parent / "registry"
+REGISTRY_DIR = Path(__file__).resolve().parent / "registry" / "drake"
 HUB_REPO_ID = "SNUMPR/DRAKE"
+#: The authors' published scenarios (``python -m drake_data.convert_reference``), by short name:
+#: ``homo-llama-1B``, ``hetero-llama-1B-3B``, ``hetero-llama-1B-3B-8B``, ``hetero-qwen-0.5B-1.5B-3B``, ...
 DRAKE_SCENARIOS = {
-    "homogeneous": "scenario-drake-homogeneous.json",
-    "1B-3B": "scenario-drake-1B-3B.json",
-    "cross-family": "scenario-drake-cross-family.json",
+    p.stem: p.name for p in sorted(REGISTRY_DIR.glob("*.json"))
+    if p.name not in ("task-list.json", "provenance.json") and not p.name.startswith("unseen-")
 }
+UNSEEN_FILES = ("unseen-newtasktype.json", "unseen-newvisualdomain.json")
 ROOT_ENV = "DRAKE_ROOT"
 
 
@@ -30,18 +33,24 @@ def _registry_json(name: str) -> Any:
 
 
 def drake_tasks() -> list[dict[str, Any]]:
-    """The 40 tasks: ``label``, ``dataset``, ``subset_id``, ``type``, ``client_id``, ``order``."""
-    return list(_registry_json("drake_tasks.json"))
+    """The 40 tasks as the authors list them (``dataset``, ``subset_id``, ``type``, ``Desc``),
+    each with a ``label`` ``<dataset>-<subset_id>``."""
+    return [{"label": f"{t['dataset']}-{t['subset_id']}", **t} for t in _registry_json("task-list.json")]
 
 
 def drake_client_map() -> dict[int, list[str]]:
-    """client id → its 4 task labels, in stream order (docs/method.md, "DRAKE" table)."""
-    return {int(k): list(v) for k, v in _registry_json("drake_clients.json").items()}
+    """client id → its task labels in stream order (the same in every published scenario)."""
+    return {c.client_id: [t.key for t in c.datasets] for c in drake_scenario("homo-llama-1B").clients}
 
 
 def drake_unseen_tasks() -> list[TaskRef]:
-    """The unseen (generalisation) tasks."""
-    return load_task_refs(REGISTRY_DIR / "drake_unseen.json")
+    """The unseen (generalisation) tasks of both published unseen settings (new task type, new
+    visual domain), in file order."""
+    out: list[TaskRef] = []
+    for name in UNSEEN_FILES:
+        for client in load_scenario(REGISTRY_DIR / name).clients:
+            out += [t for t in client.datasets if t not in out]
+    return out
 
 
 def drake_scenario(name: str, root: Path | str | None = None) -> Scenario:

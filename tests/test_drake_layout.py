@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from drake_data import (
 )
 from drake_data.benchmark import (
     DRAKE_SCENARIOS,
+    REGISTRY_DIR,
     drake_client_map,
     drake_scenario,
     drake_tasks,
@@ -25,7 +27,8 @@ from drake_data.benchmark import (
     fetch_drake,
     resolve_drake_root,
 )
-from drake_data.layout import task_file
+from drake_data.convert_reference import canonical_sha256, convert, registry_name
+from drake_data.layout import parse_scenario, task_file
 
 
 def _png(path: Path, color: tuple[int, int, int]) -> None:
@@ -164,17 +167,43 @@ def test_scenario_round_trip_and_errors(root: Path, tmp_path: Path) -> None:
 def test_drake_registry() -> None:
     tasks = drake_tasks()
     assert len(tasks) == 40 and len({(t["dataset"], t["subset_id"]) for t in tasks}) == 40
-    assert sorted(t["label"] for t in tasks if t["type"] == "open-ended") == ["iconqa-2", "iconqa-3"]
+    assert all(t["subset_id"] < 10 for t in tasks)  # the authors' ids (dataset-<id>.json), not 40+
     cmap = drake_client_map()
     assert sorted(cmap) == list(range(10)) and all(len(v) == 4 for v in cmap.values())
     assert cmap[0] == ["Fashion200K-0", "MagicBrush-0", "VISION-0", "FashionIQ-0"]
-    assert len(drake_unseen_tasks()) >= 5
+    assert len(drake_unseen_tasks()) == 7
+    assert {"homo-llama-1B", "hetero-llama-1B-3B", "hetero-llama-1B-3B-8B", "hetero-qwen-0.5B-1.5B-3B"} <= set(DRAKE_SCENARIOS)
+    listed = {(t["dataset"], t["subset_id"]) for t in tasks}
     for name in DRAKE_SCENARIOS:
         sc = drake_scenario(name)
-        assert len(sc.clients) == 10 and len(sc.tasks()) == 40
-    assert {c.model_id for c in drake_scenario("homogeneous").clients} == {"thkim0305/llama3.2_1B_vl"}
-    assert len({c.model_id for c in drake_scenario("1B-3B").clients}) == 2
-    assert any("qwen" in c.model_id for c in drake_scenario("cross-family").clients)
+        assert len(sc.clients) == 10 and {(t.dataset, t.subset_id) for t in sc.tasks()} == listed
+    assert {c.model_id for c in drake_scenario("homo-llama-1B").clients} == {"thkim0305/llama3.2_1B_vl"}
+    assert {c.model_id for c in drake_scenario("hetero-llama-1B-3B").clients} == {
+        "thkim0305/llama3.2_1B_vl", "thkim0305/llama3.2_3B_vl"}
+
+
+def test_registry_equals_the_published_files_key_for_key(tmp_path: Path) -> None:
+    """Each registry file is the published file (hash of its canonical JSON, recorded with the
+    source commit), and the loader reads each scenario back key for key."""
+    provenance = json.loads((REGISTRY_DIR / "provenance.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{40}", provenance["commit"]) and "snumprlab/fedmosaic" in provenance["source"]
+    on_disk = {p.name for p in REGISTRY_DIR.glob("*.json")} - {"provenance.json"}
+    assert on_disk == set(provenance["files"]) and len(on_disk) >= 15
+    for name, entry in provenance["files"].items():
+        data = json.loads((REGISTRY_DIR / name).read_text())
+        assert canonical_sha256(data) == entry["sha256"], name
+        assert registry_name(Path(entry["source"]).name) == name
+        if name != "task-list.json":
+            assert parse_scenario(data, name).to_json() == data, name
+    # the converter reproduces the registry from a checkout's files
+    checkout = tmp_path / "checkout" / "scenarios"
+    checkout.mkdir(parents=True)
+    for name, entry in provenance["files"].items():
+        (checkout / Path(entry["source"]).name).write_text((REGISTRY_DIR / name).read_text())
+    again = convert(checkout.parent, provenance["commit"], tmp_path / "out")
+    assert again == provenance
+    with pytest.raises(DrakeDataError, match="no scenarios/DRAKE_"):
+        convert(tmp_path, "x", tmp_path / "none")
 
 
 def test_missing_drake_root_says_how_to_get_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
