@@ -102,3 +102,10 @@ def unseen_score(scores: Mapping[int, Mapping[str, float]], unseen_tasks: Sequen
     if not per_client:
         raise DrakeDataError("unseen_score: no clients")
     return float(np.mean(per_client))
+
+
+def chance_level(choice_lists: Sequence[Sequence[str] | None]) -> float:
+    """Expected score of a uniform random pick among each multiple-choice question's options:
+    mean of 1/len(choices) over the questions that have a choice list (NaN when none has one)."""
+    levels = [1.0 / len(c) for c in choice_lists if c]
+    return sum(levels) / len(levels) if levels else float("nan")

@@ -33,7 +33,6 @@ from fedmosaic_core.models.loading import ModelNotAvailableError  # noqa: E402
 from fedmosaic_core.pqlora import AdapterStateError  # noqa: E402
 from fedmosaic_core.storage import atomic_write_json, cache_home  # noqa: E402
 from fedmosaic_flower.config import STRATEGIES, ConfigError, FederationConfig, parse_run_config  # noqa: E402
-from server_app.report import percent  # noqa: E402
 
 app = typer.Typer(add_completion=False, help="FedMosaic on Flower.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -145,7 +144,7 @@ def _run_one(
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
     (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
     from fedmosaic_cli.launch import flwr_run, local_deployment, simulation_superlink
-    from fedmosaic_flower.prepare import load_run_scenario, prepare_federation
+    from fedmosaic_flower.prepare import load_run_scenario, prepare_federation, scenario_path
 
     config = _config(app_dir, overrides)
     started = time.monotonic()
@@ -200,6 +199,9 @@ def _run_one(
     summary["timing"] = {"prepare_s": round(prepared_s, 1), "total_s": round(elapsed, 1)}
     summary["run_dir"] = str(config.run_dir)
     summary["strategy"] = config.strategy
+    summary["seed"] = config.seed
+    summary["data_root"] = str(data_root)
+    summary["scenario_path"] = str(scenario_path(config, data_root))
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     return summary
 
@@ -237,69 +239,46 @@ def local_deployment_command(
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
 
-def comparison_table(summaries: dict[str, dict[str, Any]]) -> str:
-    pct = percent
-
-    lines = [
-        "| method | Self A_last | Self A_AUC | Others A_last | Others A_AUC | Unseen A_last | bytes up / client / round | bytes down / client / round |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, s in summaries.items():
-        o = s["overall"]
-        lines.append(
-            f"| {name} | {pct(o['self_last'])} | {pct(o['self_auc'])} | {pct(o['others_last'])} | "
-            f"{pct(o['others_auc'])} | {pct(o['unseen_last'])} | {o['bytes_up_per_round']:.0f} | {o['bytes_down_per_round']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def per_model_table(per_seed: dict[str, list[dict[str, Any]]]) -> str:
-    """Self A_last (mean %) by base model, over the clients of that model and all seeds."""
-    models = sorted({c["model_id"] for runs in per_seed.values() for r in runs for c in r["clients"].values()})
-    lines = ["| method | " + " | ".join(f"Self A_last: {m}" for m in models) + " |",
-             "|---|" + "---|" * len(models)]
-    for name, runs in per_seed.items():
-        cells = []
-        for model in models:
-            values = [float(c["self_last"]) for r in runs for c in r["clients"].values() if c["model_id"] == model]
-            cells.append(f"{100 * sum(values) / len(values):.1f}" if values else "—")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 @app.command()
 def compare(
     strategies: str = typer.Option(",".join(["local", "fedavg", "fedmosaic-uniform", "fedmosaic"]),
                                    help="comma-separated strategies"),
-    seeds: str = typer.Option("0", help="comma-separated seeds"),
+    seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds (paired statistics need several)"),
+    reference: str = typer.Option("local", help="method the paired differences are taken against"),
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
-    out: Path | None = typer.Option(None, help="where to write comparison.md / comparison.json"),
+    out: Path | None = typer.Option(None, help="where to write comparison.{md,json,png}"),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
 ) -> None:
-    """Run the baselines and FedMosaic on the same scenario and seed(s); write a comparison table."""
+    """Run the baselines and FedMosaic on the same scenario and seeds; write the comparison with
+    95 % intervals, paired differences to the reference, per-client chance levels and relevance AUROC."""
+    from fedmosaic_cli.comparison import (
+        build_comparison,
+        client_chance_and_groups,
+        write_comparison,
+    )
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     directory = _app_dir(app_dir)
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:
         if name not in STRATEGIES:
             raise typer.BadParameter(f"unknown strategy {name!r}; expected some of {', '.join(STRATEGIES)}")
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     overrides = parse_overrides(run_config)
-    results: dict[str, dict[str, Any]] = {}
     per_seed: dict[str, list[dict[str, Any]]] = {}
-    for seed in [int(s) for s in seeds.split(",")]:
+    for seed in seed_list:
         for name in names:
             with expected_errors():
                 summary = _run_one(directory, {**overrides, "strategy": name, "seed": seed}, cache_home() / "flwr-home")
             per_seed.setdefault(name, []).append(summary)
-    for name, runs in per_seed.items():
-        keys = runs[0]["overall"].keys()
-        results[name] = {"overall": {k: float(sum(r["overall"][k] for r in runs) / len(runs)) for k in keys},
-                         "runs": [r["run_dir"] for r in runs]}
-    table = comparison_table(results) + "\n" + per_model_table(per_seed)
+    first = next(iter(per_seed.values()))[0]
+    chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))
+    comparison = build_comparison(per_seed, reference=reference, chance=chance, group_of=groups)
     target = out or (cache_home() / "comparisons" / time.strftime("%Y%m%d-%H%M%S"))
-    target.mkdir(parents=True, exist_ok=True)
-    (target / "comparison.md").write_text(table)
-    (target / "comparison.json").write_text(json.dumps(results, indent=1))
+    table = write_comparison(comparison, target)
     typer.echo(table)
     typer.echo(f"Comparison written to {target}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -43,6 +44,17 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
 def atomic_write_text(path: Path, text: str, mode: int | None = 0o644) -> None:
     """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/Inf become null, tuples lists, keys strings: what strict JSON can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_json(path: Path, data: Any, mode: int | None = 0o644) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -21,7 +20,13 @@ from typing import Any
 
 import torch
 
-from fedmosaic_core.storage import atomic_write_text, prune_rounds, read_snapshot, write_snapshot
+from fedmosaic_core.storage import (
+    atomic_write_text,
+    json_safe,
+    prune_rounds,
+    read_snapshot,
+    write_snapshot,
+)
 from fedmosaic_flower.config import FederationConfig
 
 log = logging.getLogger("fedmosaic.server")
@@ -32,17 +37,6 @@ RESUME_IGNORED_KEYS = {"resume", "num_server_rounds", "round_timeout"}
 
 class RunStateError(RuntimeError):
     """The run directory does not fit the requested run (e.g. resume with another config)."""
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/Inf become null: every line of the log stays valid JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 class RunStore:
@@ -101,7 +95,7 @@ class RunStore:
         self, server_round: int, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     ) -> None:
         """Append the round's rows to the log, then checkpoint the server state."""
-        safe = [_json_safe(r) for r in rows]
+        safe = [json_safe(r) for r in rows]
         with open(self.log_path, "a", encoding="utf-8") as handle:
             handle.write("".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in safe))
             handle.flush()

@@ -10,10 +10,6 @@ import pytest
 from typer.testing import CliRunner
 
 from drake_data import DrakeDataError, load_scenario, load_task, render_sample
-from fedmosaic_core.models import collate_for_generation, load_model
-from fedmosaic_core.models.collate import tokenize_sample
-from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
-from fedmosaic_flower.config import FederationConfig
 from drake_data.mini import (
     build_drake_mini,
     check_leakage,
@@ -25,6 +21,10 @@ from drake_data.mini import (
 )
 from drake_data.mini.__main__ import app
 from drake_data.mini.builder import GROUPS, KINDS, MEMBERS_PER_GROUP, NUM_CLIENTS, TASKS
+from fedmosaic_core.models import collate_for_generation, load_model
+from fedmosaic_core.models.collate import tokenize_sample
+from fedmosaic_core.models.presets import NUM_IMAGE_TOKENS
+from fedmosaic_flower.config import FederationConfig
 
 SCENARIOS = {
     "scenario-homogeneous.json": {"tiny-llama-s"},

@@ -1,0 +1,211 @@
+"""Statistics of a method comparison (``fedmosaic compare``): what a reader can trust.
+
+Input: for each method, one run summary per seed (``server_app.report.summarise`` output plus
+``run_dir``). Output (``comparison.json``, ``comparison.md``, ``comparison.png``):
+
+* per method and metric, the mean over seeds ± the 95 % t-interval half-width;
+* per method, the **paired** per-seed difference to the reference method (default ``local``):
+  the same seed's data and models under both methods, mean and 95 % t-interval;
+* per client, Self A_last (mean over seeds) per method beside the chance level of its tasks;
+* for runs with task vectors (``fedmosaic``), the relevance quality: the AUROC of the task
+  similarity s_ij of the last checkpoint, same-skill-group pairs against the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file
+from scipy import stats
+
+from drake_data.layout import load_scenario, load_task
+from drake_data.metrics import chance_level
+from drake_data.prompts import parse_choices
+from fedmosaic_core.rela import task_similarity
+from fedmosaic_core.storage import (
+    atomic_write_json,
+    atomic_write_text,
+    atomic_write_with,
+    json_safe,
+)
+from server_app.report import percent
+
+METRICS = ("self_last", "self_auc", "others_last", "unseen_last")
+LABELS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last",
+          "unseen_last": "Unseen A_last"}
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean and 95 % t-interval half-width (NaN with fewer than two finite values)."""
+    finite = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if finite.size == 0:
+        return {"mean": math.nan, "ci95": math.nan, "n": 0}
+    half = (float(stats.t.ppf(0.975, finite.size - 1) * finite.std(ddof=1) / math.sqrt(finite.size))
+            if finite.size > 1 else math.nan)
+    return {"mean": float(finite.mean()), "ci95": half, "n": int(finite.size)}
+
+
+def roc_auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
+    """P(score of a random positive > score of a random negative), ties counted ½ (Mann–Whitney)."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positive, dtype=bool)
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def relevance_auroc(run_dir: Path, group_of: Mapping[str, str]) -> float:
+    """AUROC of s_ij over client pairs i < j (same group = positive) from the run's last checkpoint."""
+    checkpoints = sorted((run_dir / "checkpoints").glob("round-*"))
+    if not checkpoints:
+        return math.nan
+    tensors = load_file(str(checkpoints[-1] / "state.safetensors"))
+    vectors = {name.split("/", 1)[1]: t.numpy() for name, t in tensors.items() if name.startswith("task-vectors/")}
+    clients = sorted((c for c in vectors if c in group_of), key=lambda c: (len(c), c))
+    if len(clients) < 3:
+        return math.nan
+    similarity = task_similarity([vectors[c] for c in clients])
+    scores, same = [], []
+    for i in range(len(clients)):
+        for j in range(i + 1, len(clients)):
+            scores.append(float(similarity[i, j]))
+            same.append(group_of[clients[i]] == group_of[clients[j]])
+    return roc_auc(scores, same)
+
+
+def build_comparison(
+    per_seed: Mapping[str, Sequence[Mapping[str, Any]]],
+    reference: str = "local",
+    chance: Mapping[str, float] | None = None,
+    group_of: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The comparison (see the module docstring) from run summaries keyed by method, in seed order."""
+    methods: dict[str, Any] = {}
+    seeds = {name: [int(r["seed"]) for r in runs] for name, runs in per_seed.items()}
+    for name, runs in per_seed.items():
+        entry: dict[str, Any] = {"seeds": seeds[name], "runs": [str(r["run_dir"]) for r in runs]}
+        for metric in METRICS:
+            entry[metric] = mean_interval([float(r["overall"][metric]) for r in runs])
+            entry[metric]["per_seed"] = [float(r["overall"][metric]) for r in runs]
+        if reference in per_seed and name != reference:
+            ref_by_seed = {int(r["seed"]): r for r in per_seed[reference]}
+            entry["vs_reference"] = {}
+            for metric in METRICS:
+                diffs = [float(r["overall"][metric]) - float(ref_by_seed[int(r["seed"])]["overall"][metric])
+                         for r in runs if int(r["seed"]) in ref_by_seed]
+                entry["vs_reference"][metric] = mean_interval(diffs)
+        clients: dict[str, Any] = {}
+        for run in runs:
+            for client, c in run["clients"].items():
+                clients.setdefault(client, {"model_id": c["model_id"], "self_last": []})["self_last"].append(float(c["self_last"]))
+        entry["clients"] = {k: {"model_id": v["model_id"], "self_last": mean_interval(v["self_last"])} for k, v in clients.items()}
+        models = sorted({v["model_id"] for v in clients.values()})
+        entry["models"] = {m: mean_interval([x for v in clients.values() if v["model_id"] == m for x in v["self_last"]])
+                           for m in models}
+        if group_of:
+            aurocs = [relevance_auroc(Path(r["run_dir"]), group_of) for r in runs]
+            if any(math.isfinite(a) for a in aurocs):
+                entry["relevance_auroc"] = mean_interval(aurocs)
+                entry["relevance_auroc"]["per_seed"] = aurocs
+        methods[name] = entry
+    return {"reference": reference, "methods": methods, "chance": dict(chance or {}), "groups": dict(group_of or {})}
+
+
+def _cell(stat: Mapping[str, float], signed: bool = False) -> str:
+    if not math.isfinite(stat["mean"]):
+        return "—"
+    sign = "+" if signed else ""
+    half = f" ± {100 * stat['ci95']:.1f}" if math.isfinite(stat["ci95"]) else ""
+    return f"{100 * stat['mean']:{sign}.1f}{half}"
+
+
+def comparison_markdown(comparison: Mapping[str, Any]) -> str:
+    methods = comparison["methods"]
+    reference = comparison["reference"]
+    n = max((len(m["seeds"]) for m in methods.values()), default=0)
+    lines = [f"Mean over {n} seed(s) ± 95 % t-interval half-width, in %.", "",
+             "| method | " + " | ".join(LABELS[m] for m in METRICS) + " | relevance AUROC |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    for name, m in methods.items():
+        auroc = m.get("relevance_auroc")
+        auc = f"{auroc['mean']:.2f}" + (f" ± {auroc['ci95']:.2f}" if math.isfinite(auroc["ci95"]) else "") if auroc else "—"
+        lines.append(f"| {name} | " + " | ".join(_cell(m[k]) for k in METRICS) + f" | {auc} |")
+    lines += ["", f"Paired per-seed difference to `{reference}` (points; mean ± 95 % half-width; an interval "
+              "that contains 0 is no difference):", "",
+              "| method | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+    for name, m in methods.items():
+        if "vs_reference" in m:
+            lines.append(f"| {name} | " + " | ".join(_cell(m["vs_reference"][k], signed=True) for k in METRICS) + " |")
+    clients = sorted({c for m in methods.values() for c in m["clients"]}, key=lambda c: (len(c), c))
+    chance = comparison.get("chance", {})
+    groups = comparison.get("groups", {})
+    lines += ["", "Self A_last per client (mean over seeds ± 95 %), beside the chance level of its tasks:", "",
+              "| client | group | model | chance | " + " | ".join(methods) + " |", "|---|---|---|---|" + "---|" * len(methods)]
+    for client in clients:
+        model = next(m["clients"][client]["model_id"] for m in methods.values() if client in m["clients"])
+        cells = [_cell(m["clients"][client]["self_last"]) if client in m["clients"] else "—" for m in methods.values()]
+        lines.append(f"| {client} | {groups.get(client, '')} | {model} | {percent(chance.get(client))} | " + " | ".join(cells) + " |")
+    models = sorted({k for m in methods.values() for k in m["models"]})
+    lines += ["", "Self A_last per base model (clients × seeds):", "",
+              "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for name, m in methods.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(m["models"][k]) if k in m["models"] else "—" for k in models) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_figure(comparison: Mapping[str, Any], path: Path) -> None:
+    """Bar chart of each metric per method with 95 % error bars (PNG, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(comparison["methods"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 3.2), sharey=True)
+    for ax, metric in zip(np.atleast_1d(axes), METRICS, strict=True):
+        means = [100 * comparison["methods"][m][metric]["mean"] for m in methods]
+        errors = [100 * np.nan_to_num(comparison["methods"][m][metric]["ci95"]) for m in methods]
+        ax.bar(range(len(methods)), means, yerr=errors, capsize=4, color="#4c72b0")
+        ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
+        ax.set_title(LABELS[metric])
+    np.atleast_1d(axes)[0].set_ylabel("% (mean over seeds, 95 % CI)")
+    fig.tight_layout()
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_comparison(comparison: Mapping[str, Any], target: Path) -> str:
+    """``comparison.json``, ``comparison.md`` and ``comparison.png`` in ``target``; returns the table."""
+    target.mkdir(parents=True, exist_ok=True)
+    table = comparison_markdown(comparison)
+    atomic_write_json(target / "comparison.json", json_safe(comparison))
+    atomic_write_text(target / "comparison.md", table)
+    comparison_figure(comparison, target / "comparison.png")
+    return table
+
+
+def client_chance_and_groups(data_root: Path, scenario_file: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """Per client: the chance level of its tasks' test questions (mean over its tasks) and, on
+    DRAKE-mini (whose ``tasks.json`` names each task's skill), its skill group."""
+    skills: dict[str, str] = {}
+    meta = data_root / "tasks.json"
+    if meta.is_file():
+        skills = {t["key"]: t["skill"] for t in json.loads(meta.read_text(encoding="utf-8"))}
+    chance: dict[str, float] = {}
+    groups: dict[str, str] = {}
+    for client in load_scenario(scenario_file).clients:
+        levels = [chance_level([parse_choices(r["conversations"][0]["value"])
+                                for r in load_task(data_root, ref.dataset, ref.subset_id, "test")])
+                  for ref in client.datasets]
+        chance[str(client.client_id)] = float(np.nanmean(levels)) if levels else math.nan
+        owned = sorted({skills[r.key] for r in client.datasets if r.key in skills})
+        if owned:
+            groups[str(client.client_id)] = "+".join(owned)
+    return chance, groups

@@ -1,0 +1,84 @@
+"""Comparison statistics on hand-made run summaries: intervals, paired differences, AUROC, files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fedmosaic_cli.comparison import (
+    build_comparison,
+    mean_interval,
+    relevance_auroc,
+    roc_auc,
+    write_comparison,
+)
+
+
+def test_mean_interval_is_the_t_interval() -> None:
+    stat = mean_interval([1.0, 2.0, 3.0])
+    assert stat["mean"] == 2.0 and stat["n"] == 3
+    assert math.isclose(stat["ci95"], 4.302652729 / math.sqrt(3), rel_tol=1e-6)  # t(0.975, 2) · s / √n, s = 1
+    assert math.isnan(mean_interval([0.5])["ci95"]) and mean_interval([float("nan")])["n"] == 0
+
+
+def test_roc_auc_counts_ties_half() -> None:
+    assert roc_auc([0.9, 0.8, 0.1], [True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.8, 0.9], [True, False, False]) == 0.0
+    assert roc_auc([0.5, 0.5], [True, False]) == 0.5
+    assert math.isnan(roc_auc([0.5], [True]))
+
+
+def _run(tmp: Path, name: str, seed: int, self_by_client: dict[str, float], others: float = 0.3) -> dict:  # type: ignore[type-arg]
+    clients = {c: {"model_id": "m-a" if int(c) % 2 == 0 else "m-b", "self_last": v} for c, v in self_by_client.items()}
+    overall = {"self_last": float(np.mean(list(self_by_client.values()))), "self_auc": 0.4, "others_last": others,
+               "unseen_last": float("nan")}
+    run_dir = tmp / f"{name}-{seed}"
+    run_dir.mkdir()
+    return {"seed": seed, "run_dir": str(run_dir), "clients": clients, "overall": overall}
+
+
+def test_paired_differences_are_per_seed(tmp_path: Path) -> None:
+    per_seed = {
+        "local": [_run(tmp_path, "local", s, {"0": 0.5 + 0.1 * s, "1": 0.5}) for s in range(3)],
+        # better by exactly 4 points of the client mean on every seed, whatever the seed's level
+        "fedmosaic": [_run(tmp_path, "fm", s, {"0": 0.58 + 0.1 * s, "1": 0.5}) for s in range(3)],
+    }
+    comparison = build_comparison(per_seed, reference="local", chance={"0": 0.25, "1": 0.5}, group_of={"0": "a", "1": "b"})
+    paired = comparison["methods"]["fedmosaic"]["vs_reference"]["self_last"]
+    assert math.isclose(paired["mean"], 0.04, abs_tol=1e-12) and paired["ci95"] < 1e-9  # no seed noise left
+    unpaired = comparison["methods"]["fedmosaic"]["self_last"]
+    assert unpaired["ci95"] > 0.05  # the seeds' spread, which pairing removes
+    assert "vs_reference" not in comparison["methods"]["local"]
+    assert comparison["methods"]["local"]["models"]["m-b"]["mean"] == 0.5
+    table = write_comparison(comparison, tmp_path / "out")
+    assert "| fedmosaic | +4.0 ± 0.0 |" in table
+    assert "| 0 | a | m-a | 25.0 |" in table
+    saved = json.loads((tmp_path / "out" / "comparison.json").read_text())  # strict JSON: NaN → null
+    assert saved["methods"]["local"]["unseen_last"]["mean"] is None
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_relevance_auroc_from_the_last_checkpoint(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    directions = {"a": rng.normal(size=(4, 6)), "b": rng.normal(size=(4, 6))}
+    groups = {"0": "a", "1": "a", "2": "a", "3": "b", "4": "b", "5": "b"}
+    tensors = {f"task-vectors/{c}": torch.tensor(directions[g] + 0.05 * rng.normal(size=(4, 6)), dtype=torch.float32)
+               for c, g in groups.items()}
+    for round_ in (1, 2):
+        folder = tmp_path / "checkpoints" / f"round-{round_:04d}"
+        folder.mkdir(parents=True)
+        if round_ == 2:
+            save_file(tensors, str(folder / "state.safetensors"))
+        else:  # an older checkpoint with the groups mixed up must not be the one read
+            save_file({k: torch.from_numpy(rng.normal(size=(4, 6)).astype(np.float32)) for k in tensors},
+                      str(folder / "state.safetensors"))
+    assert relevance_auroc(tmp_path, groups) == pytest.approx(1.0)
+    swapped = {c: ("b" if g == "a" else "a") if c in ("0", "3") else g for c, g in groups.items()}
+    assert relevance_auroc(tmp_path, swapped) < 0.7
+    assert math.isnan(relevance_auroc(tmp_path / "none", groups))
