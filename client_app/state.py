@@ -122,6 +122,12 @@ def capture_state(
     return ClientSnapshot(tensors, meta)
 
 
+def restore_adapter_from(snapshot: ClientSnapshot, model: PQLoRAModel) -> None:
+    """Only the adapter (both branches and the gates) of a snapshot: what scoring a finished
+    client needs."""
+    restore_adapter(model, _part(snapshot.tensors, ADAPTER))
+
+
 def restore_state(
     snapshot: ClientSnapshot, model: PQLoRAModel, optimizer: torch.optim.Optimizer, names: dict[int, str],
     accumulator: TaskVectorAccumulator, stream: Stream, memory: ReplayMemory,

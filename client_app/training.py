@@ -29,6 +29,7 @@ from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
 from fedmosaic_core.models.collate import collate
 from fedmosaic_core.models.loading import LoadedModel
+from fedmosaic_core.models.scoring import answer_loss_mean
 from fedmosaic_core.pqlora import PQLoRAModel
 from fedmosaic_core.rela import (
     TaskVectorAccumulator,
@@ -214,7 +215,7 @@ class FedMosaicClient:
         for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",
                          leave=False, mininterval=5.0, disable=None):
             samples = [self.res.samples[i] for i in state.memory.sample(cfg.batch_size)]
-            loss = state.model(**collate(processor, samples, cfg.max_length)).loss
+            loss = answer_loss_mean(state.model, collate(processor, samples, cfg.max_length))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
             loss.backward()

@@ -29,6 +29,8 @@ from fedmosaic_core.models.align import (
 )
 from fedmosaic_core.models.collate import SampleLike
 from fedmosaic_core.models.loading import LoadedModel, load_model
+from fedmosaic_core.models.presets import PRESETS
+from fedmosaic_core.models.pretrain import prepare_presets
 from fedmosaic_core.storage import cache_home, file_lock
 from fedmosaic_flower.config import FederationConfig
 
@@ -166,6 +168,9 @@ def prepare_federation(config: FederationConfig) -> Path:
         cached_drake_mini(config.seed)
     scenario = load_run_scenario(config, data_root)
     model_ids = sorted({c.model_id for c in scenario.clients})
+    presets = [m for m in model_ids if m in PRESETS]
+    if config.pretrained and presets:
+        prepare_presets(DrakePublicSplit(data_root), seed=config.seed, presets=presets)  # in parallel
     loaded = {m: load_run_model(config, m, data_root, quantization="none") for m in model_ids}
     if config.align_bases and len(model_ids) > 1:
         align_federation_bases(config, data_root, loaded)

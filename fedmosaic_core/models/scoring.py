@@ -34,6 +34,49 @@ class _OptionSample:
     images: list[Any]
 
 
+def _causal_lm(model: nn.Module) -> Any:
+    """The Hugging Face ``*ForCausalLM`` / ``*ForConditionalGeneration`` inside ``model`` (a
+    PQLoRAModel or peft wrapper forwards to it), or ``None``."""
+    current: Any = model
+    for _ in range(4):
+        if hasattr(current, "lm_head") and hasattr(current, "model") and hasattr(current, "config"):
+            return current
+        current = getattr(current, "base_model", None) or getattr(current, "model", None)
+        if current is None:
+            return None
+    return None
+
+
+def answer_token_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits at the positions that predict a label, their targets and their batch rows.
+
+    ``batch`` is :func:`collate`'s (``labels`` = IGNORE_INDEX off the answer). Position t-1
+    predicts token t. Only those positions go through the output head (a few answer tokens of
+    a long prompt; the head over the whole sequence is most of a tiny model's cost), which
+    gives the same values as the full forward's logits there.
+    """
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    lm = _causal_lm(model)
+    text_config = lm.config.get_text_config() if lm is not None and hasattr(lm.config, "get_text_config") else None
+    if lm is None or getattr(text_config, "final_logit_softcapping", None):
+        logits = model(**inputs).logits[:, :-1][keep]
+    else:
+        hidden = lm.model(**inputs).last_hidden_state[:, :-1][keep]
+        logits = lm.lm_head(hidden)
+    return logits.float(), targets[keep], rows
+
+
+def answer_loss_mean(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens (what ``model(**batch).loss`` computes)."""
+    logits, targets, _ = answer_token_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits, targets)
+
+
 def answer_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per row: Σ_t log softmax(logits[t-1])[labels[t]] over positions with a label.
 
@@ -45,6 +88,13 @@ def answer_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     mask = targets != IGNORE_INDEX
     token_logp = torch.log_softmax(shifted, dim=-1).gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     return (token_logp * mask).sum(dim=1)
+
+
+def _row_log_likelihoods(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits, targets, rows = answer_token_logits(model, batch)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = torch.zeros(batch["labels"].shape[0], dtype=token_logp.dtype, device=token_logp.device)
+    return out.index_add(0, rows, token_logp)
 
 
 @torch.no_grad()
@@ -73,11 +123,10 @@ def option_log_likelihoods(
         for start in range(0, len(rows), rows_per_batch):
             chunk = rows[start : start + rows_per_batch]
             batch = collate(processor, [row for _, row in chunk], max_length)
-            labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            scores = answer_log_likelihoods(model(**batch).logits, labels)
+            scores = _row_log_likelihoods(model, batch)
             for (i, _), value in zip(chunk, scores.tolist(), strict=True):
                 out[i].append(float(value))
     finally:
@@ -103,4 +152,5 @@ def choose_options(
     return [ranked_choice(ll) for ll in option_log_likelihoods(model, processor, samples, choices, max_length)]
 
 
-__all__ = ["answer_log_likelihoods", "choose_options", "option_log_likelihoods", "ranked_choice"]
+__all__ = ["answer_log_likelihoods", "answer_loss_mean", "answer_token_logits", "choose_options",
+           "option_log_likelihoods", "ranked_choice"]
