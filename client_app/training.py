@@ -97,6 +97,7 @@ class RoundState:
     stream: Stream
     memory: ReplayMemory
     store: ClientStateStore
+    grad_norms: list[float] = field(default_factory=list)  # before clipping, one per step
 
     @property
     def model(self) -> PQLoRAModel:
@@ -161,6 +162,7 @@ class FedMosaicClient:
             "train-time-s": train_time,
             "round-time-s": time.monotonic() - started,
             "replay-size": float(len(state.memory)),
+            "grad-norm-max": max(state.grad_norms, default=math.nan),
         }
         if unparsable is not None:
             metrics["unparsable-rate"] = unparsable
@@ -219,7 +221,7 @@ class FedMosaicClient:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)
+            state.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)))
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

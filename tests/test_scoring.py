@@ -115,8 +115,8 @@ def test_client_scorer_counts_likelihood_and_generation_with_unparsable() -> Non
 def test_answer_positions_only_equal_the_full_forward(preset: str) -> None:
     """The head applied to answer positions only gives the full forward's logits and loss there,
     also through a PQ-LoRA model whose gates pool over the whole sequence."""
-    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
     from fedmosaic_core.models.scoring import answer_loss_mean, answer_token_logits
+    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 
     torch.manual_seed(0)
     loaded = load_model(preset, random_init=True)
