@@ -244,14 +244,15 @@ class FedMosaicClient:
         Self's multiple-choice replies that named no option."""
         state.model.eval()
         started = set(state.stream.tasks_started(round_index))
-        self_scores, unparsable = self._evaluate_refs(state, [r for r in self.entry.datasets if r.key in started])
+        own = [r for r in self.entry.datasets if r.key in started]
+        self_scores, unparsable = self._evaluate_refs(state, own, self.config.eval_max_samples)
         scores = {"self": self_scores}
         if eval_others:
             owner = self.res.scenario.task_owner()
             others = [t for t in self.res.scenario.tasks() if owner[t.key] != int(self.client_id)]
-            scores["others"] = self._evaluate_refs(state, others)[0]
+            scores["others"] = self._evaluate_refs(state, others, self.config.eval_others_max_samples)[0]
         if eval_unseen:
-            scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks())[0]
+            scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks(), self.config.eval_others_max_samples)[0]
         state.model.train()
         return scores, unparsable
 
@@ -261,11 +262,13 @@ class FedMosaicClient:
             server_round, state.model, state.optimizer, state.names, state.accumulator, state.stream, state.memory
         ))
 
-    def _evaluate_refs(self, state: RoundState, refs: list[TaskRef]) -> tuple[dict[str, float], float | None]:
+    def _evaluate_refs(
+        self, state: RoundState, refs: list[TaskRef], max_samples: int
+    ) -> tuple[dict[str, float], float | None]:
         out: dict[str, float] = {}
         choice_samples = unparsable = 0
         for ref in refs:
-            samples = self.res.test_samples(ref, self.config.eval_max_samples)
+            samples = self.res.test_samples(ref, max_samples)
             if not samples:
                 continue
             result = score_samples(

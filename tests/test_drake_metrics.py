@@ -42,3 +42,10 @@ def test_unseen_and_task_scores() -> None:
     samples = [RenderedSample("1", "Q", "red", [], ["red", "blue"], "multi-choice"),
                RenderedSample("2", "Q", "red circle", [], None, "open-ended")]
     assert evaluate_task(["B", "red"], samples) == pytest.approx(100 * (0 + 2 / 3) / 2)
+
+
+def test_chance_level_is_the_mean_of_one_over_the_options() -> None:
+    from drake_data.metrics import chance_level
+
+    assert chance_level([["a", "b"], ["a", "b", "c", "d"], None]) == (0.5 + 0.25) / 2
+    assert chance_level([None, []]) != chance_level([None, []])  # NaN: no multiple-choice question

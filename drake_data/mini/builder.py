@@ -58,6 +58,7 @@ MAX_TOPIC_WORDS = 20
 MAX_CHAT_ANSWER_WORDS = 12
 MODELS = ("tiny-llama-s", "tiny-llama-m", "tiny-qwen2-s")
 YES_NO = ["Yes", "No"]
+WILD_ANIMALS = ("bear", "elephant", "giraffe", "zebra")
 EXCLUDE_FROM_HASH = ("manifest.json", "README.md")
 
 
@@ -76,13 +77,14 @@ class QuestionKind:
 KINDS: dict[str, QuestionKind] = {
     "digit-name": QuestionKind("Digits", "digits", "digit", "1", "name the digit (4 options)"),
     "digit-parity": QuestionKind("Digits", "digits", "yes/no", "1", "is the digit even?"),
-    "digit-larger": QuestionKind("Digits", "digits", "image k", "2", "which of two images shows the larger digit?"),
+    "digit-big": QuestionKind("Digits", "digits", "yes/no", "1", "is the digit greater than 4?"),
     "colour-name": QuestionKind("EasyVQA", "colours", "colour", "1", "name the shape's colour (4 options)"),
     "colour-same": QuestionKind("EasyVQA", "colours", "yes/no", "2", "do the two shapes have the same colour?"),
-    "colour-which": QuestionKind("EasyVQA", "colours", "image k", "3", "which of three images shows a <colour> shape?"),
+    "colour-verify": QuestionKind("EasyVQA", "colours", "yes/no", "1", "is the shape <colour>?"),
     "animal-name": QuestionKind("AnimalShapes", "animals", "animal", "1", "name the animal silhouette (4 options)"),
-    "animal-same": QuestionKind("AnimalShapes", "animals", "yes/no", "2", "do the two silhouettes show the same animal?"),
-    "animal-which": QuestionKind("AnimalShapes", "animals", "image k", "3", "which of three images is a <animal> silhouette?"),
+    "animal-verify": QuestionKind("AnimalShapes", "animals", "yes/no", "1", "is this a <animal> silhouette?"),
+    "animal-wild": QuestionKind("AnimalShapes", "animals", "yes/no", "1",
+                                "is it a wild animal? (bear, elephant, giraffe, zebra; birds left out)"),
     # unseen kinds (test split only)
     "digit-same": QuestionKind("Digits", "digits", "yes/no", "2", "do the two images show the same digit?"),
     "digit-which": QuestionKind("Digits", "digits", "image k", "3", "which of three images shows the digit d?"),
@@ -90,12 +92,14 @@ KINDS: dict[str, QuestionKind] = {
 }
 #: Skill groups: each group's members train on two of its three question kinds (member k: kinds
 #: k and k+1, so every kind is trained by two members at different times), each member on its own
-#: slice of the group's training images. Every group answers in yes/no and "Image k" besides its
-#: own vocabulary, so each group's answer format overlaps the others' while its skill differs.
+#: slice of the group's training images. Every group also answers yes/no besides its own
+#: vocabulary, so each group's answer format overlaps the others' while its skill differs.
+#: (Relational kinds over three images — "which image shows ...?" — stayed at chance for every
+#: tiny client in 128 local steps, so they are unseen tasks only.)
 GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
-    ("digits", ("digit-name", "digit-parity", "digit-larger")),
-    ("colours", ("colour-name", "colour-same", "colour-which")),
-    ("animals", ("animal-name", "animal-same", "animal-which")),
+    ("digits", ("digit-name", "digit-parity", "digit-big")),
+    ("colours", ("colour-name", "colour-same", "colour-verify")),
+    ("animals", ("animal-name", "animal-verify", "animal-wild")),
 )
 MEMBERS_PER_GROUP = 3
 UNSEEN_KINDS = ("digit-same", "digit-which", "shape-name")
@@ -268,14 +272,12 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
     values = sorted(by)
     pick = lambda v: int(rng.choice(by[v]))  # noqa: E731
     image = lambda v: b.image(source, pick(v))  # noqa: E731
-    images_k = [f"Image {j + 1}" for j in range(3)]
+    images_k = [f"Image {j + 1}" for j in range(3)]  # unseen "which image" kinds
     name_question = {"digit-name": "What digit is written in the image?", "colour-name": "What color is the shape?",
                      "animal-name": "Which animal is shown in the silhouette?", "shape-name": "What shape is in the image?"}
     same_question = {"digit-same": "Do the two images show the same digit?",
-                     "colour-same": "Do these two shapes have the same color?",
-                     "animal-same": "Do the two silhouettes show the same animal?"}
-    which_question = {"digit-which": "Which image shows the digit {}?", "colour-which": "Which image shows a {} shape?",
-                      "animal-which": "Which of these images is a {} silhouette?"}
+                     "colour-same": "Do these two shapes have the same color?"}
+    which_question = {"digit-which": "Which image shows the digit {}?"}
 
     if kind in name_question:
         targets = _balanced(rng, n, values)
@@ -306,21 +308,27 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
             target = shown[targets[i] - 1]
             imgs = [image(v) for v in shown]
             return _record(rid(i), imgs, _mc(3, which_question[kind].format(target), images_k), f"Image {targets[i]}")
-    elif kind == "digit-parity":
+    elif kind in ("digit-parity", "digit-big", "animal-wild"):
+        question, holds = {
+            "digit-parity": ("Is the digit in the image even?", lambda v: int(v) % 2 == 0),
+            "digit-big": ("Is the digit in the image greater than 4?", lambda v: int(v) > 4),
+            "animal-wild": ("Is this a wild animal?", lambda v: v in WILD_ANIMALS),
+        }[kind]
+        eligible = [v for v in values if not (kind == "animal-wild" and v == "bird")]
         targets = _balanced(rng, n, YES_NO)
 
         def make(i: int) -> dict[str, Any]:
-            even = targets[i] == "Yes"
-            d = values[int(rng.choice([j for j, x in enumerate(values) if (int(x) % 2 == 0) == even]))]
-            return _record(rid(i), [image(d)], _mc(1, "Is the digit in the image even?", YES_NO), targets[i])
-    elif kind == "digit-larger":
-        targets = _balanced(rng, n, [1, 2])
+            want = targets[i] == "Yes"
+            v = [x for x in eligible if holds(x) == want][int(rng.integers(len([x for x in eligible if holds(x) == want])))]
+            return _record(rid(i), [image(v)], _mc(1, question, YES_NO), targets[i])
+    elif kind in ("colour-verify", "animal-verify"):
+        template = {"colour-verify": "Is the shape {}?", "animal-verify": "Is this a {} silhouette?"}[kind]
+        targets = _balanced(rng, n, YES_NO)
 
         def make(i: int) -> dict[str, Any]:
-            lo, hi = sorted(values[int(t)] for t in rng.choice(len(values), 2, replace=False))
-            pair = [hi, lo] if targets[i] == 1 else [lo, hi]
-            return _record(rid(i), [image(d) for d in pair], _mc(2, "Which image shows the larger digit?", images_k[:2]),
-                           f"Image {targets[i]}")
+            shown = values[int(rng.integers(len(values)))]
+            named = shown if targets[i] == "Yes" else [x for x in values if x != shown][int(rng.integers(len(values) - 1))]
+            return _record(rid(i), [image(shown)], _mc(1, template.format(named), YES_NO), targets[i])
     else:
         raise AssertionError(kind)
     return _distinct(rng, n, make, _key, limit=50 * n + 100)
