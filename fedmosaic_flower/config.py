@@ -47,7 +47,7 @@ class FederationConfig(BaseModel):
     eval_others_every: int = Field(0, ge=0)
     eval_unseen: bool = True
     eval_max_samples: int = Field(0, ge=0)  # Self: the first N test questions per task; 0: all
-    eval_others_max_samples: int = Field(50, ge=0)  # Others and unseen, per task; 0: all
+    eval_others_max_samples: int = Field(30, ge=0)  # Others and unseen, per task; 0: all
     scoring: Literal["likelihood", "generation"] = "likelihood"
     max_new_tokens: int = Field(6, ge=1)
     max_length: int = Field(128, ge=16)

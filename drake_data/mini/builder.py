@@ -48,7 +48,7 @@ MINI_VERSION = "3"
 FORMAT = "drake-mini"
 SIZES: dict[str, dict[str, int]] = {
     # per client task: train and test questions; public images per source, public chat pairs
-    "default": {"train": 60, "test": 200, "public_images": 1000, "public_chat": 600},
+    "default": {"train": 120, "test": 200, "public_images": 1000, "public_chat": 600},
     "tiny": {"train": 12, "test": 6, "public_images": 12, "public_chat": 12},
 }
 POOL_FRACTIONS = {  # (public, test) fractions; the rest is train. EasyVQA: its own test split.
@@ -59,6 +59,8 @@ MAX_CHAT_ANSWER_WORDS = 12
 MODELS = ("tiny-llama-s", "tiny-llama-m", "tiny-qwen2-s")
 YES_NO = ["Yes", "No"]
 WILD_ANIMALS = ("bear", "elephant", "giraffe", "zebra")
+FARM_ANIMALS = ("cow", "horse", "sheep")
+WARM_COLOURS = ("red", "yellow", "brown")
 EXCLUDE_FROM_HASH = ("manifest.json", "README.md")
 
 
@@ -80,9 +82,10 @@ KINDS: dict[str, QuestionKind] = {
     "digit-big": QuestionKind("Digits", "digits", "yes/no", "1", "is the digit greater than 4?"),
     "colour-name": QuestionKind("EasyVQA", "colours", "colour", "1", "name the shape's colour (4 options)"),
     "colour-same": QuestionKind("EasyVQA", "colours", "yes/no", "2", "do the two shapes have the same colour?"),
-    "colour-verify": QuestionKind("EasyVQA", "colours", "yes/no", "1", "is the shape <colour>?"),
+    "colour-warm": QuestionKind("EasyVQA", "colours", "yes/no", "1", "is the colour warm? (red, yellow, brown)"),
     "animal-name": QuestionKind("AnimalShapes", "animals", "animal", "1", "name the animal silhouette (4 options)"),
-    "animal-verify": QuestionKind("AnimalShapes", "animals", "yes/no", "1", "is this a <animal> silhouette?"),
+    "animal-farm": QuestionKind("AnimalShapes", "animals", "yes/no", "1",
+                                "is it a farm animal? (cow, horse, sheep; birds left out)"),
     "animal-wild": QuestionKind("AnimalShapes", "animals", "yes/no", "1",
                                 "is it a wild animal? (bear, elephant, giraffe, zebra; birds left out)"),
     # unseen kinds (test split only)
@@ -94,12 +97,14 @@ KINDS: dict[str, QuestionKind] = {
 #: k and k+1, so every kind is trained by two members at different times), each member on its own
 #: slice of the group's training images. Every group also answers yes/no besides its own
 #: vocabulary, so each group's answer format overlaps the others' while its skill differs.
-#: (Relational kinds over three images — "which image shows ...?" — stayed at chance for every
-#: tiny client in 128 local steps, so they are unseen tasks only.)
+#: Measured on the tiny presets (BENCHMARKS.md, "DRAKE-mini v3"): kinds that relate the question
+#: text to the image ("which of three images shows ...?", "is this a <animal>?", "is the shape
+#: <colour>?") stayed at chance for every client with 128 local steps, so client tasks are skills
+#: that map what the base sees to an answer; the relational kinds are unseen tasks only.
 GROUPS: tuple[tuple[str, tuple[str, str, str]], ...] = (
     ("digits", ("digit-name", "digit-parity", "digit-big")),
-    ("colours", ("colour-name", "colour-same", "colour-verify")),
-    ("animals", ("animal-name", "animal-verify", "animal-wild")),
+    ("colours", ("colour-name", "colour-same", "colour-warm")),
+    ("animals", ("animal-name", "animal-wild", "animal-farm")),
 )
 MEMBERS_PER_GROUP = 3
 UNSEEN_KINDS = ("digit-same", "digit-which", "shape-name")
@@ -308,27 +313,21 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
             target = shown[targets[i] - 1]
             imgs = [image(v) for v in shown]
             return _record(rid(i), imgs, _mc(3, which_question[kind].format(target), images_k), f"Image {targets[i]}")
-    elif kind in ("digit-parity", "digit-big", "animal-wild"):
+    elif kind in ("digit-parity", "digit-big", "colour-warm", "animal-wild", "animal-farm"):
         question, holds = {
             "digit-parity": ("Is the digit in the image even?", lambda v: int(v) % 2 == 0),
             "digit-big": ("Is the digit in the image greater than 4?", lambda v: int(v) > 4),
+            "colour-warm": ("Is the shape a warm color?", lambda v: v in WARM_COLOURS),
             "animal-wild": ("Is this a wild animal?", lambda v: v in WILD_ANIMALS),
+            "animal-farm": ("Is this a farm animal?", lambda v: v in FARM_ANIMALS),
         }[kind]
-        eligible = [v for v in values if not (kind == "animal-wild" and v == "bird")]
+        eligible = [v for v in values if not (kind.startswith("animal") and v == "bird")]
         targets = _balanced(rng, n, YES_NO)
 
         def make(i: int) -> dict[str, Any]:
             want = targets[i] == "Yes"
             v = [x for x in eligible if holds(x) == want][int(rng.integers(len([x for x in eligible if holds(x) == want])))]
             return _record(rid(i), [image(v)], _mc(1, question, YES_NO), targets[i])
-    elif kind in ("colour-verify", "animal-verify"):
-        template = {"colour-verify": "Is the shape {}?", "animal-verify": "Is this a {} silhouette?"}[kind]
-        targets = _balanced(rng, n, YES_NO)
-
-        def make(i: int) -> dict[str, Any]:
-            shown = values[int(rng.integers(len(values)))]
-            named = shown if targets[i] == "Yes" else [x for x in values if x != shown][int(rng.integers(len(values) - 1))]
-            return _record(rid(i), [image(shown)], _mc(1, template.format(named), YES_NO), targets[i])
     else:
         raise AssertionError(kind)
     return _distinct(rng, n, make, _key, limit=50 * n + 100)
