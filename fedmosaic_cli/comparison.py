@@ -85,6 +85,7 @@ def build_comparison(
     reference: str = "local",
     chance: Mapping[str, float] | None = None,
     group_of: Mapping[str, str] | None = None,
+    others_chance: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The comparison (see the module docstring) from run summaries keyed by method, in seed order."""
     methods: dict[str, Any] = {}
@@ -115,7 +116,8 @@ def build_comparison(
                 entry["relevance_auroc"] = mean_interval(aurocs)
                 entry["relevance_auroc"]["per_seed"] = aurocs
         methods[name] = entry
-    return {"reference": reference, "methods": methods, "chance": dict(chance or {}), "groups": dict(group_of or {})}
+    return {"reference": reference, "methods": methods, "chance": dict(chance or {}),
+            "others_chance": dict(others_chance or {}), "groups": dict(group_of or {})}
 
 
 def _cell(stat: Mapping[str, float], signed: bool = False) -> str:
@@ -130,7 +132,12 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     methods = comparison["methods"]
     reference = comparison["reference"]
     n = max((len(m["seeds"]) for m in methods.values()), default=0)
-    lines = [f"Mean over {n} seed(s) ± 95 % t-interval half-width, in %.", "",
+    others_chance = comparison.get("others_chance") or {}
+    lines = [f"Mean over {n} seed(s) ± 95 % t-interval half-width, in %.", ""]
+    if comparison.get("chance"):
+        lines += [f"Chance: Self {percent(np.mean(list(comparison['chance'].values())))}, Others "
+                  f"{percent(np.mean(list(others_chance.values())) if others_chance else None)} (mean over clients).", ""]
+    lines += [
              "| method | " + " | ".join(LABELS[m] for m in METRICS) + " | relevance AUROC |",
              "|---|" + "---|" * (len(METRICS) + 1)]
     for name, m in methods.items():
@@ -191,21 +198,28 @@ def write_comparison(comparison: Mapping[str, Any], target: Path) -> str:
     return table
 
 
-def client_chance_and_groups(data_root: Path, scenario_file: Path) -> tuple[dict[str, float], dict[str, str]]:
-    """Per client: the chance level of its tasks' test questions (mean over its tasks) and, on
-    DRAKE-mini (whose ``tasks.json`` names each task's skill), its skill group."""
+def client_chance_and_groups(
+    data_root: Path, scenario_file: Path
+) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
+    """Per client: the chance level of its own tasks' test questions and of every other client's
+    tasks (each the mean over tasks of the mean of 1/|options|) and, on DRAKE-mini (whose
+    ``tasks.json`` names each task's skill), its skill group."""
     skills: dict[str, str] = {}
     meta = data_root / "tasks.json"
     if meta.is_file():
         skills = {t["key"]: t["skill"] for t in json.loads(meta.read_text(encoding="utf-8"))}
-    chance: dict[str, float] = {}
+    scenario = load_scenario(scenario_file)
+    task_chance = {ref.key: chance_level([parse_choices(r["conversations"][0]["value"])
+                                          for r in load_task(data_root, ref.dataset, ref.subset_id, "test")])
+                   for ref in scenario.tasks()}
+    own: dict[str, float] = {}
+    others: dict[str, float] = {}
     groups: dict[str, str] = {}
-    for client in load_scenario(scenario_file).clients:
-        levels = [chance_level([parse_choices(r["conversations"][0]["value"])
-                                for r in load_task(data_root, ref.dataset, ref.subset_id, "test")])
-                  for ref in client.datasets]
-        chance[str(client.client_id)] = float(np.nanmean(levels)) if levels else math.nan
-        owned = sorted({skills[r.key] for r in client.datasets if r.key in skills})
+    for client in scenario.clients:
+        mine = {r.key for r in client.datasets}
+        own[str(client.client_id)] = float(np.nanmean([task_chance[k] for k in mine]))
+        others[str(client.client_id)] = float(np.nanmean([v for k, v in task_chance.items() if k not in mine]))
+        owned = sorted({skills[k] for k in mine if k in skills})
         if owned:
             groups[str(client.client_id)] = "+".join(owned)
-    return chance, groups
+    return own, others, groups

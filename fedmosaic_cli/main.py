@@ -275,8 +275,9 @@ def compare(
                 summary = _run_one(directory, {**overrides, "strategy": name, "seed": seed}, cache_home() / "flwr-home")
             per_seed.setdefault(name, []).append(summary)
     first = next(iter(per_seed.values()))[0]
-    chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))
-    comparison = build_comparison(per_seed, reference=reference, chance=chance, group_of=groups)
+    chance, others_chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))
+    comparison = build_comparison(per_seed, reference=reference, chance=chance, group_of=groups,
+                                  others_chance=others_chance)
     target = out or (cache_home() / "comparisons" / time.strftime("%Y%m%d-%H%M%S"))
     table = write_comparison(comparison, target)
     typer.echo(table)

@@ -82,3 +82,14 @@ def test_relevance_auroc_from_the_last_checkpoint(tmp_path: Path) -> None:
     swapped = {c: ("b" if g == "a" else "a") if c in ("0", "3") else g for c, g in groups.items()}
     assert relevance_auroc(tmp_path, swapped) < 0.7
     assert math.isnan(relevance_auroc(tmp_path / "none", groups))
+
+
+def test_chance_levels_and_groups_of_drake_mini(tmp_path: Path) -> None:
+    from drake_data.mini import build_drake_mini
+    from fedmosaic_cli.comparison import client_chance_and_groups
+
+    root = build_drake_mini(tmp_path / "mini", seed=0, size="tiny")
+    own, others, groups = client_chance_and_groups(root, root / "scenario-two-families.json")
+    assert own["0"] == pytest.approx((0.25 + 0.5) / 2)  # name the digit (4 options), then parity (yes/no)
+    assert groups == {str(c): ("digits", "colours", "animals")[c // 3] for c in range(9)}
+    assert all(0.25 < v < 0.5 for v in others.values())
