@@ -80,6 +80,18 @@ def relevance_auroc(run_dir: Path, group_of: Mapping[str, str]) -> float:
     return roc_auc(scores, same)
 
 
+def _round_losses(run_dir: Path) -> dict[str, list[float]]:
+    """Each client's per-round mean training loss, from the run's ``rounds.jsonl``."""
+    out: dict[str, list[float]] = {}
+    path = run_dir / "rounds.jsonl"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if isinstance(row.get("train_loss"), (int, float)):
+                out.setdefault(str(row["client"]), []).append(float(row["train_loss"]))
+    return out
+
+
 def build_comparison(
     per_seed: Mapping[str, Sequence[Mapping[str, Any]]],
     reference: str = "local",
@@ -110,6 +122,11 @@ def build_comparison(
         models = sorted({v["model_id"] for v in clients.values()})
         entry["models"] = {m: mean_interval([x for v in clients.values() if v["model_id"] == m for x in v["self_last"]])
                            for m in models}
+        losses = [_round_losses(Path(r["run_dir"])) for r in runs]
+        entry["train_loss"] = {
+            "max": max((v for run in losses for curve in run.values() for v in curve), default=math.nan),
+            "max_by_client": {c: max(v for run in losses for v in run.get(c, [])) for c in sorted({c for run in losses for c in run})},
+        }
         if group_of:
             aurocs = [relevance_auroc(Path(r["run_dir"]), group_of) for r in runs]
             if any(math.isfinite(a) for a in aurocs):
@@ -159,6 +176,9 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         model = next(m["clients"][client]["model_id"] for m in methods.values() if client in m["clients"])
         cells = [_cell(m["clients"][client]["self_last"]) if client in m["clients"] else "—" for m in methods.values()]
         lines.append(f"| {client} | {groups.get(client, '')} | {model} | {percent(chance.get(client))} | " + " | ".join(cells) + " |")
+    lines += ["", "Largest per-round mean training loss of any client in any seed (bounded = no collapse): "
+              + ", ".join(f"{name} {m['train_loss']['max']:.2f}" for name, m in methods.items()
+                          if math.isfinite(m["train_loss"]["max"])) + "."]
     models = sorted({k for m in methods.values() for k in m["models"]})
     lines += ["", "Self A_last per base model (clients × seeds):", "",
               "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]

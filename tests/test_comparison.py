@@ -40,6 +40,9 @@ def _run(tmp: Path, name: str, seed: int, self_by_client: dict[str, float], othe
                "unseen_last": float("nan")}
     run_dir = tmp / f"{name}-{seed}"
     run_dir.mkdir()
+    (run_dir / "rounds.jsonl").write_text("".join(
+        json.dumps({"round": r, "client": c, "train_loss": 0.5 + 0.1 * r + seed}) + "\n"
+        for r in (1, 2) for c in self_by_client))
     return {"seed": seed, "run_dir": str(run_dir), "clients": clients, "overall": overall}
 
 
@@ -59,6 +62,8 @@ def test_paired_differences_are_per_seed(tmp_path: Path) -> None:
     table = write_comparison(comparison, tmp_path / "out")
     assert "| fedmosaic | +4.0 ± 0.0 |" in table
     assert "| 0 | a | m-a | 25.0 |" in table
+    assert comparison["methods"]["local"]["train_loss"]["max"] == pytest.approx(2.7)  # seed 2, round 2
+    assert "local 2.70" in table
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())  # strict JSON: NaN → null
     assert saved["methods"]["local"]["unseen_last"]["mean"] is None
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"

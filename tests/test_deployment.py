@@ -17,7 +17,7 @@ from cli_process import run_fedmosaic
 def test_supernodes_with_stable_client_ids_run_the_federation(tmp_path: Path) -> None:
     args = [
         "local-deployment", "--clients", "4,0,2",
-        "-c", "num-server-rounds=2", "-c", "local-steps=2", "-c", "eval-max-samples=2",
+        "-c", "num-server-rounds=2", "-c", "local-steps=2", "-c", "eval-max-samples=2", "-c", "eval-others-max-samples=2",
         "-c", "rounds-per-task=1", "-c", "pretrained=false", "-c", "align-bases=false",
         "-c", "eval-unseen=false", "-c", "run-name='deploy'",
     ]

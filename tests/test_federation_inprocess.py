@@ -33,7 +33,7 @@ def _config(data_root: Path, out: Path, **extra: Any):  # type: ignore[no-untype
     raw = {
         "num-server-rounds": 2, "data-root": str(data_root), "output-dir": str(out), "run-name": "run",
         "pretrained": False, "align-bases": False, "local-steps": 3, "batch-size": 4, "probe-every": 1,
-        "rounds-per-task": 1, "eval-max-samples": 2, "eval-unseen": False, "min-clients": 2,
+        "rounds-per-task": 1, "eval-max-samples": 2, "eval-others-max-samples": 2, "eval-unseen": False, "min-clients": 2,
         "tv-compression": 1.0,
     }
     raw.update(extra)
