@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+IGNORE_INDEX = -100  # labels off the answer tokens (Hugging Face's convention)
+
 
 @dataclass(frozen=True)
 class DecoderParts:

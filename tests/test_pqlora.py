@@ -33,6 +33,7 @@ from fedmosaic_core.pqlora import (
     orthonormal_bases,
     pq_layer_indices,
 )
+from fedmosaic_core.pqlora.model import prompt_mask
 
 VOCAB = 96
 
@@ -220,16 +221,54 @@ def test_gate_masks_padding_tokens() -> None:
         layer.gate.weight.normal_()
     x = torch.randn(2, 5, 6)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    layer.context.attention_mask = mask
+    layer.context.prompt_mask = mask
     beta = layer.gate_beta(x)
     w = layer.gate.weight[0]
     expected = torch.sigmoid(torch.stack([(x[0] @ w).mean(), (x[1, :2] @ w).mean()]))
     torch.testing.assert_close(beta, expected)
-    layer.context.attention_mask = None  # no mask: plain mean over all tokens
+    layer.context.prompt_mask = None  # no mask: plain mean over all tokens
     torch.testing.assert_close(layer.gate_beta(x), torch.sigmoid((x @ w).mean(dim=1)))
-    layer.context.attention_mask = mask[:, :3]
-    with pytest.raises(ValueError, match="attention_mask of shape"):
+    layer.context.prompt_mask = torch.ones(3, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="gate prompt mask of shape"):
         layer.gate_beta(x)
+
+
+def test_prompt_mask_leaves_out_padding_and_answer_tokens() -> None:
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, -100, -100, -100, 9]])
+    assert prompt_mask(mask, labels).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]]
+    assert prompt_mask(None, labels).tolist() == [[1, 1, 0, 0, 1], [1, 1, 1, 1, 0]]
+    assert prompt_mask(mask, None) is mask and prompt_mask(None, None) is None
+    with pytest.raises(ValueError, match=r"attention_mask of shape \(2, 4\) and labels of shape \(2, 5\)"):
+        prompt_mask(mask[:, :4], labels)
+
+
+def test_the_answer_cannot_reach_earlier_positions_through_the_gate() -> None:
+    """Causality through the gate: with learned gates, the logits up to the answer (the ones
+    that predict it) do not change when the answer tokens do, in both the wrapper's forward and
+    the answer-positions-only path."""
+    from fedmosaic_core.models.scoring import answer_token_logits
+
+    wrapped = inject_pqlora(tiny_llama(layers=4), cfg(gate_noise=False))
+    randomize(wrapped, gates=True)
+    batch = make_batch(batch=2, tokens=9, pad=0)
+    prompt = 6
+    outs, fast = [], []
+    for seed in (0, 1):
+        ids = batch["input_ids"].clone()
+        ids[:, prompt:] = torch.randint(0, VOCAB - 2, (2, 9 - prompt), generator=torch.Generator().manual_seed(seed))
+        labels = ids.clone()
+        labels[:, :prompt] = -100
+        with torch.no_grad():
+            outs.append(wrapped(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels).logits)
+            fast.append(answer_token_logits(wrapped, {"input_ids": ids, "attention_mask": batch["attention_mask"],
+                                                      "labels": labels})[0])
+    torch.testing.assert_close(outs[0][:, :prompt], outs[1][:, :prompt], rtol=0, atol=0)
+    first_answer_rows = [0, 9 - prompt]  # each sample's first answer token is predicted at prompt-1
+    torch.testing.assert_close(fast[0][first_answer_rows], fast[1][first_answer_rows], rtol=0, atol=0)
+    torch.testing.assert_close(fast[0], torch.cat([o[r, prompt - 1 : -1] for o in outs[:1] for r in range(2)]),
+                               rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(outs[0][:, prompt:], outs[1][:, prompt:])  # the answer itself differs
 
 
 def test_model_forward_passes_attention_mask_to_gates() -> None:
@@ -258,6 +297,30 @@ def test_generate_with_left_padding() -> None:
     assert torch.equal(out[:, :6], ids)
 
 
+def test_cached_generation_keeps_the_prompts_gate() -> None:
+    """Greedy decoding with the KV cache equals decoding by full forwards in which the generated
+    tokens are answer tokens (labels): β stays the prompt's while the answer is generated."""
+    wrapped = inject_pqlora(tiny_llama(layers=4), cfg(gate_noise=False))
+    randomize(wrapped, gates=True)
+    ids = torch.randint(0, VOCAB - 2, (2, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        cached = wrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                  pad_token_id=0, eos_token_id=None)
+        full_ids, full_mask = ids, mask
+        for _ in range(5):
+            labels = torch.full_like(full_ids, -100)
+            labels[:, 6:] = full_ids[:, 6:]
+            logits = wrapped(input_ids=full_ids, attention_mask=full_mask, labels=labels).logits
+            full_ids = torch.cat([full_ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            full_mask = torch.cat([full_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    assert torch.equal(cached, full_ids)
+    with torch.no_grad(), pytest.raises(ValueError, match="without a prompt forward of the same batch"):
+        # one new token for 1 sample, after a prompt forward of 2: there is no β to keep
+        wrapped(input_ids=ids[:1, -1:], attention_mask=torch.ones(1, 7, dtype=torch.long))
+
+
 # -- training ---------------------------------------------------------------------------------
 def test_only_local_branch_and_gate_receive_gradients() -> None:
     wrapped = inject_pqlora(tiny_llama(layers=5), cfg(dropout=0.1))
@@ -267,7 +330,8 @@ def test_only_local_branch_and_gate_receive_gradients() -> None:
     )  # G ≠ L, so the gate has a non-zero gradient
     wrapped.train()
     batch = make_batch()
-    wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+    labels = batch["input_ids"].masked_fill(torch.arange(9) < 4, -100)  # a 4-token prompt
+    wrapped(**batch, labels=labels).loss.backward()
     groups = wrapped.parameter_groups()
     trainable = {id(p) for ps in groups.values() for p in ps}
     for name, p in wrapped.named_parameters():
@@ -516,7 +580,8 @@ def test_activation_checkpointing_recomputes_the_same_gates() -> None:
             )
         wrapped.train()
         batch = make_batch()  # padded: masked and unmasked gates would differ
-        wrapped(**batch, labels=batch["input_ids"]).loss.backward()
+        labels = batch["input_ids"].masked_fill(torch.arange(9) < 4, -100)  # a 4-token prompt
+        wrapped(**batch, labels=labels).loss.backward()
         grads.append([p.grad for ps in wrapped.parameter_groups().values() for p in ps])
     for plain, recomputed in zip(*grads, strict=True):
         torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)

@@ -114,20 +114,20 @@ def test_client_scorer_counts_likelihood_and_generation_with_unparsable() -> Non
 @pytest.mark.parametrize("preset", ["tiny-llama-s", "tiny-qwen2-s"])
 def test_answer_positions_only_equal_the_full_forward(preset: str) -> None:
     """The head applied to answer positions only gives the full forward's logits and loss there,
-    also through a PQ-LoRA model whose gates pool over the whole sequence."""
+    also through a PQ-LoRA model with learned gates, which pool over each prompt in both paths."""
     from fedmosaic_core.models.scoring import answer_loss_mean, answer_token_logits
     from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 
     torch.manual_seed(0)
     loaded = load_model(preset, random_init=True)
     model = inject_pqlora(loaded.model, PQLoRAConfig(r=4, alpha=8, dropout=0.0, gate_noise=False, seed=0))
-    for p in model.parameter_groups()["pq"]:
-        torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter
+    for p in model.parameter_groups()["pq"] + model.parameter_groups()["gate"]:
+        torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter and input-dependent gates
     model.eval()
     batch = collate(loaded.processor, standin_public_samples(4, seed=3), 256)
     with torch.no_grad():
+        logits, targets, rows = answer_token_logits(model, batch)  # first: no mask left by a forward
         full = model(**batch)
-        logits, targets, rows = answer_token_logits(model, batch)
         keep = batch["labels"][:, 1:] != IGNORE_INDEX
         assert torch.allclose(logits, full.logits[:, :-1][keep].float(), atol=1e-5)
         assert torch.equal(targets, batch["labels"][:, 1:][keep])

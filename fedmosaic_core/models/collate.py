@@ -18,9 +18,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
+from fedmosaic_core.modeling import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
 
 
 class PromptTooLongError(ValueError):

@@ -21,7 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .collate import IGNORE_INDEX, SampleLike, collate
+from fedmosaic_core.modeling import IGNORE_INDEX
+from fedmosaic_core.pqlora.model import gate_pooling
+
+from .collate import SampleLike, collate
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,13 @@ def answer_token_logits(
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
     lm = _causal_lm(model)
     text_config = lm.config.get_text_config() if lm is not None and hasattr(lm.config, "get_text_config") else None
-    if lm is None or getattr(text_config, "final_logit_softcapping", None):
-        logits = model(**inputs).logits[:, :-1][keep]
-    else:
-        hidden = lm.model(**inputs).last_hidden_state[:, :-1][keep]
-        logits = lm.lm_head(hidden)
+    # PQ-LoRA gates pool over the prompt only, also where the decoder is called directly.
+    with gate_pooling(model, batch.get("attention_mask"), batch["labels"]):
+        if lm is None or getattr(text_config, "final_logit_softcapping", None):
+            logits = model(**inputs).logits[:, :-1][keep]
+        else:
+            hidden = lm.model(**inputs).last_hidden_state[:, :-1][keep]
+            logits = lm.lm_head(hidden)
     return logits.float(), targets[keep], rows
 
 

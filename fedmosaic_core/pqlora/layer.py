@@ -7,7 +7,7 @@ Every adapted layer computes, for an input row vector x,
 where L is the trainable *local* branch, G the frozen *global* branch (replaced by the server
 every round) and β ∈ (0, 1) a learned, input-dependent gate, one scalar per sample:
 
-    logit = masked mean over the sample's tokens of (x · w_gate)     (w_gate: d_in × 1, zero-init)
+    logit = mean over the sample's prompt tokens of (x · w_gate)      (w_gate: d_in × 1, zero-init)
             (+ N(0, σ²) noise in training mode when enabled, σ = softplus(0) + 1e-5 = ln 2 + 1e-5)
     β     = sigmoid(logit)                                            (β = ½ at initialisation)
 
@@ -21,6 +21,12 @@ All other layers (:class:`DualLoRALinear`) use a plain LoRA per branch,
 zero-init, s = alpha / lora_r). They carry a gate too, so the dual mixing is the same in every
 adapted layer (the paper only describes the gate for PQ layers; a gate per layer is the choice
 made here so that one rule, ``h = W·x + β·G + (1−β)·L``, holds everywhere).
+
+The gate pools over the *prompt*: the sample's real tokens that are not answer tokens (no
+padding, no ``labels``). Were the answer in the mean, every position's β would depend on the
+answer that the position is trained to predict, a path around the causal mask that a gate learns
+to use: training loss falls to ~0 while held-out predictions do not improve. In incremental
+decoding β stays the prompt's, so an answer is generated with the β it is scored and trained with.
 
 Both branches see the same dropout sample. The adapter runs in float32 (its parameters are
 float32; the input is cast, the result is cast back to the base output's dtype).
@@ -46,12 +52,15 @@ ADAPTER_DTYPE = torch.float32
 class GateContext:
     """State shared by the model wrapper and all adapted layers of one model.
 
-    ``attention_mask`` (batch × tokens, 1 = real token) of the current top-level forward; it is
-    kept until the next forward so that activation checkpointing recomputes the same gates.
-    ``fixed_beta`` overrides every gate with a constant β (e.g. 0.0: local branch only).
+    ``prompt_mask`` (batch × tokens, 1 = a prompt token the gates pool over) of the current
+    top-level forward; it is kept until the next forward so that activation checkpointing
+    recomputes the same gates. ``pinned``: set while a caller fixes ``prompt_mask`` for calls that
+    bypass the wrapper (:func:`.model.gate_pooling`). ``fixed_beta`` overrides every gate with a
+    constant β (e.g. 0.0: local branch only).
     """
 
-    attention_mask: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    pinned: bool = False
     fixed_beta: float | None = None
 
 
@@ -132,6 +141,7 @@ class _GatedDualAdapter(nn.Module):
             self.in_features, 1, bias=False, device=self.device, dtype=ADAPTER_DTYPE
         )
         nn.init.zeros_(self.gate.weight)
+        self._decoding_beta: torch.Tensor | None = None  # the last prompt's β, kept for decoding
 
     @property
     def device(self) -> torch.device:
@@ -139,24 +149,32 @@ class _GatedDualAdapter(nn.Module):
         return weight.device
 
     # -- gate ------------------------------------------------------------------------------
-    def _token_mask(self, batch: int, tokens: int, ndim: int) -> torch.Tensor | None:
-        mask = self.context.attention_mask
+    def _prompt_mask(self, batch: int, tokens: int, ndim: int) -> torch.Tensor | None:
+        mask = self.context.prompt_mask
         if mask is None or mask.ndim != 2 or ndim != 3:
             return None
         if mask.shape[0] != batch or mask.shape[1] < tokens:
             raise ValueError(
-                f"attention_mask of shape {tuple(mask.shape)} does not fit a layer input of "
+                f"gate prompt mask of shape {tuple(mask.shape)} does not fit a layer input of "
                 f"{batch} samples × {tokens} tokens"
             )
-        # Incremental decoding: the layer sees only the newest tokens, the mask covers all.
-        return mask[:, mask.shape[1] - tokens :]
+        return mask
 
     def gate_beta(self, x3: torch.Tensor, input_ndim: int = 3) -> torch.Tensor:
         """β per sample (shape ``(batch,)``, float32) for ``x3`` of shape batch × tokens × d_in."""
         batch, tokens, _ = x3.shape
         if self.context.fixed_beta is not None:
             return torch.full((batch,), float(self.context.fixed_beta), device=x3.device)
-        mask = self._token_mask(batch, tokens, input_ndim)
+        mask = self._prompt_mask(batch, tokens, input_ndim)
+        if mask is not None and tokens < mask.shape[1]:
+            # Incremental decoding: the layer sees the newest tokens only; β stays the prompt's.
+            kept = self._decoding_beta
+            if kept is None or kept.shape[0] != batch:
+                raise ValueError(
+                    f"incremental decoding of {batch} samples without a prompt forward of the same "
+                    "batch before it: the gate has no prompt β to keep"
+                )
+            return kept
         if mask is None:
             pooled = x3.mean(dim=1)
         else:
@@ -166,7 +184,9 @@ class _GatedDualAdapter(nn.Module):
         logit = F.linear(pooled, self.gate.weight).squeeze(-1)
         if self.training and self.gate_noise:
             logit = logit + torch.randn_like(logit) * GATE_NOISE_STD
-        return torch.sigmoid(logit)
+        beta = torch.sigmoid(logit)
+        self._decoding_beta = None if self.training else beta.detach()
+        return beta
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

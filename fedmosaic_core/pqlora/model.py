@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedmosaic_core.modeling import decoder_parts
+from fedmosaic_core.modeling import IGNORE_INDEX, decoder_parts
 from fedmosaic_core.storage import atomic_write_with
 
 from .config import PQLoRAConfig
@@ -37,6 +38,32 @@ ADAPTER_FORMAT = "fedmosaic-pqlora"
 ADAPTER_FORMAT_VERSION = 1
 # Config fields that change the function an adapter file computes: they must match on load.
 _MUST_MATCH = ("r", "alpha", "lora_r", "target_modules", "num_blocks")
+
+
+def prompt_mask(attention_mask: torch.Tensor | None, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The tokens a gate pools over (batch × tokens, 1 = pooled): real tokens that are not answer
+    tokens, i.e. ``attention_mask`` (all ones if absent) where ``labels`` is ``IGNORE_INDEX``
+    (everywhere if there are no labels). ``None`` when neither is given."""
+    if labels is None:
+        return attention_mask
+    prompt = (labels == IGNORE_INDEX).long()
+    if attention_mask is None:
+        return prompt
+    if attention_mask.shape != labels.shape:
+        raise ValueError(
+            f"attention_mask of shape {tuple(attention_mask.shape)} and labels of shape "
+            f"{tuple(labels.shape)} differ"
+        )
+    return attention_mask.long() * prompt
+
+
+def gate_pooling(
+    model: nn.Module, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None
+) -> AbstractContextManager[None]:
+    """:meth:`PQLoRAModel.gate_pooling` for a PQ-LoRA model; a no-op block for any other model."""
+    if isinstance(model, PQLoRAModel):
+        return model.gate_pooling(attention_mask, labels)
+    return nullcontext()
 
 
 def pq_layer_indices(num_layers: int, num_blocks: int = 4) -> list[int]:
@@ -196,8 +223,9 @@ class PQLoRAModel(nn.Module):
     """A Hugging Face model with PQ-LoRA injected (see :func:`inject_pqlora`).
 
     ``forward(**batch)`` and ``generate(...)`` delegate to the wrapped model; a forward pre-hook
-    on it hands the call's ``attention_mask`` to every gate, so padding tokens do not count in
-    the gate's mean. Other attributes are looked up on the wrapped model.
+    on it hands the call's prompt mask (:func:`prompt_mask`) to every gate, so that neither
+    padding nor answer tokens count in the gate's mean. Other attributes are looked up on the
+    wrapped model.
     """
 
     def __init__(
@@ -239,10 +267,27 @@ class PQLoRAModel(nn.Module):
         return names.index("attention_mask") if "attention_mask" in names else None
 
     def _capture_mask(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self._context.pinned:
+            return
         mask = kwargs.get("attention_mask")
         if mask is None and self._mask_position is not None and len(args) > self._mask_position:
             mask = args[self._mask_position]
-        self._context.attention_mask = mask if isinstance(mask, torch.Tensor) else None
+        labels = kwargs.get("labels")
+        self._context.prompt_mask = prompt_mask(
+            mask if isinstance(mask, torch.Tensor) else None, labels if isinstance(labels, torch.Tensor) else None
+        )
+
+    @contextmanager
+    def gate_pooling(self, attention_mask: torch.Tensor | None, labels: torch.Tensor | None = None) -> Iterator[None]:
+        """Inside the block every gate pools over :func:`prompt_mask` of these, for calls that
+        bypass this wrapper's forward (e.g. the decoder alone). The mask stays set afterwards, as
+        after a forward, for activation checkpointing's recomputation."""
+        self._context.prompt_mask = prompt_mask(attention_mask, labels)
+        self._context.pinned = True
+        try:
+            yield
+        finally:
+            self._context.pinned = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_merged()

@@ -150,10 +150,14 @@ def _mix_states(
     indices j of states holding NaN/Inf (whose results must not be used).
 
     The clients' tensors are gathered a run of keys at a time into one tile (clients × floats)
-    that stays in cache, checked for NaN/Inf with one matrix-vector product, and mixed with one
-    matrix product; every output tensor is a view into its tile's result."""
-    w = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32)).to(device)
-    outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(w.shape[0])]
+    that stays in cache and mixed with one matrix product. That product carries one more row of
+    weights, all ones: its output, the tile's column sums, is finite exactly when no client
+    holds NaN/Inf (or values near float32's limit), so the tile is read once; only a tile that
+    fails is checked client by client. Every output tensor is a view into its tile's result."""
+    n_out = int(weights.shape[0])
+    w = torch.from_numpy(np.ascontiguousarray(np.vstack([weights, np.ones((1, len(states)))]), dtype=np.float32))
+    w = w.to(device)
+    outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
     finite = torch.ones(len(states), dtype=torch.bool)
     runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
     widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
@@ -163,9 +167,10 @@ def _mix_states(
         tile = buffer[: len(states) * width].view(len(states), width)
         for row, state in zip(tile, states, strict=True):
             torch.cat([state[key].detach().reshape(-1).float().cpu() for key, _ in run], out=row)
-        finite &= _finite_rows(tile)
         mixed = (w @ tile.to(device)).cpu()
-        for (key, shape), block in zip(run, torch.split(mixed, sizes, dim=1), strict=True):
+        if not bool(torch.isfinite(mixed[n_out]).all()):
+            finite &= _finite_rows(tile)
+        for (key, shape), block in zip(run, torch.split(mixed[:n_out], sizes, dim=1), strict=True):
             for output, value in zip(outputs, block.unflatten(1, shape).unbind(0), strict=True):
                 output[key] = value
     return outputs, [j for j in range(len(states)) if not bool(finite[j])]

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmosaic_core.modeling import decoder_parts
+from fedmosaic_core.modeling import IGNORE_INDEX, decoder_parts
+from fedmosaic_core.pqlora.model import gate_pooling
 
-IGNORE_INDEX = -100
 _VOCAB_CHUNK = 32768
 
 
@@ -141,7 +141,8 @@ class TaskVectorProbe:
             raise ValueError("TaskVectorProbe.gradient: the batch has no `labels`")
         labels = batch["labels"]
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        h, u = self._capture(inputs)
+        with gate_pooling(self.model, batch.get("attention_mask"), labels):
+            h, u = self._capture(inputs)
         if h.shape[:2] != labels.shape:
             raise ValueError(
                 f"TaskVectorProbe.gradient: labels have shape {tuple(labels.shape)} but the "
