@@ -6,9 +6,11 @@
 * **best constant**: the best single answer string for the task's test questions;
 * **trained / blind**: each client's final model from a finished run (its last saved adapter),
   scored as the run scores it, on its own tasks' test questions: with the real images, and with
-  every image replaced by a uniform grey one (a blind model: what the question text alone gives).
+  every image replaced by a uniform grey one (a blind model: what the question text alone gives);
+* **generated** (with ``--generation``): the trained model scored by generated text and answer
+  extraction instead, with the share of replies that name no option (**unparsable**).
 
-    python bench/bench_controls.py RUN_DIR [--json OUT]
+    python bench/bench_controls.py RUN_DIR [--json OUT] [--generation]
 """
 
 from __future__ import annotations
@@ -39,7 +41,11 @@ def blanked(sample):  # type: ignore[no-untyped-def]
 
 
 @app.command()
-def main(run_dir: Path, json_out: Path | None = typer.Option(None, "--json")) -> None:
+def main(
+    run_dir: Path,
+    json_out: Path | None = typer.Option(None, "--json"),
+    generation: bool = typer.Option(False, "--generation", help="also score by generated text"),
+) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     config = parse_run_config({k.replace("_", "-"): v for k, v in saved.items()})
     torch.set_num_threads(config.torch_threads or 1)
@@ -47,7 +53,9 @@ def main(run_dir: Path, json_out: Path | None = typer.Option(None, "--json")) ->
     last = max(int(json.loads(line)["round"]) for line in (run_dir / "rounds.jsonl").read_text().splitlines())
     rng = np.random.default_rng(0)
     rows = []
-    typer.echo("| client | model | task | chance | format-only | best constant | trained | blind |\n|---|---|---|---|---|---|---|---|")
+    columns = ["chance", "format_only", "best_constant", "trained", "blind"] + (["generated", "unparsable"] if generation else [])
+    typer.echo("| client | model | task | " + " | ".join(c.replace("_", "-") for c in columns) + " |\n"
+               + "|---" * (3 + len(columns)) + "|")
     for entry in resources.scenario.clients:
         cid = str(entry.client_id)
         client = FedMosaicClient(config, resources, cid, run_dir / "clients")
@@ -64,9 +72,12 @@ def main(run_dir: Path, json_out: Path | None = typer.Option(None, "--json")) ->
             blind = score_samples(adapted.model, adapted.loaded.processor, [blanked(s) for s in samples], **kwargs).score
             row = {"client": cid, "model_id": entry.model_id, "task": ref.key, "chance": chance_level([s.choices for s in samples]),
                    "format_only": random_pick, "best_constant": constant, "trained": trained, "blind": blind}
+            if generation:
+                generated = score_samples(adapted.model, adapted.loaded.processor, samples,
+                                          **{**kwargs, "scoring": "generation"})
+                row |= {"generated": generated.score, "unparsable": generated.unparsable / max(1, generated.samples)}
             rows.append(row)
-            typer.echo(f"| {cid} | {entry.model_id} | {ref.key} | " + " | ".join(
-                f"{100 * row[k]:.1f}" for k in ("chance", "format_only", "best_constant", "trained", "blind")) + " |")
+            typer.echo(f"| {cid} | {entry.model_id} | {ref.key} | " + " | ".join(f"{100 * row[k]:.1f}" for k in columns) + " |")
     if json_out:
         json_out.write_text(json.dumps({"run_dir": str(run_dir), "rows": rows}, indent=1))
 

@@ -213,6 +213,7 @@ class FedMosaicClient:
         torch.manual_seed(derived_seed(cfg.seed, self.client_id, server_round))
         processor = state.adapted.loaded.processor
         state.model.train()
+        resting_gates = state.model.gates_without_global() if cfg.gate_rest_without_global else []
         losses: list[float] = []
         for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",
                          leave=False, mininterval=5.0, disable=None):
@@ -221,6 +222,8 @@ class FedMosaicClient:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
             loss.backward()
+            for gate in resting_gates:
+                gate.grad = None
             state.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)))
             state.optimizer.step()
             state.optimizer.zero_grad(set_to_none=True)

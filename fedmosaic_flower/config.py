@@ -57,6 +57,8 @@ class FederationConfig(BaseModel):
     lr_pq: float = Field(1e-2, gt=0)
     lr_lora: float = Field(5e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    # a module's gate trains only once its global branch is non-zero (false: always, as the reference)
+    gate_rest_without_global: bool = True
     # --- PQ-LoRA ---
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)

@@ -616,3 +616,15 @@ def test_bfloat16_base_keeps_float32_adapter() -> None:
     wrapped(**batch, labels=batch["input_ids"]).loss.backward()
     p = wrapped.parameter_groups()["pq"][0]
     assert p.dtype == torch.float32 and p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_gates_without_global_are_those_whose_global_branch_is_zero() -> None:
+    wrapped = inject_pqlora(tiny_llama(layers=8), cfg())  # 4 PQ layers, 4 plain-LoRA layers
+    all_gates = wrapped.parameter_groups()["gate"]
+    assert {id(g) for g in wrapped.gates_without_global()} == {id(g) for g in all_gates}
+    wrapped.load_global_state(shared=randn_like_state(wrapped.shared_state("global"), 4))
+    resting = {id(g) for g in wrapped.gates_without_global()}
+    pq_gates = {id(i.adapter.gate.weight) for i in wrapped.adapted_modules if i.block is not None}
+    assert resting == {id(g) for g in all_gates} - pq_gates and resting  # plain-LoRA globals are still 0
+    wrapped.load_global_state(same_arch=randn_like_state(wrapped.same_arch_state("global"), 5))
+    assert wrapped.gates_without_global() == []

@@ -209,6 +209,10 @@ class _GatedDualAdapter(nn.Module):
         """(ΔW, Δb) with ``β·G(x) + (1−β)·L(x) = x·ΔWᵀ + Δb`` for a constant β (float32)."""
         raise NotImplementedError
 
+    def global_is_zero(self) -> bool:
+        """Whether the global branch G outputs exactly 0 (no global has been loaded into it)."""
+        raise NotImplementedError
+
     def merged_linear(self, beta: float, dequantize: bool = False) -> nn.Linear:
         """A dense ``nn.Linear`` equal to this layer with the gate fixed at ``beta``.
 
@@ -305,6 +309,9 @@ class PQLoRALinear(_GatedDualAdapter):
             delta_b = self.scaling * (self.pq_B @ q)
         return delta_w, delta_b
 
+    def global_is_zero(self) -> bool:
+        return not bool(self.pq_P["global"].any()) and not bool(self.pq_Q["global"].any())
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
 
@@ -354,6 +361,9 @@ class DualLoRALinear(_GatedDualAdapter):
             global_ = self.lora_B["global"] @ self.lora_A["global"]
             delta_w = self.scaling * ((1.0 - beta) * local + beta * global_)
         return delta_w, None
+
+    def global_is_zero(self) -> bool:
+        return not bool(self.lora_B["global"].any()) or not bool(self.lora_A["global"].any())
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lora_r={self.r}, scaling={self.scaling:g}"

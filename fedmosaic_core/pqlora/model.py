@@ -438,6 +438,13 @@ class PQLoRAModel(nn.Module):
         raise_if_problems(state_problems(state, self._spec(table), "pq_bases"), "load_pq_bases")
         self._write(table, state)
 
+    def gates_without_global(self) -> list[nn.Parameter]:
+        """The gates of the adapted modules whose global branch outputs exactly 0. There β only
+        rescales the local branch (h = W·x + (1 − β)·L(x)), which L can do itself; a gate trained
+        there learns nothing about mixing and can saturate, switching its module's local branch
+        off (β → 1) before any global exists. Training leaves these gates at rest."""
+        return [item.adapter.gate.weight for item in self._adapted if item.adapter.global_is_zero()]
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by optimiser group: local P/Q, gates, local LoRA A/B."""
         groups = {

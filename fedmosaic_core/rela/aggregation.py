@@ -127,7 +127,7 @@ def _task_vector_problem(vector: np.ndarray | None, expected: tuple[int, ...] | 
 
 # -- mixing ------------------------------------------------------------------------------------
 #: floats per gathered tile (all clients × a run of keys): small enough to stay in cache
-TILE_FLOATS = 1 << 20
+TILE_FLOATS = 1 << 18
 
 
 def _key_runs(spec: Spec, width: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -158,21 +158,26 @@ def _mix_states(
     w = torch.from_numpy(np.ascontiguousarray(np.vstack([weights, np.ones((1, len(states)))]), dtype=np.float32))
     w = w.to(device)
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
-    finite = torch.ones(len(states), dtype=torch.bool)
     runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
     widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
     buffer = torch.empty(len(states) * max(widths, default=0), dtype=torch.float32)  # reused: no page faults
+    column_sums: list[torch.Tensor] = []  # one scalar per tile: NaN/Inf in any client propagate into it
     for run, width in zip(runs, widths, strict=True):
         sizes = [math.prod(shape) for _, shape in run]
         tile = buffer[: len(states) * width].view(len(states), width)
         for row, state in zip(tile, states, strict=True):
-            torch.cat([state[key].detach().reshape(-1).float().cpu() for key, _ in run], out=row)
+            torch.cat([state[key].detach().reshape(-1) for key, _ in run], out=row)  # casts to float32
         mixed = (w @ tile.to(device)).cpu()
-        if not bool(torch.isfinite(mixed[n_out]).all()):
-            finite &= _finite_rows(tile)
+        column_sums.append(mixed[n_out].sum())
         for (key, shape), block in zip(run, torch.split(mixed[:n_out], sizes, dim=1), strict=True):
             for output, value in zip(outputs, block.unflatten(1, shape).unbind(0), strict=True):
                 output[key] = value
+    if not column_sums or bool(torch.isfinite(torch.stack(column_sums)).all()):
+        return outputs, []
+    # some client holds NaN/Inf: find which, key by key (rare)
+    finite = torch.ones(len(states), dtype=torch.bool)
+    for key in spec:
+        finite &= _finite_rows(torch.stack([state[key].detach().reshape(-1).float().cpu() for state in states]))
     return outputs, [j for j in range(len(states)) if not bool(finite[j])]
 
 

@@ -50,7 +50,7 @@ def task_similarity(vectors: Sequence[Any] | np.ndarray) -> np.ndarray:
                 f"task_similarity: vector {index} has shape {matrix.shape}, expected {first.shape}"
             )
         stack[index] = matrix
-    norms = np.sqrt(np.einsum("nrc,nrc->nc", stack, stack, dtype=np.float64))  # column norms
+    norms = np.sqrt(np.einsum("nrc,nrc->nc", stack, stack))  # column norms
     finite = np.isfinite(norms).all(axis=1)  # NaN/Inf propagate into a column's norm
     if not finite.all():
         raise ValueError(f"task_similarity: vector {int(np.argmin(finite))} has NaN or Inf values")
