@@ -203,6 +203,23 @@ def _run_one(
     summary["data_root"] = str(data_root)
     summary["scenario_path"] = str(scenario_path(config, data_root))
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": summary})
+    return summary
+
+
+FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was asked for and its summary
+
+
+def _finished_summary(app_dir: Path, overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a run already finished under exactly this run config, or None."""
+    config = _config(app_dir, overrides)
+    path = config.run_dir / "report" / FINISHED_RUN
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("config") != config.model_dump(mode="json"):
+        return None
+    summary: dict[str, Any] = record["summary"]
     return summary
 
 
@@ -248,6 +265,10 @@ def compare(
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
     out: Path | None = typer.Option(None, help="where to write comparison.{md,json,png}"),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
+    reuse_finished: bool = typer.Option(
+        False, "--reuse-finished",
+        help="reuse each run that already finished under the same run config (e.g. to complete an "
+             "interrupted comparison); code changes since are not detected"),
 ) -> None:
     """Run the baselines and FedMosaic on the same scenario and seeds; write the comparison with
     95 % intervals, paired differences to the reference, per-client chance levels and relevance AUROC."""
@@ -271,8 +292,10 @@ def compare(
     per_seed: dict[str, list[dict[str, Any]]] = {}
     for seed in seed_list:
         for name in names:
+            run_overrides = {**overrides, "strategy": name, "seed": seed}
             with expected_errors():
-                summary = _run_one(directory, {**overrides, "strategy": name, "seed": seed}, cache_home() / "flwr-home")
+                summary = (_finished_summary(directory, run_overrides) if reuse_finished else None) or _run_one(
+                    directory, run_overrides, cache_home() / "flwr-home")
             per_seed.setdefault(name, []).append(summary)
     first = next(iter(per_seed.values()))[0]
     chance, others_chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))

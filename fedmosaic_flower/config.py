@@ -55,7 +55,7 @@ class FederationConfig(BaseModel):
     local_steps: int = Field(32, ge=1)
     batch_size: int = Field(8, ge=1)
     lr_pq: float = Field(1e-2, gt=0)
-    lr_lora: float = Field(5e-3, gt=0)
+    lr_lora: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     # a module's gate trains only once its global branch is non-zero (false: always, as the reference)
     gate_rest_without_global: bool = True
