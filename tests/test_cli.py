@@ -34,3 +34,18 @@ def test_expected_errors_print_one_line_and_exit_2(tmp_path: Path, args: list[st
     errors = [x for x in result.stdout.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and line in errors[0], result.stdout[-3000:]
     assert "Traceback" not in result.stdout
+
+
+def test_compare_reuses_only_a_run_finished_under_the_same_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmosaic_cli.main import FINISHED_RUN, _app_dir, _config, _finished_summary
+    from fedmosaic_core.storage import atomic_write_json
+
+    monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path))
+    app = _app_dir(None)
+    asked = {"strategy": "local", "seed": 3, "output-dir": str(tmp_path / "runs")}
+    assert _finished_summary(app, asked) is None  # nothing ran
+    config = _config(app, asked)
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN,
+                      {"config": config.model_dump(mode="json"), "summary": {"seed": 3, "strategy": "local"}})
+    assert _finished_summary(app, asked) == {"seed": 3, "strategy": "local"}
+    assert _finished_summary(app, {**asked, "local-steps": 5}) is None  # same run name, other settings
