@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,9 +130,17 @@ class FedMosaicStrategy(Strategy):
         except ProtocolError as err:
             log.warning("handshake: node %s excluded: %s", node_id, err)
             return None
-        previous_node = self.node_of.get(hello.client_id)
-        if previous_node is not None and previous_node != node_id:
-            log.info("client %s moved from node %s to node %s", hello.client_id, previous_node, node_id)
+        bound_node = self.node_of.get(hello.client_id)
+        if bound_node is not None and bound_node != node_id:
+            # the binding lasts while its node is connected (``start`` drops vanished nodes first)
+            log.warning("handshake: node %s claims client id %r, which is bound to node %s; refused",
+                        node_id, hello.client_id, bound_node)
+            return None
+        bound_client = next((c for c, n in self.node_of.items() if n == node_id), None)
+        if bound_client is not None and bound_client != hello.client_id:
+            log.warning("handshake: node %s, bound to client %r, claims client id %r; refused",
+                        node_id, bound_client, hello.client_id)
+            return None
         self.node_of[hello.client_id] = node_id
         self.clients[hello.client_id] = ClientRecord(
             hello.client_id, hello.arch, hello.model_id, hello.shared_spec, hello.same_arch_spec
@@ -200,18 +209,36 @@ class FedMosaicStrategy(Strategy):
             row["scores"] = decoded.scores
         return update, row
 
-    def expected_schemas(self) -> tuple[Spec | None, dict[str, Spec]]:
-        """Shared schema agreed by the majority of clients; same-arch schema per architecture."""
-        shared_votes: dict[tuple[tuple[str, tuple[int, ...]], ...], int] = {}
+    def expected_schemas(self) -> tuple[Spec | None, dict[str, Spec], dict[str, str]]:
+        """The schemas the round is checked against, each declared at the handshake by a strict
+        majority of the registered clients it applies to (the shared one by all clients, an
+        architecture's same-arch one by that architecture's clients): never the first to
+        register. Returns (shared schema, same-arch schema per architecture, client id → reason
+        for the clients whose schema is tied, so refused)."""
+        def majority(specs: list[Spec]) -> Spec | None:
+            votes = Counter(tuple(sorted(spec.items())) for spec in specs)
+            ranked = votes.most_common(2)
+            if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+                return None
+            return dict(ranked[0][0])
+
+        refused: dict[str, str] = {}
+        records_ = list(self.clients.values())
+        shared = majority([rec.schema_shared for rec in records_])
+        if shared is None and records_:
+            refused = {rec.client_id: "no majority for the shared schema among the handshakes (a tie); refused"
+                       for rec in records_}
         same_arch: dict[str, Spec] = {}
-        for rec in self.clients.values():
-            key = tuple(sorted(rec.schema_shared.items()))
-            shared_votes[key] = shared_votes.get(key, 0) + 1
-            same_arch.setdefault(rec.arch, rec.schema_same_arch)
-        if not shared_votes:
-            return None, same_arch
-        best = max(shared_votes.items(), key=lambda kv: kv[1])[0]
-        return dict(best), same_arch
+        for arch in sorted({rec.arch for rec in records_}):
+            members = [rec for rec in records_ if rec.arch == arch]
+            spec = majority([rec.schema_same_arch for rec in members])
+            if spec is None:
+                for rec in members:
+                    refused.setdefault(rec.client_id, f"no majority for the same-architecture schema of {arch!r} "
+                                                      "among its clients' handshakes (a tie); refused")
+            else:
+                same_arch[arch] = spec
+        return shared, same_arch, refused
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -244,7 +271,12 @@ class FedMosaicStrategy(Strategy):
         # replies arrive in whatever order the clients finish: aggregate in client-id order so the
         # floating-point sums, and hence a whole run, are reproducible for a seed
         updates.sort(key=lambda u: client_sort_key(u.client_id))
-        expected_shared, expected_same_arch = self.expected_schemas()
+        expected_shared, expected_same_arch, refused = self.expected_schemas()
+        for update in [u for u in updates if u.client_id in refused]:
+            outcome.excluded[update.client_id] = refused[update.client_id]
+            log.warning("round %d: client %s excluded: %s", server_round, update.client_id, refused[update.client_id])
+        updates = [u for u in updates if u.client_id not in refused]
+        outcome.rows = [r for r in outcome.rows if r["client"] not in refused]
         result = aggregate_global_states(
             updates, dict(self.globals), mode=self.config.strategy, tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,

@@ -256,3 +256,114 @@ def test_reply_order_does_not_change_the_run(tmp_path: Path) -> None:
         for key, value in state.shared.items():
             assert torch.equal(backward.strategy.globals[cid].shared[key], value), (cid, key)
     assert [(r["round"], r["client"]) for r in forward.rows] == [(r["round"], r["client"]) for r in backward.rows]
+
+
+# -- identity and schemas decided against hostile clients ---------------------------------------
+class Impostor(MockClient):
+    """Registers and replies as ``victim`` from its own node (it computes the victim's states)."""
+
+    def __init__(self, victim: MockClient) -> None:
+        super().__init__(victim.client_id, victim.arch, victim.group)
+
+
+class OrderedGrid(InProcessGrid):
+    """Delivers the impostor node's messages first or last, in every exchange."""
+
+    def __init__(self, handlers: dict[int, MockClient], first: int | None = None, last: int | None = None) -> None:
+        super().__init__(dict(handlers))
+        self.first, self.last = first, last
+
+    def get_node_ids(self):  # type: ignore[no-untyped-def]
+        nodes = sorted(self.handlers)
+        if self.first is not None:
+            nodes = [self.first] + [n for n in nodes if n != self.first]
+        return nodes
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        if self.last is not None:
+            replies.sort(key=lambda m: m.metadata.src_node_id == self.last)
+        if self.first is not None:
+            replies.sort(key=lambda m: m.metadata.src_node_id != self.first)
+        return replies
+
+
+def _received_by_node(grid: InProcessGrid, node: int) -> list[Message]:
+    return [m for m in grid.sent if m.metadata.dst_node_id == node and m.metadata.message_type == MessageType.TRAIN]
+
+
+def test_a_handshake_claiming_a_bound_client_id_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    honest = _clients()
+    handlers = {**honest, 900: Impostor(honest[100])}  # node 900 claims c0 (node 100)
+    grid = OrderedGrid(handlers, last=900)
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 2}))
+    assert result.strategy.node_of["c0"] == 100
+    assert _received_by_node(grid, 900) == []  # never got c0's personal global
+    assert len(_received_by_node(grid, 100)) == 2
+    assert any("node 900 claims client id 'c0', which is bound to node 100; refused" in r.getMessage()
+               for r in caplog.records)
+    clean = run_federation(InProcessGrid(_clients()), _config(tmp_path, **{"num-server-rounds": 2, "run-name": "clean"}))
+    for cid, state in clean.strategy.globals.items():  # the honest globals are those of a run without it
+        for key, value in state.shared.items():
+            assert torch.equal(result.strategy.globals[cid].shared[key], value)
+
+
+@pytest.mark.parametrize("order", ["impostor-first", "impostor-last"])
+def test_a_reply_claiming_another_client_is_excluded_in_either_order(tmp_path: Path, order: str) -> None:
+    """The impostor node registered as a client of its own (c9), then answers as c0."""
+    honest = _clients()
+
+    class ReplyImpostor(MockClient):
+        def __call__(self, msg: Message) -> Message | None:
+            if msg.metadata.message_type == MessageType.QUERY:
+                return super().__call__(msg)
+            return Impostor(honest[100])(msg)
+
+    handlers = {**honest, 900: ReplyImpostor("c9", "arch-a", 0)}
+    grid = OrderedGrid(handlers, **({"first": 900} if order == "impostor-first" else {"last": 900}))
+    result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 1}))
+    outcome = result.strategy.last_outcome
+    assert outcome is not None
+    assert "c0" in outcome.replied and "c9" not in outcome.replied  # c0's own reply is used
+    assert "reply for client 'c0' came from node 900, not from its node 100" in outcome.excluded["c9"]
+
+
+def test_schema_poisoning_by_the_first_registrant_fails(tmp_path: Path) -> None:
+    """A client that registers first with another same-architecture schema (r = 8) is the one
+    excluded; the honest clients of its architecture are aggregated as without it."""
+
+    class Poisoner(MockClient):
+        def __init__(self) -> None:
+            super().__init__("c9", "arch-a", 0)
+            d = WIDTH["arch-a"]
+            self.same_schema = {f"lora.{i}.q_proj.{n}": ([8, d] if n == "A" else [d, 8]) for i in (0, 2) for n in "AB"}
+
+    grid = OrderedGrid({**_clients(), 50: Poisoner()}, first=50)
+    result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 2}))
+    outcome = result.strategy.last_outcome
+    assert outcome is not None
+    assert sorted(outcome.replied) == ["c0", "c1", "c2", "c3", "c4"]
+    assert "c9" in outcome.excluded
+    clean = run_federation(InProcessGrid(_clients()), _config(tmp_path, **{"num-server-rounds": 2, "run-name": "clean"}))
+    for cid, state in clean.strategy.globals.items():
+        for part in ("shared", "same_arch"):
+            for key, value in getattr(state, part).items():
+                assert torch.equal(getattr(result.strategy.globals[cid], part)[key], value), (cid, key)
+
+
+def test_a_schema_tie_is_refused_not_decided_by_arrival(tmp_path: Path) -> None:
+    class OtherR(MockClient):
+        def __init__(self, cid: str) -> None:
+            super().__init__(cid, "arch-b", 1)
+            d = WIDTH["arch-b"]
+            self.same_schema = {f"lora.{i}.q_proj.{n}": ([8, d] if n == "A" else [d, 8]) for i in (0, 2) for n in "AB"}
+
+    honest = {n: c for n, c in _clients().items() if c.arch == "arch-a"}
+    # arch-b: one client with r = 4, one with r = 8: neither schema has a majority
+    handlers = {**honest, 60: OtherR("c8"), 61: MockClient("c7", "arch-b", 1)}
+    result = run_federation(InProcessGrid(handlers), _config(tmp_path, **{"num-server-rounds": 1}))
+    outcome = result.strategy.last_outcome
+    assert outcome is not None
+    assert sorted(outcome.replied) == ["c0", "c1", "c4"]
+    assert "tie" in outcome.excluded["c7"] and "tie" in outcome.excluded["c8"]
