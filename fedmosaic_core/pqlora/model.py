@@ -438,7 +438,7 @@ class PQLoRAModel(nn.Module):
         raise_if_problems(state_problems(state, self._spec(table), "pq_bases"), "load_pq_bases")
         self._write(table, state)
 
-    def gates_without_global(self) -> list[nn.Parameter]:
+    def gates_without_global(self) -> list[torch.Tensor]:
         """The gates of the adapted modules whose global branch outputs exactly 0. There β only
         rescales the local branch (h = W·x + (1 − β)·L(x)), which L can do itself; a gate trained
         there learns nothing about mixing and can saturate, switching its module's local branch
