@@ -183,10 +183,16 @@ class FedMosaicStrategy(Strategy):
     def _client_of_node(self, node_id: int) -> str:
         return next((c for c, n in self._selected.items() if n == node_id), f"node-{node_id}")
 
-    def parse_reply(self, reply: Message) -> tuple[ClientUpdate, dict[str, Any]]:
-        """Decode one train reply and check it against the handshake: ProtocolError if unusable."""
+    def parse_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, dict[str, Any]]:
+        """Decode one train reply of ``server_round`` and check it against the handshake and the
+        message it answers: ProtocolError if unusable."""
         if reply.has_error():
             raise ProtocolError(f"client error: {reply.error.reason}")
+        if reply.metadata.group_id != str(server_round) or reply.metadata.message_type != MessageType.TRAIN:
+            raise ProtocolError(
+                f"stale or foreign reply: it answers a {reply.metadata.message_type!r} message of group "
+                f"{reply.metadata.group_id!r}, not this round's train message (group '{server_round}')"
+            )
         decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20)
         known = self.clients.get(decoded.client_id)
         if known is None:
@@ -251,7 +257,7 @@ class FedMosaicStrategy(Strategy):
         updates: list[ClientUpdate] = []
         for reply in replies:
             try:
-                update, row = self.parse_reply(reply)
+                update, row = self.parse_reply(reply, server_round)
             except ProtocolError as err:
                 client = self._client_of_node(reply.metadata.src_node_id)
                 log.warning("round %d: client %s excluded: %s", server_round, client, err)

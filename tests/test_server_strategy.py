@@ -367,3 +367,27 @@ def test_a_schema_tie_is_refused_not_decided_by_arrival(tmp_path: Path) -> None:
     assert outcome is not None
     assert sorted(outcome.replied) == ["c0", "c1", "c4"]
     assert "tie" in outcome.excluded["c7"] and "tie" in outcome.excluded["c8"]
+
+
+def test_a_reply_replayed_from_an_earlier_round_is_excluded(tmp_path: Path) -> None:
+    class Replayer(MockClient):
+        def __init__(self) -> None:
+            super().__init__("c3", "arch-b", 1)
+            self.first: Message | None = None
+
+        def __call__(self, msg: Message) -> Message | None:
+            reply = super().__call__(msg)
+            if msg.metadata.message_type == MessageType.TRAIN:
+                if self.first is None:
+                    self.first = reply
+                else:
+                    return self.first  # round 1's reply again
+            return reply
+
+    clients = _clients()
+    clients[103] = Replayer()
+    result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2}))
+    outcome = result.strategy.last_outcome
+    assert outcome is not None and outcome.server_round == 2
+    assert "c3" not in outcome.replied
+    assert "stale or foreign reply" in outcome.excluded["c3"] and "group '1'" in outcome.excluded["c3"]
