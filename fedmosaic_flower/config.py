@@ -67,6 +67,7 @@ class FederationConfig(BaseModel):
     pretrained: bool = True  # false: untrained tiny presets (smoke tests only)
     # --- RELA ---
     tau: float = Field(0.5, gt=0)
+    norm_bound: float = Field(0.0, ge=0)  # > 0: bound each client's contribution to c × the median norm
     probe_model: str = ""
     probe_every: int = Field(4, ge=1)
     rows_fraction: float = Field(0.4, gt=0, le=1)

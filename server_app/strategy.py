@@ -286,6 +286,7 @@ class FedMosaicStrategy(Strategy):
         result = aggregate_global_states(
             updates, dict(self.globals), mode=self.config.strategy, tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
+            norm_bound=self.config.norm_bound,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason

@@ -279,3 +279,47 @@ def test_an_empty_same_architecture_part_is_aggregated() -> None:
     assert not result.excluded
     torch.testing.assert_close(result.globals["c0"].shared["pq.0.q_proj.P"], torch.full((2, 2), 1.5))
     assert result.globals["c1"].same_arch == {}
+
+
+def _flat_norm(state: dict[str, torch.Tensor]) -> float:
+    return float(torch.cat([v.double().reshape(-1) for v in state.values()]).norm())
+
+
+@pytest.mark.parametrize("mode", ["fedmosaic", "fedmosaic-uniform", "fedavg"])
+def test_norm_bound_changes_nothing_when_no_client_exceeds_it(mode: str) -> None:
+    updates = _updates(4)
+    plain = aggregate_global_states(updates, {}, mode=mode)
+    bounded = aggregate_global_states(updates, {}, mode=mode, norm_bound=3.0)
+    for cid, state in plain.globals.items():
+        for part in ("shared", "same_arch"):
+            for key, value in getattr(state, part).items():
+                assert torch.equal(getattr(bounded.globals[cid], part)[key], value)
+
+
+def test_norm_bound_limits_a_client_scaled_a_million_times(caplog: pytest.LogCaptureFixture) -> None:
+    """One client sends P/Q and LoRA × 10⁶ (finite, valid shapes). Unbounded, every honest global
+    grows by orders of magnitude; with c = 3 each global's norm stays ≤ c × the median norm
+    (all honest norms are below that), the bound the docstring states."""
+    updates = _updates(5)
+    attacker = updates[2]  # llama-s, shares an architecture with c0 and c5
+    attacker.shared = {k: v * 1e6 for k, v in attacker.shared.items()}
+    attacker.same_arch = {k: v * 1e6 for k, v in attacker.same_arch.items()}
+    honest = [u for u in updates if u is not attacker]
+    unbounded = aggregate_global_states(updates, {}, mode="fedmosaic")
+    with caplog.at_level(logging.WARNING):
+        bounded = aggregate_global_states(updates, {}, mode="fedmosaic", norm_bound=3.0)
+    shared_median = float(np.median([_flat_norm(u.shared) for u in updates]))
+    llama_s = [u for u in updates if u.arch == "llama-s"]
+    same_median = float(np.median([_flat_norm(u.same_arch) for u in llama_s]))
+    assert max(_flat_norm(u.shared) for u in honest) < 3.0 * shared_median
+    for u in honest:
+        assert _flat_norm(unbounded.globals[u.client_id].shared) > 1e4 * shared_median
+        assert _flat_norm(bounded.globals[u.client_id].shared) <= 3.0 * shared_median * (1 + 1e-6)
+    for u in llama_s:
+        if u is not attacker:
+            assert _flat_norm(bounded.globals[u.client_id].same_arch) <= 3.0 * same_median * (1 + 1e-6)
+    assert any("client c2's shared update has norm" in r.getMessage() for r in caplog.records)
+    assert any("client c2's same-arch update has norm" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(bounded.weights, unbounded.weights)  # relevance is not touched
+    with pytest.raises(ValueError, match="norm_bound must be a number >= 0"):
+        aggregate_global_states(updates, {}, norm_bound=-1.0)

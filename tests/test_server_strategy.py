@@ -67,6 +67,8 @@ class MockClient:
             del shared["pq.1.q_proj.Q"]
         elif self.fault == "shape":
             same["lora.0.q_proj.A"] = torch.zeros(R + 1, WIDTH[self.arch])
+        elif self.fault == "scaled":
+            shared = {k: v * 1e6 for k, v in shared.items()}
         elif self.fault == "oversized":
             same["lora.0.q_proj.pad"] = torch.zeros(600_000)
         content = RecordDict(
@@ -391,3 +393,16 @@ def test_a_reply_replayed_from_an_earlier_round_is_excluded(tmp_path: Path) -> N
     assert outcome is not None and outcome.server_round == 2
     assert "c3" not in outcome.replied
     assert "stale or foreign reply" in outcome.excluded["c3"] and "group '1'" in outcome.excluded["c3"]
+
+
+def test_the_norm_bound_from_the_run_config_limits_a_scaled_client(tmp_path: Path) -> None:
+    def max_global_norm(result) -> float:  # type: ignore[no-untyped-def]
+        return max(float(torch.cat([v.reshape(-1) for v in result.strategy.globals[c].shared.values()]).norm())
+                   for c in ("c0", "c1", "c2", "c4"))
+
+    def run(name: str, **extra: object):  # type: ignore[no-untyped-def]
+        return run_federation(InProcessGrid(dict(_clients({"c3": "scaled"}))),
+                              _config(tmp_path, **{"num-server-rounds": 1, "run-name": name, **extra}))
+
+    assert max_global_norm(run("off")) > 1e4
+    assert max_global_norm(run("on", **{"norm-bound": 3.0})) < 100

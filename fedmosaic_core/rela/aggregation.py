@@ -215,8 +215,15 @@ def aggregate_global_states(
     expected_shared: Mapping[str, Sequence[int]] | None = None,
     expected_same_arch: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     device: str | torch.device | None = None,
+    norm_bound: float = 0.0,
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
+
+    ``norm_bound`` c > 0 bounds each client's contribution (beyond the paper): a client whose
+    state has L2 norm ‖L_j‖ > c · median_k ‖L_k‖ (over this round's valid clients; the same-arch
+    part over its architecture's) enters the mix scaled by c · median / ‖L_j‖. Since every row of
+    W sums to 1 (or less), each global then has ‖G_i‖ ≤ max(c · median, the largest unscaled
+    ‖L_k‖), whatever one client sends. 0 turns it off.
 
     ``expected_shared``: key → shape of the shared state, for everyone; ``expected_same_arch``:
     arch → (key → shape). When None they are inferred from the majority of this round's updates
@@ -225,6 +232,8 @@ def aggregate_global_states(
     """
     if mode not in MODES:
         raise ValueError(f"aggregate_global_states: unknown mode {mode!r}; expected one of {MODES}")
+    if not (np.isfinite(norm_bound) and norm_bound >= 0):
+        raise ValueError(f"aggregate_global_states: norm_bound must be a number >= 0, got {norm_bound!r}")
     if not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"aggregate_global_states: tau must be a positive number, got {tau!r}")
     ids = [u.client_id for u in updates]
@@ -275,7 +284,7 @@ def aggregate_global_states(
     target = torch.device("cpu") if device is None else torch.device(device)
     valid = list(candidates)
     while True:  # normally once; again without the clients whose values turn out non-finite
-        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target)
+        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound)
         if not mixed.bad:
             break
         for update in mixed.bad:
@@ -312,16 +321,39 @@ class _MixedRound:
     bad: list[ClientUpdate] = field(default_factory=list)  # clients with NaN/Inf values
 
 
+def _contribution_scales(
+    states: Sequence[Mapping[str, torch.Tensor]], spec: Spec, norm_bound: float, ids: Sequence[str], part: str
+) -> np.ndarray:
+    """Per state: min(1, c · median norm / its norm) (1 where the bound is off or the norm is not finite)."""
+    scales = np.ones(len(states))
+    if norm_bound <= 0 or not states:
+        return scales
+    norms = np.array([math.sqrt(sum(float(state[key].detach().float().pow(2).sum()) for key in spec))
+                      for state in states])
+    finite = np.isfinite(norms)
+    if not finite.any():
+        return scales
+    limit = norm_bound * float(np.median(norms[finite]))
+    for j, norm in enumerate(norms):
+        if finite[j] and norm > limit:
+            scales[j] = limit / norm
+            logger.warning("RELA: client %s's %s update has norm %.3g > %.3g (%g × the median); scaled by %.3g",
+                           ids[j], part, norm, limit, norm_bound, scales[j])
+    return scales
+
+
 def _mix_round(
     mode: str, tau: float, valid: list[ClientUpdate], shared_spec: Spec, arch_specs: dict[str, Spec],
-    device: torch.device,
+    device: torch.device, norm_bound: float = 0.0,
 ) -> _MixedRound:
     """Every valid client's shared global (all architectures) and same-arch global (its own)."""
     if mode == "local" or len(valid) < 2:
         return _MixedRound(None, bad=[u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
                                       or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None])
     weights = _weight_matrix(mode, valid, tau)
-    shared, bad_rows = _mix_states(weights, [u.shared for u in valid], shared_spec, device)
+    ids = [u.client_id for u in valid]
+    shared_scales = _contribution_scales([u.shared for u in valid], shared_spec, norm_bound, ids, "shared")
+    shared, bad_rows = _mix_states(weights * shared_scales[None, :], [u.shared for u in valid], shared_spec, device)
     result = _MixedRound(weights, shared)
     bad_rows_all = set(bad_rows)
     for arch in sorted({u.arch for u in valid}):
@@ -332,7 +364,10 @@ def _mix_round(
         # a lone client of its architecture keeps its previous plain-LoRA global; its values
         # are still checked (an all-zero block mixes nothing but flags NaN/Inf)
         normalised = block[receivers] / totals[receivers, None] if receivers else np.zeros((0, len(members)))
-        mixed, bad_members = _mix_states(normalised, [valid[i].same_arch for i in members], arch_specs[arch], device)
+        states = [valid[i].same_arch for i in members]
+        scales = _contribution_scales(states, arch_specs[arch], norm_bound if receivers else 0.0,
+                                      [ids[i] for i in members], "same-arch")
+        mixed, bad_members = _mix_states(normalised * scales[None, :], states, arch_specs[arch], device)
         bad_rows_all.update(members[k] for k in bad_members)
         for k, state in zip(receivers, mixed, strict=True):
             result.same_arch[members[k]] = state
