@@ -127,8 +127,8 @@ class FedMosaicStrategy(Strategy):
             return None
         try:
             hello = records.parse_handshake(reply.content)
-        except ProtocolError as err:
-            log.warning("handshake: node %s excluded: %s", node_id, err)
+        except Exception as err:  # noqa: BLE001 - whatever a client sends, it is only this client's problem
+            log.warning("handshake: node %s excluded: %s", node_id, _reason(err))
             return None
         bound_node = self.node_of.get(hello.client_id)
         if bound_node is not None and bound_node != node_id:
@@ -258,10 +258,10 @@ class FedMosaicStrategy(Strategy):
         for reply in replies:
             try:
                 update, row = self.parse_reply(reply, server_round)
-            except ProtocolError as err:
+            except Exception as err:  # noqa: BLE001 - any unreadable reply excludes its client, the round goes on
                 client = self._client_of_node(reply.metadata.src_node_id)
-                log.warning("round %d: client %s excluded: %s", server_round, client, err)
-                outcome.excluded[client] = str(err)
+                log.warning("round %d: client %s excluded: %s", server_round, client, _reason(err))
+                outcome.excluded[client] = _reason(err)
                 continue
             if any(u.client_id == update.client_id for u in updates):
                 log.warning("round %d: duplicate reply from %s ignored", server_round, update.client_id)
@@ -429,6 +429,11 @@ class FedMosaicStrategy(Strategy):
                 self.last_weights = value.numpy()
         self.globals = {c: GlobalState(shared=g["shared"], same_arch=g["same-arch"]) for c, g in globals_.items()}
         self.last_weight_ids = list(meta.get("weight_ids", []))
+
+
+def _reason(err: Exception) -> str:
+    """A protocol error's own text; for anything else (a bug the message triggered) its type too."""
+    return str(err) if isinstance(err, ProtocolError) else f"unreadable message ({type(err).__name__}: {err})"
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) -> list[int]:

@@ -303,3 +303,24 @@ def test_one_hostile_client(case: str, tmp_path: Path, clean_globals: dict, capl
         assert row["arch"] == "arch-a" and row["round"] == 1  # type: ignore[index]
     resumed = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2, "resume": True}))
     assert resumed.last_round == 2
+
+
+def test_an_unexpected_error_while_reading_a_reply_excludes_only_that_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_globals: dict
+) -> None:
+    """Not every failure is a ProtocolError (a bug a message triggers): it still costs only its client."""
+    real = proto.parse_train_reply
+
+    def fragile(content: RecordDict, max_bytes: float):  # type: ignore[no-untyped-def]
+        if content.config_records[proto.CLIENT_INFO]["client-id"] == BAD_ID:
+            raise KeyError("boom")
+        return real(content, max_bytes)
+
+    monkeypatch.setattr(proto, "parse_train_reply", fragile)
+    result = run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, **{"num-server-rounds": 2}), stop_after=1)
+    outcome = result.strategy.last_outcome
+    assert outcome is not None and outcome.excluded[BAD_ID] == "unreadable message (KeyError: 'boom')"
+    got = _globals(result)
+    for cid, state in clean_globals.items():
+        for key, value in state.items():
+            assert torch.equal(got[cid][key], value)
