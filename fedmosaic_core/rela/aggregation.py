@@ -6,8 +6,8 @@ For the M valid clients of a round, with weight matrix W (M × M)::
     same-arch (plain LoRA A/B):            G_i[key] = Σ_{j ∈ arch(i)} W_ij · L_j[key] / Σ_{j ∈ arch(i)} W_ij
 
 The clients' tensors are gathered a run of parameters at a time into a tile (M × a run of
-floats, small enough to stay in cache), checked for NaN/Inf with one matrix-vector product and
-mixed with one matrix product ``W @ tile``; each client's tensors are views into the result.
+floats, small enough to stay in cache) and mixed with one matrix product ``W @ tile`` whose extra
+row of ones also finds NaN/Inf; each client's tensors are views into the result.
 
 Modes:
 
