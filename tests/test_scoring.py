@@ -133,3 +133,30 @@ def test_answer_positions_only_equal_the_full_forward(preset: str) -> None:
         assert torch.equal(targets, batch["labels"][:, 1:][keep])
         assert rows.tolist() == [r for r in range(4) for _ in range(int(keep[r].sum()))]
         assert torch.allclose(answer_loss_mean(model, batch), full.loss, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama-s", "tiny-qwen2-s"])
+def test_shared_prompt_option_scores_equal_one_full_forward_per_option(preset: str) -> None:
+    """Scoring each prompt once and its options from the repeated cache gives the log-likelihood
+    of a full forward of every (prompt, option) row: mixed image counts, options of different
+    token lengths, a PQ-LoRA model with input-dependent gates that keep each prompt's β."""
+    from fedmosaic_core.models.scoring import _one_row_per_option, _prompt_then_options
+    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+    torch.manual_seed(0)
+    loaded = load_model(preset, random_init=True)
+    model = inject_pqlora(loaded.model, PQLoRAConfig(r=4, alpha=8, dropout=0.0, gate_noise=False, seed=0))
+    for p in model.parameter_groups()["pq"] + model.parameter_groups()["gate"]:
+        torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    samples = standin_public_samples(10, seed=5)
+    choices = [[s.answer, "a much longer wrong option", "no"][: 2 + i % 2] for i, s in enumerate(samples)]
+    shared = _prompt_then_options(model, loaded.processor, samples, choices, 256)
+    per_row = _one_row_per_option(model, loaded.processor, samples, choices, 256)
+    for got, want in zip(shared, per_row, strict=True):
+        assert len(got) == len(want)
+        assert all(math.isclose(g, w, rel_tol=1e-4, abs_tol=1e-4) for g, w in zip(got, want, strict=True)), (got, want)
+    # different gates per prompt: the kept β is per prompt, not one for the batch
+    betas = model.adapted_modules[0].adapter._decoding_beta
+    assert betas is not None and betas.unique().numel() > 1
+    assert option_log_likelihoods(model, loaded.processor, samples, choices, 256) == shared

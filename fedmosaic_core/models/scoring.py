@@ -14,6 +14,7 @@ normalisation would mainly favour options that split into more, individually lik
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +23,9 @@ import torch
 from torch import nn
 
 from fedmosaic_core.modeling import IGNORE_INDEX
-from fedmosaic_core.pqlora.model import gate_pooling
+from fedmosaic_core.pqlora.model import gate_pooling, select_decoding_rows
 
-from .collate import SampleLike, collate
+from .collate import SampleLike, collate, image_token_count, pixel_values_for, tokenize_sample
 
 
 @dataclass(frozen=True)
@@ -109,34 +110,124 @@ def option_log_likelihoods(
     samples: Sequence[SampleLike],
     choices: Sequence[Sequence[str]],
     max_length: int,
-    rows_per_batch: int = 48,
+    questions_per_batch: int = 16,
 ) -> list[list[float]]:
-    """``log p(option </s> | prompt)`` for every option of every sample (same order as ``choices``)."""
+    """``log p(option </s> | prompt)`` for every option of every sample (same order as ``choices``).
+
+    Each prompt (images included) goes through the model once; its key/value cache is then
+    repeated for the prompt's options, which are scored in one more forward. This gives the
+    values of one full forward per (prompt, option) row: the same positions, the same attention,
+    and PQ-LoRA gates that keep each prompt's β (they pool over the prompt only either way).
+    Models without a separate decoder and head are scored one full row per option.
+    """
     if len(samples) != len(choices):
         raise ValueError(f"{len(samples)} samples but {len(choices)} choice lists")
-    rows = [
-        (i, _OptionSample(s.id, s.prompt, option, list(s.images)))
-        for i, (s, options) in enumerate(zip(samples, choices, strict=True))
-        for option in options
-    ]
-    device = next(model.parameters()).device
-    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    out: list[list[float]] = [[] for _ in samples]
+    lm = _causal_lm(model)
+    text_config = lm.config.get_text_config() if lm is not None and hasattr(lm.config, "get_text_config") else None
+    shared_prompt = lm is not None and not getattr(text_config, "final_logit_softcapping", None)
+    out: list[list[float]] = []
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(rows), rows_per_batch):
-            chunk = rows[start : start + rows_per_batch]
-            batch = collate(processor, [row for _, row in chunk], max_length)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            scores = _row_log_likelihoods(model, batch)
-            for (i, _), value in zip(chunk, scores.tolist(), strict=True):
-                out[i].append(float(value))
+        for start in range(0, len(samples), questions_per_batch):
+            chunk = list(samples[start : start + questions_per_batch])
+            options = [list(c) for c in choices[start : start + questions_per_batch]]
+            scorer = _prompt_then_options if shared_prompt else _one_row_per_option
+            out.extend(scorer(model, processor, chunk, options, max_length))
     finally:
         model.train(was_training)
     return out
+
+
+def _option_rows(samples: Sequence[SampleLike], choices: Sequence[Sequence[str]]) -> list[_OptionSample]:
+    return [_OptionSample(s.id, s.prompt, option, list(s.images))
+            for s, options in zip(samples, choices, strict=True) for option in options]
+
+
+def _regroup(values: Sequence[float], choices: Sequence[Sequence[str]]) -> list[list[float]]:
+    out, start = [], 0
+    for options in choices:
+        out.append([float(v) for v in values[start : start + len(options)]])
+        start += len(options)
+    return out
+
+
+def _to_model(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    moved = {k: v.to(device) for k, v in batch.items()}
+    if "pixel_values" in moved:
+        moved["pixel_values"] = moved["pixel_values"].to(dtype)
+    return moved
+
+
+def _one_row_per_option(
+    model: nn.Module, processor: Any, samples: Sequence[SampleLike], choices: Sequence[Sequence[str]], max_length: int
+) -> list[list[float]]:
+    batch = _to_model(collate(processor, _option_rows(samples, choices), max_length), model)
+    return _regroup(_row_log_likelihoods(model, batch).tolist(), choices)
+
+
+def _prompt_then_options(
+    model: nn.Module, processor: Any, samples: Sequence[SampleLike], choices: Sequence[Sequence[str]], max_length: int
+) -> list[list[float]]:
+    """One forward over the prompts (with cache), one over every option (:func:`option_log_likelihoods`)."""
+    lm = _causal_lm(model)
+    rows = _option_rows(samples, choices)
+    if not rows:
+        return [[] for _ in samples]
+    pad = getattr(getattr(processor, "tokenizer", processor), "pad_token_id", None) or 0
+    pixel_values = pixel_values_for(processor, samples)
+    per_image = image_token_count(processor, pixel_values) if pixel_values is not None else 0
+    # the length check of every (prompt, option) row, exactly as training batches make it
+    tokenized = [tokenize_sample(processor, row, max_length, with_answer=True, tokens_per_image=per_image)
+                 for row in rows]
+    prompts = [tokenize_sample(processor, s, max_length, with_answer=False, tokens_per_image=per_image).input_ids
+               for s in samples]
+    owner = torch.tensor([q for q, options in enumerate(choices) for _ in options])  # row → its prompt
+    answers = [t.input_ids[t.num_prompt_tokens :] for t in tokenized]
+    prompt_ids, prompt_mask_ = _right_padded(prompts, pad)
+    answer_ids, answer_mask = _right_padded(answers, pad)
+    lengths = prompt_mask_.sum(dim=1)
+    inputs = _to_model({"input_ids": prompt_ids, "attention_mask": prompt_mask_}
+                       | ({"pixel_values": pixel_values} if pixel_values is not None else {}), model)
+    device = inputs["input_ids"].device
+    owner, lengths = owner.to(device), lengths.to(device)
+    answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
+    with gate_pooling(model, inputs["attention_mask"]):
+        prompt_out = lm.model(**inputs, use_cache=True)
+    cache = prompt_out["cache"] if "cache" in prompt_out else prompt_out.past_key_values
+    last_hidden = prompt_out.last_hidden_state[torch.arange(len(samples), device=device), lengths - 1]
+    cache.batch_select_indices(owner)
+    select_decoding_rows(model, owner)
+    full_mask = torch.cat([inputs["attention_mask"][owner], answer_mask], dim=1)
+    positions = lengths[owner, None] + torch.arange(answer_ids.shape[1], device=device)
+    with gate_pooling(model, full_mask):
+        answer_hidden = lm.model(input_ids=answer_ids, attention_mask=full_mask, position_ids=positions,
+                                 use_cache=True, **{_cache_argument(lm.model): cache}).last_hidden_state
+    # answer token t is predicted at answer position t-1, the first one at the prompt's last token
+    predicting = torch.cat([last_hidden[owner, None], answer_hidden[:, :-1]], dim=1)
+    keep = answer_mask.bool()
+    logits = lm.lm_head(predicting[keep]).float()
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, answer_ids[keep].unsqueeze(-1)).squeeze(-1)
+    row_of = torch.arange(len(rows), device=device)[:, None].expand_as(answer_ids)[keep]
+    totals = torch.zeros(len(rows), dtype=token_logp.dtype, device=device).index_add(0, row_of, token_logp)
+    return _regroup(totals.tolist(), choices)
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """``cache`` (transformers ≥ 5.24) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _right_padded(sequences: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
 
 
 def ranked_choice(log_likelihoods: Sequence[float]) -> int:

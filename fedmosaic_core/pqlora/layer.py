@@ -188,6 +188,11 @@ class _GatedDualAdapter(nn.Module):
         self._decoding_beta = None if self.training else beta.detach()
         return beta
 
+    def select_decoding_rows(self, indices: torch.Tensor) -> None:
+        """Keep the prompt β of rows ``indices`` (repeats allowed), as a cache's batch is reindexed."""
+        if self._decoding_beta is not None:
+            self._decoding_beta = self._decoding_beta[indices.to(self._decoding_beta.device)]
+
     # -- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -66,6 +66,12 @@ def gate_pooling(
     return nullcontext()
 
 
+def select_decoding_rows(model: nn.Module, indices: torch.Tensor) -> None:
+    """:meth:`PQLoRAModel.select_decoding_rows` for a PQ-LoRA model; nothing for any other model."""
+    if isinstance(model, PQLoRAModel):
+        model.select_decoding_rows(indices)
+
+
 def pq_layer_indices(num_layers: int, num_blocks: int = 4) -> list[int]:
     """Indices of the PQ layers: the last layer of each of ``num_blocks`` equal blocks.
 
@@ -288,6 +294,12 @@ class PQLoRAModel(nn.Module):
             yield
         finally:
             self._context.pinned = False
+
+    def select_decoding_rows(self, indices: torch.Tensor) -> None:
+        """After a prompt forward, make row k of the next incremental forward use the gates' β of
+        prompt ``indices[k]`` (as ``Cache.batch_select_indices`` does for keys and values)."""
+        for item in self._adapted:
+            item.adapter.select_decoding_rows(indices)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_not_merged()
