@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -213,6 +214,33 @@ def test_adapter_output_is_exactly_zero_at_init() -> None:
         assert torch.equal(wrapped(**batch).logits, reference)
         wrapped.train()  # gate noise changes β, but both branches are exactly 0
         assert torch.equal(wrapped(**batch).logits, reference)
+
+
+def test_gate_noise_is_the_mean_of_per_token_noise() -> None:
+    """The reference adds N(0, σ²), σ = ln 2 + 1e-5, to every token's gate logit and then
+    averages: the pooled logit's noise has std σ/√T for T prompt tokens (padding excluded)."""
+    torch.manual_seed(0)
+    layer = DualLoRALinear(nn.Linear(6, 4), GateContext(), r=2, alpha=2.0, gate_noise=True).train()
+    with torch.no_grad():
+        layer.gate.weight.normal_()
+    draws = 20000
+    x = torch.randn(1, 16, 6).expand(draws, -1, -1)
+    mask = torch.zeros(draws, 16, dtype=torch.long)
+    mask[: draws // 2, :4] = 1  # T = 4
+    mask[draws // 2 :, :16] = 1  # T = 16
+    layer.context.prompt_mask = mask
+    with torch.no_grad():
+        logit = torch.logit(layer.gate_beta(x).double())
+        clean = layer.eval().gate_beta(x).double()[0]  # noise-free, over the first 4 tokens
+    sigma = math.log(2.0) + 1e-5
+    for rows, tokens in ((slice(0, draws // 2), 4), (slice(draws // 2, draws), 16)):
+        std = float(logit[rows].std())
+        assert abs(std - sigma / math.sqrt(tokens)) < 0.03 * sigma / math.sqrt(tokens), (tokens, std)
+    assert abs(float(logit[: draws // 2].mean()) - float(torch.logit(clean))) < 0.01
+    layer.context.prompt_mask = None  # no mask: all T = 16 tokens
+    layer.train()
+    with torch.no_grad():
+        assert abs(float(torch.logit(layer.gate_beta(x).double()).std()) - sigma / 4) < 0.03 * sigma / 4
 
 
 def test_gate_masks_padding_tokens() -> None:

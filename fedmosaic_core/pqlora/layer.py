@@ -7,9 +7,13 @@ Every adapted layer computes, for an input row vector x,
 where L is the trainable *local* branch, G the frozen *global* branch (replaced by the server
 every round) and β ∈ (0, 1) a learned, input-dependent gate, one scalar per sample:
 
-    logit = mean over the sample's prompt tokens of (x · w_gate)      (w_gate: d_in × 1, zero-init)
-            (+ N(0, σ²) noise in training mode when enabled, σ = softplus(0) + 1e-5 = ln 2 + 1e-5)
+    logit = mean over the sample's T prompt tokens of (x_t · w_gate + σ·ε_t)
+          = (mean_t x_t) · w_gate + (σ/√T)·ε                          (w_gate: d_in × 1, zero-init)
     β     = sigmoid(logit)                                            (β = ½ at initialisation)
+
+The noise term (training mode, when enabled) is the reference's per-token noise,
+σ = softplus(x · w_noise) + 1e-5 with w_noise never trained from 0, i.e. σ = ln 2 + 1e-5, averaged
+with the tokens: the pooled logit's noise has std σ/√T, drawn directly as one N(0, σ²/T) per sample.
 
 PQ layers (:class:`PQLoRALinear`) use, with frozen orthonormal A (r × d_in) and B (d_out × r)
 shared by both branches and s = alpha / r,
@@ -177,13 +181,14 @@ class _GatedDualAdapter(nn.Module):
             return kept
         if mask is None:
             pooled = x3.mean(dim=1)
+            counts = torch.full((batch, 1), float(tokens), device=x3.device, dtype=x3.dtype)
         else:
             weights = mask.to(device=x3.device, dtype=x3.dtype)
             counts = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
             pooled = torch.einsum("ntd,nt->nd", x3, weights) / counts
         logit = F.linear(pooled, self.gate.weight).squeeze(-1)
-        if self.training and self.gate_noise:
-            logit = logit + torch.randn_like(logit) * GATE_NOISE_STD
+        if self.training and self.gate_noise:  # the mean of T tokens' N(0, σ²) noise
+            logit = logit + torch.randn_like(logit) * (GATE_NOISE_STD / counts.squeeze(-1).sqrt())
         beta = torch.sigmoid(logit)
         self._decoding_beta = None if self.training else beta.detach()
         return beta

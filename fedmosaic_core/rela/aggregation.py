@@ -22,8 +22,9 @@ Exclusions: an update with NaN/Inf, a wrong shape (including a wrong rank r), an
 missing key, or (``fedmosaic`` only) a missing / wrongly shaped / non-finite task vector is left
 out of the round with one ``logging`` warning naming the client and the reason; the others are
 aggregated as if it had not replied. With fewer than 2 valid clients everyone keeps its previous
-global state. Clients that are absent or excluded keep their previous global state; a client
-with no same-architecture peer keeps its previous plain-LoRA global state.
+global state. Clients that are absent or excluded keep their previous global state. In the
+``fedmosaic`` modes a client with no same-architecture peer among the valid clients gets its own
+local same-architecture state as that global (the reference does the same).
 
 ``globals`` holds an entry for every client in ``previous`` and every valid client. A part that
 has nothing new and no previous value is an empty dict, meaning "keep what you have". Outputs
@@ -359,10 +360,10 @@ def _mix_round(
     for arch in sorted({u.arch for u in valid}):
         members = [i for i, u in enumerate(valid) if u.arch == arch]
         block = weights[np.ix_(members, members)]
+        if len(members) == 1:
+            block = np.ones((1, 1))  # no peer: its own local state is its global
         totals = block.sum(axis=1)
         receivers = [k for k in range(len(members)) if totals[k] > 0]
-        # a lone client of its architecture keeps its previous plain-LoRA global; its values
-        # are still checked (an all-zero block mixes nothing but flags NaN/Inf)
         normalised = block[receivers] / totals[receivers, None] if receivers else np.zeros((0, len(members)))
         states = [valid[i].same_arch for i in members]
         scales = _contribution_scales(states, arch_specs[arch], norm_bound if receivers else 0.0,

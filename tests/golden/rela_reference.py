@@ -7,7 +7,8 @@ Written from the method's equations with plain NumPy loops, independent of the p
     G_i[P/Q] = Σ_j w_ij L_j                                         shared part, every architecture
     G_i[A/B] = Σ_{j∈arch(i)} w_ij L_j / Σ_{j∈arch(i)} w_ij          plain LoRA, same architecture only
 
-A client alone in its architecture gets no plain-LoRA global. Run ``python tests/golden/rela_reference.py``
+A client alone in its architecture gets its own local plain LoRA as that global (as the reference
+code does). Run ``python tests/golden/rela_reference.py``
 to rewrite ``rela_golden.json`` (inputs and expected outputs, seeded).
 """
 
@@ -59,11 +60,12 @@ def main() -> None:
         shared = {key: sum(weights[i][j] * np.array(inputs[other]["shared"][key]) for j, other in enumerate(ids)).tolist()
                   for key in inputs[cid]["shared"]}
         peers = [j for j, other in enumerate(ids) if inputs[other]["arch"] == inputs[cid]["arch"] and j != i]
-        same = {}
         if peers:
             norm = sum(weights[i][j] for j in peers)
             same = {key: (sum(weights[i][j] * np.array(inputs[ids[j]]["same-arch"][key]) for j in peers) / norm).tolist()
                     for key in inputs[cid]["same-arch"]}
+        else:
+            same = {key: list(value) for key, value in inputs[cid]["same-arch"].items()}
         globals_[cid] = {"shared": shared, "same-arch": same}
     out = {"tau": TAU, "ids": ids, "inputs": inputs, "weights": weights, "globals": globals_}
     (Path(__file__).with_name("rela_golden.json")).write_text(json.dumps(out, indent=1) + "\n")
