@@ -197,8 +197,14 @@ class FedMosaicClient:
     def load_global(
         self, state: RoundState, shared: dict[str, torch.Tensor] | None, same_arch: dict[str, torch.Tensor] | None
     ) -> None:
-        """The server's G_i into the frozen global branch (validated before anything is written)."""
-        if shared is not None or same_arch is not None:
+        """The server's G_i into the frozen global branch (validated before anything is written).
+        Under ``fedavg`` it is the architecture group's mean and replaces the local branch instead:
+        one adapter, as in FedAvg; the global branch stays 0, so the gate rests as in ``local``."""
+        if shared is None and same_arch is None:
+            return
+        if self.config.strategy == "fedavg":
+            state.model.load_local_state(shared=shared or None, same_arch=same_arch or None)
+        else:
             state.model.load_global_state(shared=shared or None, same_arch=same_arch or None)
 
     def take_new_data(self, state: RoundState) -> int:

@@ -15,8 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fedmosaic_core.storage import cache_home
 
-Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "local"]
-STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "local")
+Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "local"]
+STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "local")
+#: the server-side aggregation mode of each strategy (fedavg-dual differs on the client only)
+AGGREGATION_MODE: dict[str, str] = {"fedavg-dual": "fedavg"}
 
 
 class ConfigError(ValueError):

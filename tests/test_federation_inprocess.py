@@ -83,7 +83,7 @@ def test_three_clients_receive_their_own_relevance_weighted_globals(data_root: P
     assert all(float(f.abs().sum()) > 0 for f in flat)
     assert not torch.allclose(flat[0], flat[1]) and not torch.allclose(flat[1], flat[2])
     assert np.allclose(np.diag(weights), 0.0)
-    # clients of different architectures share P/Q; same-arch LoRA keeps its previous (none) state
+    # clients of different architectures share P/Q; client 0's preset has no plain-LoRA layers to share
     assert recorders[100].sent[2].content.array_records[proto.GLOBAL_SAME_ARCH].count_bytes() == 0
     rows = [r for r in result.rows if r["round"] == 2]
     assert all("others" in r["scores"] for r in rows)
@@ -112,3 +112,36 @@ def test_one_clientapp_process_serves_two_runs_with_their_own_configs(data_root:
         run_federation(InProcessGrid({100: recorder}), config)
         steps[name] = recorder.replies[1].content.metric_records[proto.METRICS]["train-steps"]
     assert steps == {"run-a": 2.0, "run-b": 5.0}
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavg-dual", "fedmosaic"])
+def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch(strategy: str) -> None:
+    """FedAvg keeps one adapter: the group mean overwrites the local branch and the global branch
+    stays 0. The dual-branch strategies put what the server sends into the frozen global branch."""
+    from types import SimpleNamespace
+
+    from client_app.training import FedMosaicClient
+    from fedmosaic_core.models import load_model
+    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+    model = inject_pqlora(load_model("tiny-llama-m", random_init=True).model,
+                          PQLoRAConfig(r=4, alpha=8, dropout=0.0, gate_noise=False, seed=0))
+    gen = torch.Generator().manual_seed(1)
+    shared = {k: torch.randn(v.shape, generator=gen) for k, v in model.shared_state().items()}
+    same_arch = {k: torch.randn(v.shape, generator=gen) for k, v in model.same_arch_state().items()}
+    assert same_arch, "tiny-llama-m has plain-LoRA layers"
+    local_before = {**model.shared_state(), **model.same_arch_state()}
+    global_before = {**model.shared_state("global"), **model.same_arch_state("global")}
+    client = FedMosaicClient.__new__(FedMosaicClient)
+    client.config = parse_run_config({"strategy": strategy})
+    client.load_global(SimpleNamespace(model=model), shared, same_arch)  # type: ignore[arg-type]
+    local = {**model.shared_state(), **model.same_arch_state()}
+    global_ = {**model.shared_state("global"), **model.same_arch_state("global")}
+    sent = {**shared, **same_arch}
+    for key, value in sent.items():
+        if strategy == "fedavg":
+            assert torch.equal(local[key], value) and torch.equal(global_[key], global_before[key])
+        else:
+            assert torch.equal(global_[key], value) and torch.equal(local[key], local_before[key])
+    resting = len(model.gates_without_global())
+    assert resting == (len(model.adapted_modules) if strategy == "fedavg" else 0)  # fedavg: G = 0, β rests
