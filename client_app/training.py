@@ -152,6 +152,7 @@ class FedMosaicClient:
         self.load_global(state, global_shared, global_same_arch)
         round_index = self.take_new_data(state)
         losses = self.train(state, server_round)
+        betas = state.model.trained_beta_by_block(reset=True)
         train_time = time.monotonic() - started
         task_vector = self.task_vector(state)
         scores, unparsable = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
@@ -163,6 +164,7 @@ class FedMosaicClient:
             "round-time-s": time.monotonic() - started,
             "replay-size": float(len(state.memory)),
             "grad-norm-max": max(state.grad_norms, default=math.nan),
+            **{f"beta-block-{k}": beta for k, beta in betas.items()},  # mean gate value while training
         }
         if unparsable is not None:
             metrics["unparsable-rate"] = unparsable
@@ -219,6 +221,7 @@ class FedMosaicClient:
         torch.manual_seed(derived_seed(cfg.seed, self.client_id, server_round))
         processor = state.adapted.loaded.processor
         state.model.train()
+        state.model.trained_beta_by_block(reset=True)  # count this round's β only
         resting_gates = state.model.gates_without_global() if cfg.gate_rest_without_global else []
         losses: list[float] = []
         for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",

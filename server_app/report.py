@@ -107,6 +107,49 @@ def plot_scores(summary: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def gate_curves(rows: list[dict[str, Any]]) -> dict[str, dict[int, list[tuple[int, float]]]]:
+    """client → layer block → [(round, mean β while training)] from the ``beta_block_{k}`` fields."""
+    curves: dict[str, dict[int, list[tuple[int, float]]]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key.startswith("beta_block_") and isinstance(value, (int, float)) and math.isfinite(value):
+                block = int(key.rsplit("_", 1)[1])
+                curves.setdefault(str(row["client"]), {}).setdefault(block, []).append((int(row["round"]), float(value)))
+    return {c: {k: sorted(v) for k, v in sorted(blocks.items())} for c, blocks in sorted(curves.items(), key=lambda kv: client_sort_key(kv[0]))}
+
+
+def plot_gates(curves: dict[str, dict[int, list[tuple[int, float]]]], path: Path, title: str) -> None:
+    """β per round: per client (mean over its blocks) and per layer block (mean over clients).
+    β = 0.5 is the untrained gate; above it a client leans on its global branch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    by_block: dict[int, dict[int, list[float]]] = {}
+    for client, blocks in curves.items():
+        by_round: dict[int, list[float]] = {}
+        for block, curve in blocks.items():
+            for rnd, beta in curve:
+                by_round.setdefault(rnd, []).append(beta)
+                by_block.setdefault(block, {}).setdefault(rnd, []).append(beta)
+        axes[0].plot(sorted(by_round), [float(np.mean(by_round[r])) for r in sorted(by_round)], marker="o", label=client)
+    for block, per_round in sorted(by_block.items()):
+        axes[1].plot(sorted(per_round), [float(np.mean(per_round[r])) for r in sorted(per_round)], marker="o",
+                     label=f"block {block}")
+    for ax, what in zip(axes, ("per client (mean over blocks)", "per layer block (mean over clients)"), strict=True):
+        ax.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax.set_title(f"gate β while training, {what}", fontsize=9)
+        ax.set_xlabel("round")
+        ax.set_ylabel("mean β (1 = global branch only)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_relevance(weights: np.ndarray, ids: list[str], path: Path, title: str) -> None:
     import matplotlib
 
@@ -135,14 +178,19 @@ def write_report(
     weight_ids: list[str],
     title: str,
 ) -> tuple[dict[str, Any], str]:
-    """Write ``report/{summary.json,table.md,scores.png,relevance.png}``; return (summary, table)."""
+    """Write ``report/{summary.json,table.md,scores.png,relevance.png,gates.png}``; return (summary, table)."""
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
+    gates = gate_curves(rows)
+    if gates:
+        summary["gate_beta"] = {c: {str(k): v for k, v in blocks.items()} for c, blocks in gates.items()}
     table = format_table(summary, title)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=float))
     atomic_write_text(out / "table.md", table)
     plot_scores(summary, out / "scores.png", title)
+    if gates:
+        plot_gates(gates, out / "gates.png", title)
     if weights is not None and weights.size:
         plot_relevance(weights, weight_ids, out / "relevance.png", f"{title}: relevance weights")
     return summary, table

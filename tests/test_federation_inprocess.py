@@ -87,6 +87,11 @@ def test_three_clients_receive_their_own_relevance_weighted_globals(data_root: P
     assert recorders[100].sent[2].content.array_records[proto.GLOBAL_SAME_ARCH].count_bytes() == 0
     rows = [r for r in result.rows if r["round"] == 2]
     assert all("others" in r["scores"] for r in rows)
+    # the gates' mean β while training, per layer block: about 0.5 in round 1 (zero gates resting
+    # while there is no global; only the gate noise moves β), then wherever the gates go
+    first = [r for r in result.rows if r["round"] == 1]
+    assert all(abs(r[f"beta_block_{k}"] - 0.5) < 0.02 for r in first for k in range(4))
+    assert all(0.0 < r[f"beta_block_{k}"] < 1.0 for r in rows for k in range(4))
 
 
 @pytest.mark.slow

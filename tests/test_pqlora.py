@@ -243,6 +243,31 @@ def test_gate_noise_is_the_mean_of_per_token_noise() -> None:
         assert abs(float(torch.logit(layer.gate_beta(x).double()).std()) - sigma / 4) < 0.03 * sigma / 4
 
 
+def test_trained_beta_is_logged_per_layer_block() -> None:
+    """Mean β over training-mode forwards, per layer block (a PQ layer ends each block; plain-LoRA
+    layers count in their block); eval forwards and a fixed β are not counted; reset empties it."""
+    wrapped = inject_pqlora(tiny_llama(layers=8), cfg(gate_noise=False))
+    batch = make_batch()
+    assert sorted({i.block for i in wrapped.adapted_modules if i.block is not None}) == [0, 1, 2, 3]
+    with torch.no_grad():
+        wrapped.train()
+        wrapped(**batch)
+        assert wrapped.trained_beta_by_block(reset=False) == {k: 0.5 for k in range(4)}  # zero gates
+        for item in wrapped.adapted_modules:
+            if item.layer in (6, 7):  # block 3
+                item.adapter.gate.weight.fill_(0.05)
+        wrapped(**batch)
+        means = wrapped.trained_beta_by_block(reset=True)
+        assert means[0] == means[1] == means[2] == 0.5 and means[3] != 0.5 and 0.0 < means[3] < 1.0
+        assert wrapped.trained_beta_by_block() == {}  # reset
+        wrapped.eval()
+        wrapped(**batch)
+        wrapped.train()
+        wrapped.set_fixed_beta(0.9)
+        wrapped(**batch)
+        assert wrapped.trained_beta_by_block() == {}
+
+
 def test_gate_masks_padding_tokens() -> None:
     layer = DualLoRALinear(nn.Linear(6, 4), GateContext(), r=2, alpha=2.0).eval()  # no noise
     with torch.no_grad():

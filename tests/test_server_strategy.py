@@ -209,6 +209,20 @@ def test_report_writes_table_and_plots(tmp_path: Path) -> None:
     assert summary["clients"]["c0"]["self_auc"] == pytest.approx(0.15)
     for name in ("summary.json", "table.md", "scores.png", "relevance.png"):
         assert (result.run_dir / "report" / name).stat().st_size > 0
+    assert "gate_beta" not in summary and not (result.run_dir / "report" / "gates.png").exists()
+
+
+def test_report_plots_the_gate_values_clients_log(tmp_path: Path) -> None:
+    from server_app.report import gate_curves
+
+    rows = [{"client": c, "round": r, "scores": {"self": {"t": 0.5}}, "beta_block_0": 0.5 + 0.01 * r,
+             "beta_block_3": 0.4} for c in ("0", "1") for r in (2, 1)]
+    rows.append({"client": "2", "round": 1, "scores": {"self": {"t": 0.5}}})  # logged no β (e.g. an older client)
+    curves = gate_curves(rows)
+    assert curves == {c: {0: [(1, 0.51), (2, 0.52)], 3: [(1, 0.4), (2, 0.4)]} for c in ("0", "1")}
+    summary, _ = write_report(tmp_path, rows, None, [], "gates")
+    assert summary["gate_beta"]["1"]["0"] == [(1, 0.51), (2, 0.52)]
+    assert (tmp_path / "report" / "gates.png").stat().st_size > 0
 
 
 def test_round_config_marks_last_round_for_others(tmp_path: Path) -> None:

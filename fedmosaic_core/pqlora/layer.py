@@ -146,6 +146,7 @@ class _GatedDualAdapter(nn.Module):
         )
         nn.init.zeros_(self.gate.weight)
         self._decoding_beta: torch.Tensor | None = None  # the last prompt's β, kept for decoding
+        self._trained_beta = torch.zeros(2)  # Σ β and count of the samples seen in training mode
 
     @property
     def device(self) -> torch.device:
@@ -191,7 +192,18 @@ class _GatedDualAdapter(nn.Module):
             logit = logit + torch.randn_like(logit) * (GATE_NOISE_STD / counts.squeeze(-1).sqrt())
         beta = torch.sigmoid(logit)
         self._decoding_beta = None if self.training else beta.detach()
+        if self.training:
+            seen = torch.stack([beta.detach().sum().float(), torch.tensor(float(batch), device=beta.device)])
+            self._trained_beta = self._trained_beta.to(beta.device) + seen
         return beta
+
+    def trained_beta_sum(self, reset: bool = False) -> tuple[float, int]:
+        """(Σ β, samples) of this gate over its training-mode forwards since the last reset (a β fixed
+        by ``set_fixed_beta`` is not counted)."""
+        total, count = (float(v) for v in self._trained_beta.cpu())
+        if reset:
+            self._trained_beta = torch.zeros(2)
+        return total, int(count)
 
     def select_decoding_rows(self, indices: torch.Tensor) -> None:
         """Keep the prompt β of rows ``indices`` (repeats allowed), as a cache's batch is reindexed."""

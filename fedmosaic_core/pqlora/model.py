@@ -450,6 +450,20 @@ class PQLoRAModel(nn.Module):
         raise_if_problems(state_problems(state, self._spec(table), "pq_bases"), "load_pq_bases")
         self._write(table, state)
 
+    def trained_beta_by_block(self, reset: bool = True) -> dict[int, float]:
+        """Mean β the gates took in training-mode forwards since the last reset, per layer block
+        k = 0 … 3 (the decoder's four equal blocks, each ending in its PQ layer; plain-LoRA modules
+        count in the block of their layer). Blocks whose gates saw nothing are left out."""
+        per_block = max(1, self.num_layers // len(self.pq_layer_indices))
+        sums: dict[int, list[float]] = {}
+        for item in self._adapted:
+            total, count = item.adapter.trained_beta_sum(reset)
+            block = item.block if item.block is not None else min(item.layer // per_block, len(self.pq_layer_indices) - 1)
+            entry = sums.setdefault(block, [0.0, 0.0])
+            entry[0] += total
+            entry[1] += count
+        return {k: v[0] / v[1] for k, v in sorted(sums.items()) if v[1] > 0}
+
     def gates_without_global(self) -> list[torch.Tensor]:
         """The gates of the adapted modules whose global branch outputs exactly 0. There β only
         rescales the local branch (h = W·x + (1 − β)·L(x)), which L can do itself; a gate trained
