@@ -190,6 +190,7 @@ class FedMosaicClient:
         groups = adapted.model.parameter_groups()
         names = {id(p): f"{g}.{i}" for g, params in groups.items() for i, p in enumerate(params)}
         optimizer = local_optimizer(adapted.model, cfg)
+        adapted.model.set_fixed_beta(cfg.fixed_beta if cfg.fixed_beta >= 0 else None)
         if snapshot is None:
             restore_adapter(adapted.model, adapted.initial)
         else:

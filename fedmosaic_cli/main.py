@@ -32,7 +32,13 @@ from fedmosaic_core.models.align import AlignmentError  # noqa: E402
 from fedmosaic_core.models.loading import ModelNotAvailableError  # noqa: E402
 from fedmosaic_core.pqlora import AdapterStateError  # noqa: E402
 from fedmosaic_core.storage import atomic_write_json, cache_home  # noqa: E402
-from fedmosaic_flower.config import STRATEGIES, ConfigError, FederationConfig, parse_run_config  # noqa: E402
+from fedmosaic_flower.config import (  # noqa: E402
+    ABLATIONS,
+    STRATEGIES,
+    ConfigError,
+    FederationConfig,
+    parse_run_config,
+)
 
 app = typer.Typer(add_completion=False, help="FedMosaic on Flower.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
@@ -130,6 +136,15 @@ class RoundProgress:
 def _config(app_dir: Path, overrides: dict[str, Any]) -> FederationConfig:
     """The validated run config: the app's defaults with ``overrides`` (ConfigError if bad)."""
     return parse_run_config({**_defaults(app_dir), **overrides})
+
+
+def method_overrides(app_dir: Path, overrides: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
+    """The run config of one comparison run: a strategy, or an ablation (a strategy with other
+    settings, in a run folder of its own name)."""
+    if method not in ABLATIONS:
+        return {**overrides, "strategy": method, "seed": seed}
+    scenario = _config(app_dir, overrides).scenario.rsplit("/", 1)[-1].removesuffix(".json")
+    return {**overrides, **ABLATIONS[method], "seed": seed, "run-name": f"{scenario}-{method}-seed{seed}"}
 
 
 def _run_one(
@@ -259,7 +274,8 @@ def local_deployment_command(
 @app.command()
 def compare(
     strategies: str = typer.Option(",".join(["local", "fedavg", "fedmosaic-uniform", "fedmosaic"]),
-                                   help="comma-separated strategies"),
+                                   help="comma-separated strategies and ablations ("
+                                        + ", ".join(ABLATIONS) + ")"),
     seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds (paired statistics need several)"),
     reference: str = typer.Option("local", help="method the paired differences are taken against"),
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
@@ -282,8 +298,9 @@ def compare(
     directory = _app_dir(app_dir)
     names = [s.strip() for s in strategies.split(",") if s.strip()]
     for name in names:
-        if name not in STRATEGIES:
-            raise typer.BadParameter(f"unknown strategy {name!r}; expected some of {', '.join(STRATEGIES)}")
+        if name not in STRATEGIES and name not in ABLATIONS:
+            raise typer.BadParameter(
+                f"unknown strategy {name!r}; expected some of {', '.join([*STRATEGIES, *ABLATIONS])}")
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -292,7 +309,7 @@ def compare(
     per_seed: dict[str, list[dict[str, Any]]] = {}
     for seed in seed_list:
         for name in names:
-            run_overrides = {**overrides, "strategy": name, "seed": seed}
+            run_overrides = method_overrides(directory, overrides, name, seed)
             with expected_errors():
                 summary = (_finished_summary(directory, run_overrides) if reuse_finished else None) or _run_one(
                     directory, run_overrides, cache_home() / "flwr-home")

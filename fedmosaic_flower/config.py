@@ -19,6 +19,11 @@ Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "l
 STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "local")
 #: the server-side aggregation mode of each strategy (fedavg-dual differs on the client only)
 AGGREGATION_MODE: dict[str, str] = {"fedavg-dual": "fedavg"}
+#: ablations for ``fedmosaic compare``: a method name → the run-config it runs with
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "fedmosaic-pq-only": {"strategy": "fedmosaic", "share-same-arch": False},  # no plain-LoRA sharing
+    "fedmosaic-beta-half": {"strategy": "fedmosaic", "fixed-beta": 0.5},  # gate fixed at β = ½
+}
 
 
 class ConfigError(ValueError):
@@ -61,6 +66,10 @@ class FederationConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     # a module's gate trains only once its global branch is non-zero (false: always, as the reference)
     gate_rest_without_global: bool = True
+    # ablations: -1 = the learned gate, a value in [0, 1] fixes every gate's β to it
+    fixed_beta: float = Field(-1.0, ge=-1.0, le=1.0)
+    # false: only the shared P/Q reach the globals; plain-LoRA modules keep a zero global branch
+    share_same_arch: bool = True
     # --- PQ-LoRA ---
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -81,6 +90,13 @@ class FederationConfig(BaseModel):
     # Tiny models run fastest single-threaded (measured: 20x faster than 2 threads on a busy
     # 2-core host); 0 = all cores. In simulation each client gets this many CPUs from Ray.
     torch_threads: int = Field(1, ge=0)
+
+    @field_validator("fixed_beta")
+    @classmethod
+    def _beta(cls, value: float) -> float:
+        if value != -1.0 and not 0.0 <= value <= 1.0:
+            raise ValueError(f"must be -1 (the learned gate) or a value in [0, 1], got {value!r}")
+        return value
 
     @field_validator("output_dir", "data_root")
     @classmethod

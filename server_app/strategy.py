@@ -300,6 +300,9 @@ class FedMosaicStrategy(Strategy):
         for u in updates:
             if u.client_id in valid and u.task_vector is not None:
                 self.task_vectors[u.client_id] = u.task_vector
+        if not self.config.share_same_arch:  # ablation: the plain-LoRA globals stay empty (zero)
+            for state in result.globals.values():
+                state.same_arch = {}
         self.globals.update(result.globals)
         if result.weights is not None and result.weights.size:
             self.last_weights = result.weights

@@ -49,3 +49,17 @@ def test_compare_reuses_only_a_run_finished_under_the_same_config(tmp_path: Path
                       {"config": config.model_dump(mode="json"), "summary": {"seed": 3, "strategy": "local"}})
     assert _finished_summary(app, asked) == {"seed": 3, "strategy": "local"}
     assert _finished_summary(app, {**asked, "local-steps": 5}) is None  # same run name, other settings
+
+
+def test_compare_runs_ablations_in_run_folders_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedmosaic_cli.main import _app_dir, _config, method_overrides
+
+    monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path))
+    app = _app_dir(None)
+    plain = _config(app, method_overrides(app, {}, "fedmosaic", 2))
+    pq_only = _config(app, method_overrides(app, {}, "fedmosaic-pq-only", 2))
+    half = _config(app, method_overrides(app, {"scenario": "two-sizes"}, "fedmosaic-beta-half", 1))
+    assert (plain.strategy, plain.share_same_arch, plain.fixed_beta) == ("fedmosaic", True, -1.0)
+    assert (pq_only.strategy, pq_only.share_same_arch, pq_only.seed) == ("fedmosaic", False, 2)
+    assert (half.strategy, half.fixed_beta, half.resolved_run_name) == ("fedmosaic", 0.5, "two-sizes-fedmosaic-beta-half-seed1")
+    assert len({plain.run_dir, pq_only.run_dir}) == 2

@@ -36,6 +36,8 @@ def test_pyproject_defaults_match_the_config_model() -> None:
         ("output-dir", "relative/dir", "output-dir"),
         ("no-such-key", 1, "no-such-key"),
         ("local-steps", "many", "local-steps"),
+        ("fixed-beta", 0.5 - 1.0, "fixed-beta"),
+        ("fixed-beta", 1.5, "fixed-beta"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, fragment: str) -> None:

@@ -150,3 +150,15 @@ def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch
             assert torch.equal(global_[key], value) and torch.equal(local[key], local_before[key])
     resting = len(model.gates_without_global())
     assert resting == (len(model.adapted_modules) if strategy == "fedavg" else 0)  # fedavg: G = 0, β rests
+
+
+@pytest.mark.slow
+def test_fixed_beta_ablation_fixes_every_gate(data_root: Path, tmp_path: Path) -> None:
+    """``fixed-beta`` 0.5: no gate is learned, so no learned β is logged; -1 logs them again in the
+    same processes (the adapted models are cached across runs)."""
+    fixed = _config(data_root, tmp_path / "runs", **{"fixed-beta": 0.5, "num-server-rounds": 1})
+    result, _ = _run(fixed, [0, 1])
+    assert result.rows and not any(k.startswith("beta_block_") for r in result.rows for k in r)
+    learned = _config(data_root, tmp_path / "runs2", **{"num-server-rounds": 1})
+    result, _ = _run(learned, [0, 1])
+    assert all("beta_block_0" in r for r in result.rows)

@@ -30,6 +30,7 @@ class MockClient:
 
     def __init__(self, client_id: str, arch: str, group: int, *, fault: str = "") -> None:
         self.client_id, self.arch, self.group, self.fault = client_id, arch, group, fault
+        self.same_arch_bytes: dict[int, int] = {}
         self.received: dict[int, dict[str, torch.Tensor]] = {}
         d = WIDTH[arch]
         self.shared_schema = {f"pq.{k}.q_proj.{n}": ([R, R] if n == "P" else [R]) for k in range(2) for n in "PQ"}
@@ -54,6 +55,8 @@ class MockClient:
         if proto.GLOBAL_SHARED in msg.content.array_records:
             received = proto.decode_state(msg.content.array_records[proto.GLOBAL_SHARED], "g")
         self.received[server_round] = received
+        same_arch = msg.content.array_records.get(proto.GLOBAL_SAME_ARCH)
+        self.same_arch_bytes[server_round] = same_arch.count_bytes() if same_arch is not None else 0
         gen = _seeded(self.client_id, server_round)
         shared = {
             k: torch.randn(tuple(s), generator=gen) + 0.5 * received.get(k, torch.zeros(tuple(s)))
@@ -197,6 +200,15 @@ def test_local_strategy_sends_no_global_state(tmp_path: Path) -> None:
     clients = _clients()
     run_federation(InProcessGrid(dict(clients)), _config(tmp_path, strategy="local", **{"num-server-rounds": 2}))
     assert all(not c.received[2] for c in clients.values())
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_shared_only_ablation_sends_no_plain_lora_globals(tmp_path: Path, share: bool) -> None:
+    clients = _clients()
+    run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2, "share-same-arch": share}))
+    for client in clients.values():
+        assert client.received[2]  # P/Q globals either way
+        assert (client.same_arch_bytes[2] > 0) == share
 
 
 def test_report_writes_table_and_plots(tmp_path: Path) -> None:
