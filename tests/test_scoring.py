@@ -160,3 +160,30 @@ def test_shared_prompt_option_scores_equal_one_full_forward_per_option(preset: s
     betas = model.adapted_modules[0].adapter._decoding_beta
     assert betas is not None and betas.unique().numel() > 1
     assert option_log_likelihoods(model, loaded.processor, samples, choices, 256) == shared
+
+
+def test_generation_stops_at_every_stop_token_of_the_model() -> None:
+    """A model with several stop ids in its generation config (as Llama-3-Instruct has) stops at
+    any of them, not only at the tokenizer's eos."""
+    from fedmosaic_core.models.collate import generate_answers, stop_token_ids
+
+    loaded = load_model("tiny-llama-s", random_init=True)
+    tok = loaded.tokenizer
+    stop = tok.encode(" stop", add_special_tokens=False)[-1]
+    loaded.model.generation_config.eos_token_id = tok.eos_token_id
+    assert stop_token_ids(loaded.model, tok) == [tok.eos_token_id]
+    loaded.model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    assert stop_token_ids(loaded.model, tok) == [tok.eos_token_id, stop]
+
+    def always_stop(_module: Any, _inputs: Any, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.clone()
+        logits[..., stop] += 1e4
+        return logits
+
+    handle = loaded.model.lm_head.register_forward_hook(always_stop)
+    try:
+        sample = Sample("q", "What now?", "", [])
+        answers = generate_answers(loaded.model, loaded.processor, [sample], max_new_tokens=5, max_length=64)
+    finally:
+        handle.remove()
+    assert answers == [tok.decode([stop]).strip()]  # one token, not five

@@ -210,6 +210,16 @@ def _generator_of(model: nn.Module) -> Any:
 
 
 @torch.no_grad()
+def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
+    """The model's own stop tokens (``generation_config.eos_token_id``: one id or several, e.g.
+    Llama-3-Instruct's ``<|eot_id|>`` beside ``<|end_of_text|>``) and the tokenizer's eos."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]
+
+
 def generate_answers(
     model: nn.Module,
     processor: Any,
@@ -236,7 +246,7 @@ def generate_answers(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop_token_ids(generator, tokenizer),
         )
     finally:
         generator.train(was_training)
