@@ -110,3 +110,30 @@ def test_8bit_base_forward_and_gradients() -> None:
     original = reference[item.path]
     assert float((dense - original).abs().max()) <= float(original.abs().max()) / 100
     local_grads_reach_every_layer(wrapped)
+
+
+def test_a_merged_nf4_checkpoint_saves_and_reloads_as_a_dense_model(tmp_path: Any) -> None:
+    """merge_and_unload(dequantize=True) on a model loaded in NF4 by transformers: the merged
+    model no longer carries the 4-bit quantization config, so save_pretrained / from_pretrained
+    give it back dense, with the same logits."""
+    from fedmosaic_core.models.loading import load_model
+    from fedmosaic_core.models.tokenizer import load_tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    load_tiny_tokenizer().save_pretrained(tmp_path / "base")
+    loaded = load_model(tmp_path / "base", quantization="nf4", device="cpu")
+    assert getattr(loaded.model, "hf_quantizer", None) is not None
+    wrapped = inject_pqlora(loaded.model, PQLoRAConfig(r=4, alpha=8, dropout=0.0))
+    wrapped.load_local_state(shared={k: torch.randn_like(v) * 0.2 for k, v in wrapped.shared_state().items()
+                                     if k.endswith(".P")} | {k: v for k, v in wrapped.shared_state().items()
+                                                              if k.endswith(".Q")})
+    with torch.no_grad():
+        unmerged = wrapped(**batch()).logits
+        merged_model = wrapped.merge_and_unload(dequantize=True)
+    assert getattr(merged_model.config, "quantization_config", None) is None
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged_model.modules())
+    merged_model.save_pretrained(tmp_path / "merged")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        again = reloaded(**batch()).logits
+    assert float((again - unmerged).norm() / unmerged.norm()) <= 1e-5

@@ -66,6 +66,14 @@ def gate_pooling(
     return nullcontext()
 
 
+def _quantised_kind(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes 4-bit or 8-bit linear."""
+    try:
+        return base_kind(module) != "linear"
+    except TypeError:
+        return False
+
+
 def select_decoding_rows(model: nn.Module, indices: torch.Tensor) -> None:
     """:meth:`PQLoRAModel.select_decoding_rows` for a PQ-LoRA model; nothing for any other model."""
     if isinstance(model, PQLoRAModel):
@@ -555,7 +563,9 @@ class PQLoRAModel(nn.Module):
 
         Quantised (4-bit / 8-bit) bases raise ``ValueError`` unless ``dequantize=True``, which
         replaces them by float32 dense layers holding dequantised W + ΔW (the unmerged model
-        computes with the same dequantised W, so the two still agree to rounding).
+        computes with the same dequantised W, so the two still agree to rounding); a model that
+        transformers loaded quantised is then dequantised whole, its quantization config removed,
+        so that ``save_pretrained`` writes a dense checkpoint that loads again.
         Dropout and gate noise are train-time only and play no part in the merged model.
         Nothing is changed if any check fails. A Hugging Face config without biases in these
         projections (e.g. Llama's ``attention_bias=False``) does not describe the added biases:
@@ -584,6 +594,14 @@ class PQLoRAModel(nn.Module):
         for path, linear in merged:
             parent_path, _, child = path.rpartition(".")
             setattr(self.base_model.get_submodule(parent_path), child, linear)
+        quantizer = getattr(self.base_model, "hf_quantizer", None)
+        if dequantize and quantizer is not None:
+            # the rest of a model transformers loaded quantised, and its quantization config: a
+            # dense checkpoint saved with a 4-bit config does not load again
+            if any(_quantised_kind(m) for m in self.base_model.modules()):
+                self.base_model.dequantize(dtype=torch.float32)  # type: ignore[operator]
+            else:  # transformers' dequantize fails when no quantised layer is left
+                quantizer.remove_quantization_config(self.base_model)
         self._mask_hook.remove()
         self._merged = True
         return self.base_model
