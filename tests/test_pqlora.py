@@ -597,7 +597,7 @@ def test_merged_equals_unmerged() -> None:
     q_pq = merged_model.model.layers[0].self_attn.q_proj
     q_lora = merged_model.model.layers[3].self_attn.q_proj
     assert type(q_pq) is nn.Linear and q_pq.bias is not None  # Q contributes a bias
-    assert q_lora.bias is None  # plain LoRA adds none
+    assert q_lora.bias is not None and not bool(q_lora.bias.any())  # plain LoRA adds none: a declared zero bias
     with pytest.raises(RuntimeError, match="merged"):
         wrapped(**batch)
 
@@ -681,3 +681,34 @@ def test_gates_without_global_are_those_whose_global_branch_is_zero() -> None:
     assert resting == {id(g) for g in all_gates} - pq_gates and resting  # plain-LoRA globals are still 0
     wrapped.load_global_state(same_arch=randn_like_state(wrapped.same_arch_state("global"), 5))
     assert wrapped.gates_without_global() == []
+
+
+def test_merged_q_biases_survive_save_and_reload(tmp_path: Any) -> None:
+    """Q becomes a bias on the PQ layers' projections. A Llama config without biases would drop
+    them on reload: the merge declares them (attention_bias / mlp_bias) and gives every other
+    projection a zero bias, so the checkpoint loads with nothing missing or unexpected."""
+    wrapped = inject_pqlora(tiny_llama(layers=5), cfg(gate_noise=False))
+    wrapped.load_local_state(shared=randn_like_state(wrapped.shared_state(), seed=3))
+    batch = make_batch()
+    with torch.no_grad():
+        wrapped.set_fixed_beta(0.0)
+        unmerged = wrapped(**batch).logits
+        merged = wrapped.merge_and_unload()
+    assert merged.config.attention_bias and merged.config.mlp_bias
+    merged.save_pretrained(tmp_path)
+    reloaded, info = LlamaForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        again = reloaded.eval()(**batch).logits
+    torch.testing.assert_close(again, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_warns_when_the_config_cannot_describe_the_q_biases(caplog: Any) -> None:
+    """Qwen2's o_proj and MLP have no bias option: a merged model is right in memory, but a
+    checkpoint of it would lose those biases; the merge says so, naming them."""
+    model = Qwen2ForCausalLM(text_config(Qwen2Config, 32, 4)).eval()
+    wrapped = inject_pqlora(model, cfg(gate_noise=False))
+    wrapped.load_local_state(shared=randn_like_state(wrapped.shared_state(), seed=3))
+    with caplog.at_level("WARNING"):
+        wrapped.merge_and_unload(beta=0.0)
+    assert "o_proj" in caplog.text and "down_proj" in caplog.text and "reload" in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -31,6 +32,8 @@ from .state import (
     shared_key,
     state_problems,
 )
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -64,6 +67,55 @@ def gate_pooling(
     if isinstance(model, PQLoRAModel):
         return model.gate_pooling(attention_mask, labels)
     return nullcontext()
+
+
+#: projections of a decoder layer whose bias one config switch turns on (Llama, Mistral, …)
+_BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                  "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _declare_merged_biases(model: nn.Module) -> None:
+    """After a merge: turn on the config's bias switch of every projection group where a merge
+    added a bias, giving the group's other projections zero biases, so the checkpoint describes
+    itself; log the biases no switch covers (a reload from the config would drop them)."""
+    layers: Any = decoder_parts(model).layers
+    config: Any = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for switch, names in _BIAS_SWITCHES.items():
+        linears = [(i, n, m) for i, layer in enumerate(layers) for n, m in layer.named_modules()
+                   if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+        if not hasattr(text_config, switch) or getattr(text_config, switch):
+            continue
+        if not any(m.bias is not None for _, _, m in linears):
+            continue
+        for _, _, module in linears:
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                       device=module.weight.device), requires_grad=False)
+        setattr(text_config, switch, True)
+    try:  # which biases a model built from the config has (what from_pretrained loads into)
+        expected = {n for n, m in _one_layer_of(text_config).named_modules()
+                    if isinstance(m, nn.Linear) and m.bias is not None}
+    except Exception:  # noqa: BLE001 - an architecture we cannot rebuild: nothing to compare
+        return
+    lost = [f"{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and m.bias is not None and n not in expected]
+    if lost:
+        projections = sorted({name.split(".", 1)[1] for name in lost})
+        logger.warning("merge_and_unload: the merged biases of %d projection(s) (%s) are not described by "
+                       "the model's config; a reload from the config would drop them. Keep the unmerged "
+                       "adapter for this architecture", len(lost), ", ".join(projections))
+
+
+def _one_layer_of(text_config: Any) -> nn.Module:
+    """The first decoder layer of a one-layer model built from ``text_config`` (meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    raw = {**text_config.to_dict(), "num_hidden_layers": 1}
+    if isinstance(raw.get("layer_types"), list):
+        raw["layer_types"] = raw["layer_types"][:1]
+    with torch.device("meta"):
+        return decoder_parts(AutoModelForCausalLM.from_config(type(text_config)(**raw))).layers[0]
 
 
 def _quantised_kind(module: nn.Module) -> bool:
@@ -567,9 +619,11 @@ class PQLoRAModel(nn.Module):
         transformers loaded quantised is then dequantised whole, its quantization config removed,
         so that ``save_pretrained`` writes a dense checkpoint that loads again.
         Dropout and gate noise are train-time only and play no part in the merged model.
-        Nothing is changed if any check fails. A Hugging Face config without biases in these
-        projections (e.g. Llama's ``attention_bias=False``) does not describe the added biases:
-        save such a model with its state dict, not by re-instantiating from the config.
+        Nothing is changed if any check fails. Q's biases are declared in the model's config
+        (Llama-style ``attention_bias`` / ``mlp_bias``, the other projections of the group get
+        zero biases), so that ``save_pretrained`` / ``from_pretrained`` keep them; where the config
+        has no such switch (e.g. Qwen2's o_proj and MLP) a warning names the biases a reload from
+        the config would drop.
         """
         self._check_not_merged()
         if beta is None:
@@ -594,6 +648,7 @@ class PQLoRAModel(nn.Module):
         for path, linear in merged:
             parent_path, _, child = path.rpartition(".")
             setattr(self.base_model.get_submodule(parent_path), child, linear)
+        _declare_merged_biases(self.base_model)
         quantizer = getattr(self.base_model, "hf_quantizer", None)
         if dequantize and quantizer is not None:
             # the rest of a model transformers loaded quantised, and its quantization config: a
