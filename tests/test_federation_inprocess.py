@@ -162,3 +162,21 @@ def test_fixed_beta_ablation_fixes_every_gate(data_root: Path, tmp_path: Path) -
     learned = _config(data_root, tmp_path / "runs2", **{"num-server-rounds": 1})
     result, _ = _run(learned, [0, 1])
     assert all("beta_block_0" in r for r in result.rows)
+
+
+@pytest.mark.slow
+def test_local_training_clips_the_gradient_norm_to_one(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every optimiser step sees adapter gradients of total norm ≤ 1.0 (the reference's Trainer
+    clips to 1.0), while the norms logged before clipping go above it."""
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self: torch.optim.AdamW, *args: Any, **kwargs: Any) -> Any:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    result, _ = _run(_config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "local-steps": 4}), [0, 1])
+    assert len(seen) == 8 and max(seen) <= 1.0 + 1e-5
+    assert max(r["grad_norm_max"] for r in result.rows) > 1.0
