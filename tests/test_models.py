@@ -33,6 +33,7 @@ from fedmosaic_core.models.pretrain import (
     prepare_preset,
     samples_digest,
 )
+from fedmosaic_core.models.tokenizer import CHAT_TEMPLATE
 from fedmosaic_core.models.tokenizer_build import ASSETS_DIR, SPECIAL_TOKENS, train_tokenizer
 from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 
@@ -137,6 +138,42 @@ def test_collate_labels_only_answer_and_eos_right_padded() -> None:
         length = int(gen["attention_mask"][row].sum())
         assert gen["attention_mask"][row, -length:].all()  # left padding
         assert tok.decode(gen["input_ids"][row, -3:]).endswith("\nASSISTANT:")
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_tokenizer_with_its_own_chat_template_gets_its_prompts_in_it() -> None:
+    """A real model's tokenizer (here: the tiny one given a ChatML template, as SmolLM2 has):
+    prompts are its template's generation prompt, the labelled answer is what the conversation
+    adds after it (the reply and the end-of-turn tokens); generation prompts end where training's
+    answers start. The tiny presets' own scaffold stays as it was."""
+    loaded = load_model("tiny-llama-s", random_init=True)
+    tok = loaded.tokenizer
+    text_samples = [s for s in SAMPLES if not s.images][:2]
+    plain = collate(tok, text_samples, max_length=128)
+    tok.chat_template = CHATML
+    try:
+        batch = collate(tok, text_samples, max_length=128)
+        gen = collate_for_generation(tok, text_samples, max_length=128)
+        for row, sample in enumerate(text_samples):
+            length = int(batch["attention_mask"][row].sum())
+            labels = batch["labels"][row]
+            assert tok.decode(batch["input_ids"][row, :length]) == (
+                f"<|im_start|>user\n{sample.prompt}<|im_end|>\n<|im_start|>assistant\n{sample.answer}<|im_end|>\n")
+            assert tok.decode(labels[labels != IGNORE_INDEX]) == f"{sample.answer}<|im_end|>\n"
+            prompt_length = int((labels == IGNORE_INDEX)[:length].sum())
+            generation = gen["input_ids"][row][gen["attention_mask"][row].bool()]
+            assert torch.equal(generation, batch["input_ids"][row, :prompt_length])
+        tok.chat_template = "{{ messages[0]['content'] }}"  # a template that drops the reply
+        with pytest.raises(ValueError, match="chat template does not continue"):
+            collate(tok, text_samples, max_length=128)
+    finally:
+        tok.chat_template = CHAT_TEMPLATE
+    assert torch.equal(collate(tok, text_samples, max_length=128)["input_ids"], plain["input_ids"])
 
 
 def test_collate_never_cuts_a_prompt_and_names_the_lengths_when_it_cannot_fit() -> None:

@@ -1,6 +1,8 @@
 """Batches for training and generation from rendered samples (chat template of :mod:`.tokenizer`).
 
-Sequence of one sample: ``[bos] USER: {prompt with <image> expanded}\\nASSISTANT: {answer}</s>``.
+Sequence of one sample: ``[bos] USER: {prompt with <image> expanded}\\nASSISTANT: {answer}</s>``
+for the tiny presets; a model whose tokenizer has a chat template of its own gets its prompts in
+that template (the user turn; the answer is the reply with the template's end-of-turn tokens).
 Training batches are right-padded and carry ``labels`` = -100 everywhere except the answer
 tokens and the closing eos; generation batches stop after ``ASSISTANT:`` and are left-padded so
 that every row's next token is at the end.
@@ -20,7 +22,7 @@ from torch import nn
 
 from fedmosaic_core.modeling import IGNORE_INDEX
 
-from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
+from .tokenizer import ASSISTANT_PREFIX, CHAT_TEMPLATE, USER_PREFIX, answer_text
 
 
 class PromptTooLongError(ValueError):
@@ -114,17 +116,21 @@ def tokenize_sample(
     image_token = _image_token(processor)
     _check_images(sample, image_token, hasattr(processor, "image_processor"))
     expanded = sample.prompt.replace(image_token, image_token * tokens_per_image)
-    # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
-    head_ids = tokenizer.encode(USER_PREFIX.rstrip(), add_special_tokens=False)
-    body_ids = tokenizer.encode(" " + expanded, add_special_tokens=False)
-    tail_ids = tokenizer.encode(ASSISTANT_PREFIX, add_special_tokens=False)
-    answer_ids = (
-        tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
-        if with_answer
-        else []
-    )
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    total = len(bos) + len(head_ids) + len(body_ids) + len(tail_ids) + len(answer_ids)
+    if uses_own_chat_template(tokenizer):
+        prompt_ids, answer_ids = _own_template_ids(tokenizer, expanded, sample, with_answer)
+    else:
+        # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        prompt_ids = bos + [
+            token for part in (USER_PREFIX.rstrip(), " " + expanded, ASSISTANT_PREFIX)
+            for token in tokenizer.encode(part, add_special_tokens=False)
+        ]
+        answer_ids = (
+            tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
+            if with_answer
+            else []
+        )
+    total = len(prompt_ids) + len(answer_ids)
     if total > max_length:
         n_images = len(sample.images)
         raise PromptTooLongError(
@@ -133,8 +139,32 @@ def tokenize_sample(
             f"{len(answer_ids)} answer tokens) but max-length is {max_length}: raise max-length "
             "(nothing is cut, so that no question text is lost)"
         )
-    prompt_ids = bos + head_ids + body_ids + tail_ids
     return TokenizedSample(prompt_ids + answer_ids, len(prompt_ids), list(sample.images))
+
+
+def uses_own_chat_template(tokenizer: Any) -> bool:
+    """Whether prompts go through the tokenizer's own chat template: it has one, and it is not
+    the tiny presets' fixed ``USER: … ASSISTANT:`` scaffold (:data:`.tokenizer.CHAT_TEMPLATE`)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and bool(template) and template != CHAT_TEMPLATE
+
+
+def _own_template_ids(tokenizer: Any, prompt: str, sample: SampleLike, with_answer: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) in the model's chat template: the prompt is the template's
+    generation prompt for one user turn; the answer is what the full conversation adds after it
+    (the reply and the template's end-of-turn tokens), tokenised separately so the split is exact."""
+    user = [{"role": "user", "content": prompt}]
+    prompt_text_ = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    prompt_ids = tokenizer.encode(prompt_text_, add_special_tokens=False)
+    if not with_answer:
+        return prompt_ids, []
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": sample.answer}], tokenize=False)
+    if not full.startswith(prompt_text_) or sample.answer.strip() not in full[len(prompt_text_) :]:
+        raise ValueError(
+            f"sample {sample.id!r}: the model's chat template does not continue its generation prompt "
+            f"with the reply {sample.answer!r}; the answer tokens cannot be told apart from the prompt"
+        )
+    return prompt_ids, tokenizer.encode(full[len(prompt_text_) :], add_special_tokens=False)
 
 
 def _tokens_per_image(processor: Any, pixel_values: torch.Tensor | None) -> int:
