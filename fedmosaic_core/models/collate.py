@@ -239,7 +239,6 @@ def _generator_of(model: nn.Module) -> Any:
     raise TypeError(f"{type(model).__name__} has no generate() (nor a wrapped model with one)")
 
 
-@torch.no_grad()
 def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     """The model's own stop tokens (``generation_config.eos_token_id``: one id or several, e.g.
     Llama-3-Instruct's ``<|eot_id|>`` beside ``<|end_of_text|>``) and the tokenizer's eos."""
@@ -250,6 +249,7 @@ def stop_token_ids(model: nn.Module, tokenizer: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
+@torch.no_grad()
 def generate_answers(
     model: nn.Module,
     processor: Any,

@@ -22,9 +22,9 @@ Exclusions: an update with NaN/Inf, a wrong shape (including a wrong rank r), an
 missing key, or (``fedmosaic`` only) a missing / wrongly shaped / non-finite task vector is left
 out of the round with one ``logging`` warning naming the client and the reason; the others are
 aggregated as if it had not replied. With fewer than 2 valid clients everyone keeps its previous
-global state. Clients that are absent or excluded keep their previous global state. In the
-``fedmosaic`` modes a client with no same-architecture peer among the valid clients gets its own
-local same-architecture state as that global (the reference does the same).
+global state. Clients that are absent or excluded keep their previous global state. A client
+with no same-architecture peer among the valid clients gets its own local same-architecture state
+as that global (the reference does the same; under ``fedavg`` it is its group's mean anyway).
 
 ``globals`` holds an entry for every client in ``previous`` and every valid client. A part that
 has nothing new and no previous value is an empty dict, meaning "keep what you have". Outputs
