@@ -6,6 +6,9 @@ local branch and the gate for ``local-steps`` steps on replayed batches (AdamW; 
 ``lr-pq``, plain LoRA A/B at ``lr-lora``), probing every ``probe-every`` steps; finish the **task
 vector** (smooth, compress); **evaluate** Self (and Others/unseen when asked); **save** the state
 of round ``t``. Every setting comes from the config of the run being served.
+
+That is FedMosaic's round. The baselines differ in what trains, on which output, what is uploaded
+and where the aggregate goes (:mod:`fedmosaic_core.methods`); the steps above are the same.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from client_app.resources import AdaptedModel, Resources
 from client_app.state import ClientStateStore, capture_state, restore_adapter, restore_state
 from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
+from fedmosaic_core.methods import METHODS, LocalMethod, Output, Phase
 from fedmosaic_core.models.collate import collate
 from fedmosaic_core.models.loading import LoadedModel
 from fedmosaic_core.models.scoring import answer_loss_mean
@@ -62,16 +66,31 @@ def upload_task_vector(config: FederationConfig, smoothed: torch.Tensor) -> np.n
 
 
 def local_optimizer(model: PQLoRAModel, config: FederationConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable adapter: P/Q and the gates at ``lr-pq``, plain LoRA at ``lr-lora``."""
-    groups = model.parameter_groups()
+    """AdamW over the trainable adapter: P/Q and the gates at ``lr-pq``, plain LoRA at ``lr-lora``
+    (the global branch's too, where the method trains it)."""
+    lr = {"pq": config.lr_pq, "gate": config.lr_pq, "lora": config.lr_lora,
+          "pq-global": config.lr_pq, "lora-global": config.lr_lora}
     return torch.optim.AdamW(
-        [
-            {"params": groups["pq"], "lr": config.lr_pq},
-            {"params": groups["gate"], "lr": config.lr_pq},
-            {"params": groups["lora"], "lr": config.lr_lora},
-        ],
+        [{"params": params, "lr": lr[name]} for name, params in model.parameter_groups().items() if params],
         weight_decay=config.weight_decay,
     )
+
+
+#: which optimiser groups (:meth:`PQLoRAModel.parameter_groups`) a phase's ``trains`` names
+PHASE_GROUPS = {"local": ("pq", "lora"), "gate": ("gate",), "global": ("pq-global", "lora-global")}
+
+
+def use_output(model: PQLoRAModel, output: Output, fixed_beta: float) -> None:
+    """Set how the two branches form the output: a fixed β, FedSim's logit sum, or the learned gate
+    (``None``; then the run's ``fixed-beta`` ablation, if set, still applies)."""
+    model.set_logit_sum(None)
+    if output == "logit-sum":
+        model.set_logit_sum((1.0, 0.0))
+        model.set_fixed_beta(None)
+    elif output is None:
+        model.set_fixed_beta(fixed_beta if fixed_beta >= 0 else None)
+    else:
+        model.set_fixed_beta(float(output))
 
 
 @dataclass
@@ -98,6 +117,7 @@ class RoundState:
     memory: ReplayMemory
     store: ClientStateStore
     grad_norms: list[float] = field(default_factory=list)  # before clipping, one per step
+    global_at_start: dict[str, torch.Tensor] = field(default_factory=dict)  # G₀ for Ditto's proximal term
 
     @property
     def model(self) -> PQLoRAModel:
@@ -106,6 +126,13 @@ class RoundState:
     @property
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def frozen_in(self, phase: Phase) -> list[torch.Tensor]:
+        """The trainable parameters that ``phase`` leaves alone (their gradients are dropped, so
+        AdamW does not move them with old momentum either)."""
+        groups = self.model.parameter_groups()
+        kept = {id(p) for name in phase.trains for group in PHASE_GROUPS[name] for p in groups[group]}
+        return [p for p in self.trainable if id(p) not in kept]
 
 
 class FedMosaicClient:
@@ -120,6 +147,10 @@ class FedMosaicClient:
         except ValueError:
             raise ValueError(f"client id {client_id!r} is not an integer client_id of the scenario") from None
         self.state_root = state_root
+
+    @property
+    def method(self) -> LocalMethod:
+        return METHODS[self.config.strategy]
 
     def _adapted(self) -> AdaptedModel:
         return self.res.adapted(self.config, self.entry.model_id)
@@ -155,11 +186,13 @@ class FedMosaicClient:
         betas = state.model.trained_beta_by_block(reset=True)
         train_time = time.monotonic() - started
         task_vector = self.task_vector(state)
+        upload = self.method.upload
+        uploaded = state.model.shared_state(upload), state.model.same_arch_state(upload)
         scores, unparsable = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
         self.save(state, server_round)
         metrics = {
             "train-loss": float(np.mean(losses)) if losses else math.nan,
-            "train-steps": float(len(losses)),
+            "train-steps": float(len(losses)),  # optimiser steps
             "train-time-s": train_time,
             "round-time-s": time.monotonic() - started,
             "replay-size": float(len(state.memory)),
@@ -170,12 +203,13 @@ class FedMosaicClient:
             metrics["unparsable-rate"] = unparsable
         log.info("client %s round %d: loss %.3f, self %s, %.1fs", self.client_id, server_round,
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
-        return RoundResult(state.model.shared_state(), state.model.same_arch_state(), task_vector, metrics, scores)
+        return RoundResult(uploaded[0], uploaded[1], task_vector, metrics, scores)
 
     def restore(self, server_round: int, run_name: str) -> RoundState:
         """The state saved after the previous round (round 1: the freshly injected adapter)."""
         cfg = self.config
         adapted = self._adapted()
+        adapted.model.set_global_trainable(self.method.trains_global)  # before the optimiser is built
         store = ClientStateStore(self.state_root, run_name, self.client_id)
         snapshot = store.load(server_round - 1)
         tasks = [(ref.key, self.res.train_ids(ref)) for ref in self.entry.datasets]
@@ -190,7 +224,7 @@ class FedMosaicClient:
         groups = adapted.model.parameter_groups()
         names = {id(p): f"{g}.{i}" for g, params in groups.items() for i, p in enumerate(params)}
         optimizer = local_optimizer(adapted.model, cfg)
-        adapted.model.set_fixed_beta(cfg.fixed_beta if cfg.fixed_beta >= 0 else None)
+        use_output(adapted.model, None, cfg.fixed_beta)
         if snapshot is None:
             restore_adapter(adapted.model, adapted.initial)
         else:
@@ -200,15 +234,15 @@ class FedMosaicClient:
     def load_global(
         self, state: RoundState, shared: dict[str, torch.Tensor] | None, same_arch: dict[str, torch.Tensor] | None
     ) -> None:
-        """The server's G_i into the frozen global branch (validated before anything is written).
-        Under ``fedavg`` it is the architecture group's mean and replaces the local branch instead:
-        one adapter, as in FedAvg; the global branch stays 0, so the gate rests as in ``local``."""
-        if shared is None and same_arch is None:
-            return
-        if self.config.strategy == "fedavg":
-            state.model.load_local_state(shared=shared or None, same_arch=same_arch or None)
-        else:
-            state.model.load_global_state(shared=shared or None, same_arch=same_arch or None)
+        """The server's G_i into the global branch (validated before anything is written). Under
+        ``fedavg`` it is the architecture group's mean and replaces the local branch instead: one
+        adapter, as in FedAvg; the global branch stays 0, so the gate rests as in ``local``."""
+        if shared is not None or same_arch is not None:
+            if self.method.receive == "local":
+                state.model.load_local_state(shared=shared or None, same_arch=same_arch or None)
+            else:
+                state.model.load_global_state(shared=shared or None, same_arch=same_arch or None)
+        state.global_at_start = {k: p.detach().clone() for k, p in state.model.branch_parameters("global").items()}
 
     def take_new_data(self, state: RoundState) -> int:
         """This round's stream chunk enters the replay memory; returns the stream round index."""
@@ -217,35 +251,55 @@ class FedMosaicClient:
         return state.stream.position - 1
 
     def train(self, state: RoundState, server_round: int) -> list[float]:
-        """``local-steps`` AdamW steps on replayed batches; the probe every ``probe-every`` steps."""
+        """The method's local iterations (``local-steps`` × its compute share) on replayed batches,
+        each one or more AdamW steps (:meth:`LocalMethod.phases`); the probe every ``probe-every``
+        iterations (FedMosaic). Returns each step's task loss."""
         cfg = self.config
         torch.manual_seed(derived_seed(cfg.seed, self.client_id, server_round))
         processor = state.adapted.loaded.processor
         state.model.train()
         state.model.trained_beta_by_block(reset=True)  # count this round's β only
-        resting_gates = state.model.gates_without_global() if cfg.gate_rest_without_global else []
+        iterations = cfg.local_iterations
         losses: list[float] = []
-        for step in tqdm(range(cfg.local_steps), desc=f"client {self.client_id} round {server_round}",
+        frozen: dict[Phase, list[torch.Tensor]] = {}
+        for step in tqdm(range(iterations), desc=f"client {self.client_id} round {server_round}",
                          leave=False, mininterval=5.0, disable=None):
             samples = [self.res.samples[i] for i in state.memory.sample(cfg.batch_size)]
-            loss = answer_loss_mean(state.model, collate(processor, samples, cfg.max_length))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
-            loss.backward()
-            for gate in resting_gates:
-                gate.grad = None
-            state.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)))
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
-            if step % cfg.probe_every == 0 and cfg.strategy == "fedmosaic":
-                batch = collate(state.probe_model.processor, samples, cfg.max_length)
-                state.accumulator.add(state.probe.gradient(batch))
+            batch = collate(processor, samples, cfg.max_length)
+            for phase in self.method.phases(step, iterations):
+                if phase not in frozen:  # once per phase: FedDPA's global is non-zero after its first half
+                    resting = state.model.gates_without_global() if cfg.gate_rest_without_global else []
+                    frozen[phase] = state.frozen_in(phase) + resting
+                losses.append(self.train_step(state, phase, batch, frozen[phase], step))
+            if step % cfg.probe_every == 0 and self.method.task_vectors:
+                state.accumulator.add(state.probe.gradient(collate(state.probe_model.processor, samples, cfg.max_length)))
+        use_output(state.model, None, cfg.fixed_beta)
         return losses
+
+    def train_step(
+        self, state: RoundState, phase: Phase, batch: dict[str, torch.Tensor], frozen: list[torch.Tensor], step: int
+    ) -> float:
+        """One AdamW step of ``phase``: task loss (+ μ‖L − G₀‖²), clipped to norm 1."""
+        use_output(state.model, phase.output, self.config.fixed_beta)
+        loss = answer_loss_mean(state.model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"client {self.client_id}: non-finite loss at step {step}")
+        objective = loss
+        if phase.proximal:
+            local = state.model.branch_parameters("local")
+            objective = loss + phase.proximal * sum(
+                (local[k] - anchor).pow(2).sum() for k, anchor in state.global_at_start.items())
+        objective.backward()
+        for parameter in frozen:
+            parameter.grad = None
+        state.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(state.trainable, MAX_GRAD_NORM)))
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     def task_vector(self, state: RoundState) -> np.ndarray | None:
         """The round's smoothed, compressed task vector (only RELA needs one)."""
-        if self.config.strategy != "fedmosaic":
+        if not self.method.task_vectors:
             return None
         return upload_task_vector(self.config, state.accumulator.end_round())
 
@@ -256,6 +310,7 @@ class FedMosaicClient:
         when the round asks for them. Also returns, when scoring by generation, the fraction of
         Self's multiple-choice replies that named no option."""
         state.model.eval()
+        use_output(state.model, self.method.evaluate, self.config.fixed_beta)
         started = set(state.stream.tasks_started(round_index))
         own = [r for r in self.entry.datasets if r.key in started]
         self_scores, unparsable = self._evaluate_refs(state, own, self.config.eval_max_samples)
@@ -266,6 +321,7 @@ class FedMosaicClient:
             scores["others"] = self._evaluate_refs(state, others, self.config.eval_others_max_samples)[0]
         if eval_unseen:
             scores["unseen"] = self._evaluate_refs(state, self.res.unseen_tasks(), self.config.eval_others_max_samples)[0]
+        use_output(state.model, None, self.config.fixed_beta)
         state.model.train()
         return scores, unparsable
 

@@ -273,7 +273,7 @@ def local_deployment_command(
 
 @app.command()
 def compare(
-    strategies: str = typer.Option(",".join(["local", "fedavg", "fedmosaic-uniform", "fedmosaic"]),
+    strategies: str = typer.Option(",".join(["local", "fedavg", "feddpa", "ditto", "fedsim", "fedmosaic-uniform", "fedmosaic"]),
                                    help="comma-separated strategies and ablations ("
                                         + ", ".join(ABLATIONS) + ")"),
     seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds (paired statistics need several)"),

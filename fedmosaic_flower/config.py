@@ -13,12 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fedmosaic_core.methods import METHODS
 from fedmosaic_core.storage import cache_home
 
-Strategy = Literal["fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "local"]
-STRATEGIES: tuple[str, ...] = ("fedmosaic", "fedmosaic-uniform", "fedavg", "fedavg-dual", "local")
-#: the server-side aggregation mode of each strategy (fedavg-dual differs on the client only)
-AGGREGATION_MODE: dict[str, str] = {"fedavg-dual": "fedavg"}
+#: the strategies (:data:`fedmosaic_core.methods.METHODS` owns what each does)
+STRATEGIES: tuple[str, ...] = tuple(METHODS)
 #: ablations for ``fedmosaic compare``: a method name → the run-config it runs with
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedmosaic-pq-only": {"strategy": "fedmosaic", "share-same-arch": False},  # no plain-LoRA sharing
@@ -37,7 +36,7 @@ class FederationConfig(BaseModel):
 
     # --- federation ---
     num_server_rounds: int = Field(8, ge=1)
-    strategy: Strategy = "fedmosaic"
+    strategy: str = "fedmosaic"  # one of STRATEGIES
     seed: int = Field(0, ge=0)
     run_name: str = ""
     output_dir: str = ""
@@ -60,6 +59,9 @@ class FederationConfig(BaseModel):
     max_length: int = Field(128, ge=16)
     # --- local training ---
     local_steps: int = Field(32, ge=1)
+    # true: each strategy runs its share of local-steps (the reference's equal-compute budgets:
+    # ditto 0.5 (two steps per batch), fedsim 0.75, fedmosaic 0.94, others 1); false: all run local-steps
+    equal_compute: bool = True
     batch_size: int = Field(8, ge=1)
     lr_pq: float = Field(1e-2, gt=0)
     lr_lora: float = Field(1e-3, gt=0)
@@ -91,6 +93,13 @@ class FederationConfig(BaseModel):
     # 2-core host); 0 = all cores. In simulation each client gets this many CPUs from Ray.
     torch_threads: int = Field(1, ge=0)
 
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}, got {value!r}")
+        return value
+
     @field_validator("fixed_beta")
     @classmethod
     def _beta(cls, value: float) -> float:
@@ -106,7 +115,12 @@ class FederationConfig(BaseModel):
             raise ValueError(f"must be an absolute path (the app runs from a copy), got {value!r}")
         return value
 
-    # --- derived paths ---
+    # --- derived ---
+    @property
+    def local_iterations(self) -> int:
+        """Batches per client round under this strategy's compute share (see ``equal-compute``)."""
+        return METHODS[self.strategy].local_iterations(self.local_steps, self.equal_compute)
+
     @property
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.scenario.rsplit('/', 1)[-1].removesuffix('.json')}-{self.strategy}-seed{self.seed}"

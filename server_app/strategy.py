@@ -30,10 +30,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedmosaic_core.methods import METHODS
 from fedmosaic_core.pqlora.state import Spec
 from fedmosaic_core.rela import ClientUpdate, GlobalState, aggregate_global_states
 from fedmosaic_flower import records
-from fedmosaic_flower.config import AGGREGATION_MODE, FederationConfig
+from fedmosaic_flower.config import FederationConfig
 from fedmosaic_flower.records import ProtocolError, client_sort_key
 from server_app.run_store import RunStore
 
@@ -85,10 +86,11 @@ def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
 class FedMosaicStrategy(Strategy):
     """RELA per-client aggregation (and the baselines on the same code path).
 
-    ``config.strategy`` selects: ``fedmosaic`` (relevance weights), ``fedmosaic-uniform`` (equal
-    weights over the other clients), ``fedavg`` (the group mean of each architecture replaces
-    every member's adapter), ``fedavg-dual`` (the same mean as a frozen global branch beside the
-    client's own adapter and gate) and ``local`` (no sharing). ``store`` (optional) keeps the run log and checkpoints on disk.
+    ``config.strategy`` selects the aggregation (:data:`fedmosaic_core.methods.METHODS`):
+    ``fedmosaic`` (relevance weights), ``fedmosaic-uniform`` (equal weights over the other
+    clients), the architecture group's mean (``fedavg``, ``fedavg-dual``, ``feddpa``, ``ditto``,
+    ``fedsim``; what a client does with it is its side) or ``local`` (no sharing). ``store``
+    (optional) keeps the run log and checkpoints on disk.
     """
 
     def __init__(self, config: FederationConfig, store: RunStore | None = None) -> None:
@@ -285,7 +287,7 @@ class FedMosaicStrategy(Strategy):
         updates = [u for u in updates if u.client_id not in refused]
         outcome.rows = [r for r in outcome.rows if r["client"] not in refused]
         result = aggregate_global_states(
-            updates, dict(self.globals), mode=AGGREGATION_MODE.get(self.config.strategy, self.config.strategy),
+            updates, dict(self.globals), mode=METHODS[self.config.strategy].aggregation,
             tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
             norm_bound=self.config.norm_bound,

@@ -3,6 +3,7 @@ driven by the real round loop on an in-process grid."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,31 @@ def test_one_clientapp_process_serves_two_runs_with_their_own_configs(data_root:
         run_federation(InProcessGrid({100: recorder}), config)
         steps[name] = recorder.replies[1].content.metric_records[proto.METRICS]["train-steps"]
     assert steps == {"run-a": 2.0, "run-b": 5.0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("strategy", "steps"), [("feddpa", 4), ("ditto", 4), ("fedsim", 3)])
+def test_global_training_baselines_upload_their_global_and_get_the_group_mean(
+    data_root: Path, tmp_path: Path, strategy: str, steps: int
+) -> None:
+    """FedDPA, Ditto and FedSim train the global branch on the client and upload it; the server
+    sends back the same-architecture group's mean (clients 0 and 1 share tiny-llama-s). Their
+    optimiser steps follow the equal-compute budgets (local-steps 4: Ditto 2 × 2, FedSim 3)."""
+    config = _config(data_root, tmp_path / "runs", strategy=strategy, **{"local-steps": 4})
+    result, recorders = _run(config, [0, 1])
+    assert result.last_round == 2
+    uploads = [recorders[100 + c].replies[1].content.array_records for c in (0, 1)]
+    for part in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH):
+        sent = [proto.decode_state(u[part], "up") for u in uploads]
+        received = proto.decode_state(recorders[100].sent[2].content.array_records[part.replace("local", "global")], "g")
+        assert set(received) == set(sent[0]) == set(sent[1])  # tiny-llama-s: no plain-LoRA layers
+        for key in sent[0]:
+            torch.testing.assert_close(received[key], (sent[0][key] + sent[1][key]) / 2, rtol=1e-6, atol=1e-7)
+        if part == proto.LOCAL_SHARED:  # the global branch trained from 0
+            assert sent[0] and all(float(v.abs().sum()) > 0 for u in sent for v in u.values())
+    metrics = [recorders[100 + c].replies[r].content.metric_records[proto.METRICS] for c in (0, 1) for r in (1, 2)]
+    assert all(m["train-steps"] == steps and math.isfinite(m["train-loss"]) for m in metrics)
+    assert all(r["scores"]["self"] for r in result.rows)
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavg-dual", "fedmosaic"])

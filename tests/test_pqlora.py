@@ -404,7 +404,8 @@ def test_only_local_branch_and_gate_receive_gradients() -> None:
 def test_parameter_groups_partition_the_trainable_parameters() -> None:
     wrapped = inject_pqlora(tiny_llama(layers=5), cfg())
     groups = wrapped.parameter_groups()
-    assert set(groups) == {"pq", "gate", "lora"}
+    assert set(groups) == {"pq", "gate", "lora", "pq-global", "lora-global"}
+    assert groups["pq-global"] == groups["lora-global"] == []  # frozen unless a method trains it
     ids = [id(p) for ps in groups.values() for p in ps]
     assert len(ids) == len(set(ids))
     assert set(ids) == {id(p) for p in wrapped.parameters() if p.requires_grad}

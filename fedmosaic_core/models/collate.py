@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fedmosaic_core.modeling import IGNORE_INDEX
+from fedmosaic_core.pqlora.model import branch_logit_sum, gate_pooling
 
 from .tokenizer import ASSISTANT_PREFIX, CHAT_TEMPLATE, USER_PREFIX, answer_text
 
@@ -271,14 +272,45 @@ def generate_answers(
     was_training = generator.training
     generator.eval()
     try:
-        output = generator.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_token_ids(generator, tokenizer),
-        )
+        if getattr(model, "logit_sum_betas", None):
+            new_tokens = _greedy_logit_sum(model, generator, batch, max_new_tokens, tokenizer.pad_token_id,
+                                           stop_token_ids(generator, tokenizer))
+        else:
+            output = generator.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop_token_ids(generator, tokenizer),
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
     finally:
         generator.train(was_training)
-    new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def _greedy_logit_sum(
+    model: nn.Module, generator: Any, batch: dict[str, torch.Tensor], max_new_tokens: int, pad: int, stops: list[int]
+) -> torch.Tensor:
+    """Greedy decoding on the summed logits of :func:`branch_logit_sum` (FedSim), one full forward
+    per branch and new token (no cache: the branches' caches differ). Rows that stopped get pad."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    stop = torch.tensor(stops, device=ids.device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new: list[torch.Tensor] = []
+    for _ in range(max_new_tokens):
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real tokens count from 0
+
+        def forward(ids: torch.Tensor = ids, mask: torch.Tensor = mask, positions: torch.Tensor = positions) -> torch.Tensor:
+            with gate_pooling(model, mask):
+                return generator(input_ids=ids, attention_mask=mask, position_ids=positions, **extra).logits[:, -1]
+
+        token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), branch_logit_sum(model, forward).argmax(-1))
+        new.append(token)
+        done |= torch.isin(token, stop)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token[:, None])], dim=1)
+        if bool(done.all()):
+            break
+    return torch.stack(new, dim=1)

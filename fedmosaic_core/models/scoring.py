@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fedmosaic_core.modeling import IGNORE_INDEX
-from fedmosaic_core.pqlora.model import gate_pooling, select_decoding_rows
+from fedmosaic_core.pqlora.model import branch_logit_sum, gate_pooling, select_decoding_rows
 
 from .collate import SampleLike, collate, image_token_count, pixel_values_for, tokenize_sample
 
@@ -67,14 +67,16 @@ def answer_token_logits(
     rows = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
     lm = _causal_lm(model)
     text_config = lm.config.get_text_config() if lm is not None and hasattr(lm.config, "get_text_config") else None
-    # PQ-LoRA gates pool over the prompt only, also where the decoder is called directly.
-    with gate_pooling(model, batch.get("attention_mask"), batch["labels"]):
-        if lm is None or getattr(text_config, "final_logit_softcapping", None):
-            logits = model(**inputs).logits[:, :-1][keep]
-        else:
-            hidden = lm.model(**inputs).last_hidden_state[:, :-1][keep]
-            logits = lm.lm_head(hidden)
-    return logits.float(), targets[keep], rows
+
+    def forward() -> torch.Tensor:
+        # PQ-LoRA gates pool over the prompt only, also where the decoder is called directly.
+        with gate_pooling(model, batch.get("attention_mask"), batch["labels"]):
+            if lm is None or getattr(text_config, "final_logit_softcapping", None):
+                return model(**inputs).logits[:, :-1][keep]
+            return lm.lm_head(lm.model(**inputs).last_hidden_state[:, :-1][keep])
+
+    return branch_logit_sum(model, forward).float(), targets[keep], rows
+
 
 
 def answer_loss_mean(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,21 +196,25 @@ def _prompt_then_options(
     device = inputs["input_ids"].device
     owner, lengths = owner.to(device), lengths.to(device)
     answer_ids, answer_mask = answer_ids.to(device), answer_mask.to(device)
-    with gate_pooling(model, inputs["attention_mask"]):
-        prompt_out = lm.model(**inputs, use_cache=True)
-    cache = prompt_out["cache"] if "cache" in prompt_out else prompt_out.past_key_values
-    last_hidden = prompt_out.last_hidden_state[torch.arange(len(samples), device=device), lengths - 1]
-    cache.batch_select_indices(owner)
-    select_decoding_rows(model, owner)
     full_mask = torch.cat([inputs["attention_mask"][owner], answer_mask], dim=1)
     positions = lengths[owner, None] + torch.arange(answer_ids.shape[1], device=device)
-    with gate_pooling(model, full_mask):
-        answer_hidden = lm.model(input_ids=answer_ids, attention_mask=full_mask, position_ids=positions,
-                                 use_cache=True, **{_cache_argument(lm.model): cache}).last_hidden_state
-    # answer token t is predicted at answer position t-1, the first one at the prompt's last token
-    predicting = torch.cat([last_hidden[owner, None], answer_hidden[:, :-1]], dim=1)
     keep = answer_mask.bool()
-    logits = lm.lm_head(predicting[keep]).float()
+
+    def forward() -> torch.Tensor:
+        with gate_pooling(model, inputs["attention_mask"]):
+            prompt_out = lm.model(**inputs, use_cache=True)
+        cache = prompt_out["cache"] if "cache" in prompt_out else prompt_out.past_key_values
+        last_hidden = prompt_out.last_hidden_state[torch.arange(len(samples), device=device), lengths - 1]
+        cache.batch_select_indices(owner)
+        select_decoding_rows(model, owner)
+        with gate_pooling(model, full_mask):
+            answer_hidden = lm.model(input_ids=answer_ids, attention_mask=full_mask, position_ids=positions,
+                                     use_cache=True, **{_cache_argument(lm.model): cache}).last_hidden_state
+        # answer token t is predicted at answer position t-1, the first one at the prompt's last token
+        predicting = torch.cat([last_hidden[owner, None], answer_hidden[:, :-1]], dim=1)
+        return lm.lm_head(predicting[keep])
+
+    logits = branch_logit_sum(model, forward).float()
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, answer_ids[keep].unsqueeze(-1)).squeeze(-1)
     row_of = torch.arange(len(rows), device=device)[:, None].expand_as(answer_ids)[keep]
     totals = torch.zeros(len(rows), dtype=token_logp.dtype, device=device).index_add(0, row_of, token_logp)

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +130,26 @@ def select_decoding_rows(model: nn.Module, indices: torch.Tensor) -> None:
     """:meth:`PQLoRAModel.select_decoding_rows` for a PQ-LoRA model; nothing for any other model."""
     if isinstance(model, PQLoRAModel):
         model.select_decoding_rows(indices)
+
+
+def branch_logit_sum(model: nn.Module, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``forward()``'s logits, or, when the model's ``logit_sum_betas`` are set (FedSim), the sum
+    ``Σ_b forward()`` with every gate fixed at β = b in turn."""
+    betas = getattr(model, "logit_sum_betas", None)
+    if not betas:
+        return forward()
+    wrapper: Any = model
+    previous = wrapper.fixed_beta
+    total: torch.Tensor | None = None
+    try:
+        for beta in betas:
+            wrapper.set_fixed_beta(beta)
+            logits = forward()
+            total = logits if total is None else total + logits
+    finally:
+        wrapper.set_fixed_beta(previous)
+    assert total is not None
+    return total
 
 
 def pq_layer_indices(num_layers: int, num_blocks: int = 4) -> list[int]:
@@ -314,6 +334,9 @@ class PQLoRAModel(nn.Module):
         self._mask_position = self._attention_mask_position(model)
         self._mask_hook = model.register_forward_pre_hook(self._capture_mask, with_kwargs=True)
         self.training = model.training
+        #: when set, the output is the *sum of the logits* of one forward per β (FedSim's
+        #: global-alone + local-alone); the scoring and generation helpers honour it
+        self.logit_sum_betas: tuple[float, ...] | None = None
 
     # -- delegation ------------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -396,6 +419,26 @@ class PQLoRAModel(nn.Module):
             raise ValueError(f"fixed beta must be a number in [0, 1] or None, got {beta!r}")
         self._context.fixed_beta = None if beta is None else float(beta)
 
+    @property
+    def fixed_beta(self) -> float | None:
+        return self._context.fixed_beta
+
+    def set_logit_sum(self, betas: tuple[float, ...] | None) -> None:
+        """Make the model's output ``Σ_b logits(β = b)`` (e.g. ``(1.0, 0.0)``: global branch alone
+        plus local branch alone, as FedSim); ``None``: one forward with the gates as they are."""
+        if betas is not None:
+            betas = tuple(float(b) for b in betas)
+            if len(betas) < 2 or not all(0.0 <= b <= 1.0 for b in betas):
+                raise ValueError(f"logit-sum betas must be two or more values in [0, 1], got {betas!r}")
+        self.logit_sum_betas = betas
+
+    def set_global_trainable(self, trainable: bool) -> None:
+        """Let the optimiser train the global branch too (methods that train the global adapter
+        on the client, e.g. Ditto, FedSim, FedDPA); by default it is frozen."""
+        self._check_not_merged()
+        for parameter in self.branch_parameters("global").values():
+            parameter.requires_grad_(trainable)
+
     # -- parameter tables (key → live parameter) -------------------------------------------
     def _shared_params(self, branch: str) -> dict[str, nn.Parameter]:
         table: dict[str, nn.Parameter] = {}
@@ -450,6 +493,11 @@ class PQLoRAModel(nn.Module):
         """A/B of the plain LoRA layers (``lora.{layer}.{module}.A|B``), float32 CPU copies."""
         self._check_branch(branch)
         return self._snapshot(self._same_arch_params(branch))
+
+    def branch_parameters(self, branch: str) -> dict[str, nn.Parameter]:
+        """The live P/Q and LoRA A/B parameters of one branch, by state key."""
+        self._check_branch(branch)
+        return {**self._shared_params(branch), **self._same_arch_params(branch)}
 
     def local_only_state(self) -> dict[str, torch.Tensor]:
         """Gate weights (``gate.{layer}.{module}.weight``, 1 × d_in); never sent."""
@@ -532,11 +580,14 @@ class PQLoRAModel(nn.Module):
         return [item.adapter.gate.weight for item in self._adapted if item.adapter.global_is_zero()]
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters by optimiser group: local P/Q, gates, local LoRA A/B."""
+        """Trainable parameters by optimiser group: local P/Q, gates, local LoRA A/B and, when the
+        global branch is trainable (:meth:`set_global_trainable`), global P/Q and LoRA A/B."""
         groups = {
             "pq": list(self._shared_params("local").values()),
             "gate": list(self._gate_params().values()),
             "lora": list(self._same_arch_params("local").values()),
+            "pq-global": list(self._shared_params("global").values()),
+            "lora-global": list(self._same_arch_params("global").values()),
         }
         return {name: [p for p in params if p.requires_grad] for name, params in groups.items()}
 
