@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +44,18 @@ from fedmosaic_flower.config import (  # noqa: E402
 app = typer.Typer(add_completion=False, help="FedMosaic on Flower.", no_args_is_help=True,
                   pretty_exceptions_show_locals=False)
 log = logging.getLogger("fedmosaic")
+
+
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@app.callback()
+def _stop_cleanly() -> None:
+    """SIGTERM/SIGHUP (``docker stop``, a closed terminal, a CI timeout) exit through the same
+    cleanup as Ctrl-C: the SuperLink, SuperNodes and log followers this command started stop too."""
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _exit_on_signal)
 
 #: errors a user can cause and fix: one red line, exit status 2 (LaunchError: the run failed, 1)
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,35 @@ def test_unknown_client_id_is_refused_before_any_process(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "unknown client id(s) 99" in result.stdout
     assert not (tmp_path / "cache" / "flwr-home-deployment").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -> None:
+    """``docker stop`` or a CI timeout sends SIGTERM: the command exits and takes the SuperLink
+    and every SuperNode it started with it (found by the cache path in their command lines)."""
+    env = dict(os.environ, FEDMOSAIC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    args = ["local-deployment", "--clients", "0,1", "--insecure", "-c", "pretrained=false", "-c", "align-bases=false",
+            "-c", "num-server-rounds=50", "-c", "run-name='sigterm'"]
+    process = subprocess.Popen([sys.executable, "-m", "fedmosaic_cli.main", *args], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
+    node_log = tmp_path / "cache" / "flwr-home-deployment" / "supernode-1.log"
+    try:
+        deadline = time.monotonic() + 600
+        while not node_log.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert node_log.exists() and process.poll() is None, "the deployment never started"
+        time.sleep(3)
+        assert len(_processes_mentioning(str(tmp_path))) >= 3  # SuperLink + 2 SuperNodes
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _processes_mentioning(str(tmp_path))
+    finally:
+        for pid in [process.pid, *_processes_mentioning(str(tmp_path))]:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        process.wait(timeout=30)
