@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedmosaic_cli.tls import TlsFiles
+from fedmosaic_cli.tls import SupernodeKey, TlsFiles
 
 CONNECTION = "fedmosaic-sim"
 
@@ -100,7 +100,8 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
 
 
 def _start_superlink(
-    flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None
+    flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
+    supernode_auth: bool = False,
 ) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
     for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up)."""
@@ -120,6 +121,7 @@ def _start_superlink(
     command = [
         _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
         *(["--simulation"] if simulation else []),
+        *(["--enable-supernode-auth"] if supernode_auth else []),
         "--isolation", "subprocess", "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
         "--host", "127.0.0.1", "--port", str(http_port),
@@ -166,21 +168,29 @@ def local_deployment(
     node_configs: Sequence[Mapping[str, Any]],
     extra_env: Mapping[str, str] | None = None,
     tls: TlsFiles | None = None,
+    supernode_keys: Sequence[SupernodeKey] | None = None,
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
     ``client-id``, ``state-dir``, ``data-root``), exactly what separate hosts would start.
     With ``tls`` the SuperLink serves TLS and the SuperNodes and the ``flwr`` CLI verify it
-    against the CA; without, everything runs ``--insecure``. All processes are stopped by pid on
-    exit, also on failure."""
-    link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls)
+    against the CA; without, everything runs ``--insecure``. With ``supernode_keys`` (one per node
+    config; needs ``tls``) the SuperLink admits only SuperNodes whose public key is registered: each
+    key is registered with ``flwr supernode register`` before its SuperNode starts with it. All
+    processes are stopped by pid on exit, also on failure."""
+    if supernode_keys is not None and (tls is None or len(supernode_keys) != len(node_configs)):
+        raise LaunchError("SuperNode authentication needs TLS and one key per SuperNode")
+    link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls, supernode_auth=supernode_keys is not None)
     processes: list[subprocess.Popen[bytes]] = [link.process]
     try:
+        for key in supernode_keys or []:
+            register_supernode(link, key)
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
             node_log = flwr_home / f"supernode-{index}.log"
             node_command = [
                 _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
+                *(supernode_keys[index].supernode_args() if supernode_keys else []),
                 "--superlink", link.control_address,
                 "--host", "127.0.0.1", "--port", str(free_port()),
                 "--node-config", node_config_arg(values),
@@ -194,6 +204,22 @@ def local_deployment(
     finally:
         for process in reversed(processes):
             stop_process_group(process)
+
+
+def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:
+    """``flwr supernode register KEY.pub``: the SuperLink will admit the SuperNode holding the
+    private key; returns the node id Flower assigned."""
+    out = subprocess.run(
+        [_bin("flwr"), "supernode", "register", str(key.public_key), CONNECTION, "--name", key.name, "--format", "json"],
+        env=handle.env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        payload = json.loads(out.stdout)
+        if not payload.get("success", True):
+            raise ValueError
+        return int(payload["node-id"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        raise LaunchError(f"could not register SuperNode key {key.public_key}: {(out.stdout + out.stderr)[-800:]}") from None
 
 
 def run_status(handle: SuperLinkHandle, run_id: int) -> str:

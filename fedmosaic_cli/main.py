@@ -166,6 +166,7 @@ def _run_one(
     flwr_home: Path,
     deployment_clients: list[str] | None = None,
     tls: bool = False,
+    auth: bool = False,
 ) -> dict[str, Any]:
     """Prepare, run one federation through Flower, check its status; returns the summary.
 
@@ -213,10 +214,12 @@ def _run_one(
              "data-root": str(data_root)}
             for cid in deployment_clients
         ]
-        from fedmosaic_cli.tls import write_certificates
+        from fedmosaic_cli.tls import write_certificates, write_supernode_keys
 
         tls_files = write_certificates(flwr_home / "certificates") if tls else None
-        with local_deployment(flwr_home, node_configs, tls=tls_files) as (link, _nodes), progress:
+        # fresh keys every run: a key registered once cannot be registered again
+        keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
+        with local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys) as (link, _nodes), progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(deployment_clients))
             run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
@@ -272,14 +275,20 @@ def local_deployment_command(
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
     tls: bool = typer.Option(True, "--tls/--insecure", help="TLS with a fresh self-signed CA (default) or none"),
+    auth: bool | None = typer.Option(None, "--auth/--no-auth",
+                                     help="SuperNode authentication: registered keys only (default with TLS)"),
 ) -> None:
     """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
     per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     ids = [c.strip() for c in clients.split(",") if c.strip()]
+    auth = tls if auth is None else auth
+    if auth and not tls:
+        typer.secho("error: SuperNode authentication needs TLS (use --no-auth with --insecure)", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
     with expected_errors():
         summary = _run_one(_app_dir(app_dir), parse_overrides(run_config),
-                           cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls)
+                           cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls, auth=auth)
     typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
@@ -342,17 +351,55 @@ def certificates(
     out: Path = typer.Option(..., help="folder for ca.crt, server.pem, server.key (and ca.key)"),
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="SuperLink host name or IP (repeat)"),
     days: int = typer.Option(365, help="validity in days"),
+    supernode: list[str] = typer.Option([], help="also a key pair keys/NAME(.pub) for this SuperNode (repeat)"),
 ) -> None:
-    """A self-signed CA and a SuperLink server certificate for TLS (see deploy/README.md)."""
-    from fedmosaic_cli.tls import write_certificates
+    """A self-signed CA and a SuperLink server certificate for TLS, and SuperNode keys for
+    authentication (see deploy/README.md)."""
+    from fedmosaic_cli.tls import write_certificates, write_supernode_keys
 
     try:
         files = write_certificates(out, host, days)
+        keys = write_supernode_keys(out / "keys", supernode) if supernode else []
     except ValueError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"SuperLink: {' '.join(files.superlink_args())}")
+    typer.echo(f"SuperLink: {' '.join(files.superlink_args())} --enable-supernode-auth")
     typer.echo(f"SuperNodes and flwr CLI: {' '.join(files.client_args())}")
+    for key in keys:
+        typer.echo(f"SuperNode {key.name}: {' '.join(key.supernode_args())} (register {key.public_key})")
+
+
+@app.command("register-supernodes")
+def register_supernodes(
+    public_keys: list[Path] = typer.Argument(..., help="the SuperNodes' public keys (keys/NAME.pub)"),
+    connection: str = typer.Option(..., help="the SuperLink connection in $FLWR_HOME/config.toml"),
+) -> None:
+    """Register SuperNode public keys with a SuperLink started with ``--enable-supernode-auth``
+    (``flwr supernode register`` for each); prints each node id."""
+    import subprocess
+    import sys
+
+    failed = False
+    for key in public_keys:
+        if not key.is_file():
+            typer.secho(f"error: {key}: public key file not found", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+    for key in public_keys:
+        name = key.name.removesuffix(".pub")
+        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(key), connection,
+                              "--name", name, "--format", "json"], capture_output=True, text=True, timeout=120)
+        try:
+            payload = json.loads(out.stdout)
+        except json.JSONDecodeError:
+            payload = {"success": False, "error-message": (out.stdout + out.stderr).strip()[-500:]}
+        if payload.get("success"):
+            typer.echo(f"{name}: node id {payload['node-id']}")
+        else:
+            failed = True
+            reason = str(payload.get("error-message", "")).strip().splitlines()[-1:] or ["unknown error"]
+            typer.secho(f"error: {name}: {reason[0]}", fg=typer.colors.RED, err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

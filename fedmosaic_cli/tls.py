@@ -1,4 +1,5 @@
-"""Self-signed TLS material for a SuperLink: a CA and a server certificate signed by it.
+"""Self-signed TLS material for a SuperLink (a CA and a server certificate signed by it) and the
+SuperNodes' authentication keys.
 
 ``fedmosaic certificates --out DIR --host superlink.example.org --host 10.0.0.5`` writes
 ``ca.crt`` (give it to every SuperNode as ``--root-certificates`` and to the ``flwr`` CLI as the
@@ -7,6 +8,11 @@ connection's ``root-certificates``), ``server.pem`` and ``server.key`` (the Supe
 names every ``--host`` as a subject alternative name (IP addresses as IP entries), which is
 what TLS clients check. Keys are EC P-256; the private keys are written with mode 0600.
 For production, certificates from your organisation's CA are the better choice.
+
+``--supernode NAME`` (repeatable) also writes ``keys/NAME`` and ``keys/NAME.pub``: an EC P-384 key
+pair in OpenSSH format, what Flower's SuperNode authentication takes. Register each public key
+(``fedmosaic register-supernodes`` or ``flwr supernode register keys/NAME.pub <connection>``)
+and start that SuperNode with ``--auth-supernode-private-key keys/NAME``.
 """
 
 from __future__ import annotations
@@ -103,3 +109,35 @@ def write_certificates(out_dir: str | os.PathLike[str], hosts: Sequence[str] = (
     atomic_write_bytes(files.server_key, server_key.private_bytes(pem, private, serialization.NoEncryption()), 0o600)
     atomic_write_bytes(files.server_certificate, server_cert.public_bytes(pem), 0o644)
     return files
+
+
+@dataclass(frozen=True)
+class SupernodeKey:
+    """One SuperNode's authentication key pair (OpenSSH EC P-384)."""
+
+    name: str
+    private_key: Path
+    public_key: Path
+
+    def supernode_args(self) -> list[str]:
+        return ["--auth-supernode-private-key", str(self.private_key)]
+
+
+def write_supernode_keys(out_dir: str | os.PathLike[str], names: Sequence[str]) -> list[SupernodeKey]:
+    """A fresh key pair per SuperNode name in ``out_dir`` (``NAME`` mode 0600, ``NAME.pub``)."""
+    out = Path(out_dir)
+    bad = [n for n in names if not n or "/" in n or n.startswith(".") or n != n.strip()]
+    if bad or len(set(names)) != len(names):
+        raise ValueError(f"write_supernode_keys: SuperNode names must be distinct plain file names, got {list(names)!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    keys = []
+    for name in names:
+        key = ec.generate_private_key(ec.SECP384R1())
+        pair = SupernodeKey(name, out / name, out / f"{name}.pub")
+        private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        atomic_write_bytes(pair.private_key, private, 0o600)
+        atomic_write_bytes(pair.public_key, public + b"\n", 0o644)
+        keys.append(pair)
+    return keys

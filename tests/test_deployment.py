@@ -42,6 +42,8 @@ def test_supernodes_with_stable_client_ids_run_the_federation(tmp_path: Path) ->
     # TLS by default: the CLI connection verified the SuperLink against the fresh CA
     assert "root-certificates" in (home / "config.toml").read_text()
     assert (home / "certificates" / "ca.crt").is_file()
+    # and SuperNode authentication: each node started with its own key, registered first
+    assert all((home / "keys" / f"client-{cid}.pub").is_file() for cid in ("0", "2", "4"))
     # the SuperLink and SuperNodes the launcher started are gone (their command lines name tmp_path)
     assert not _processes_mentioning(str(tmp_path))
 
@@ -99,3 +101,45 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
             except (ProcessLookupError, PermissionError):
                 pass
         process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_only_registered_supernodes_are_admitted(tmp_path: Path) -> None:
+    """TLS + SuperNode authentication: a key registered with ``fedmosaic register-supernodes``
+    connects; an unregistered one is refused (Flower's exit code 305, code 2004); registering a key
+    twice is one clear error."""
+    from fedmosaic_cli import launch
+    from fedmosaic_cli.tls import write_certificates, write_supernode_keys
+
+    home = tmp_path / "flwr-home"
+    tls = write_certificates(home / "certificates")
+    registered, stranger = write_supernode_keys(home / "keys", ["registered", "stranger"])
+    assert (registered.private_key.stat().st_mode & 0o777) == 0o600
+    assert registered.public_key.read_text().startswith("ecdsa-sha2-nistp384 ")
+    link = launch._start_superlink(home, None, simulation=False, tls=tls, supernode_auth=True)
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        env = dict(link.env, HF_HUB_OFFLINE="1")
+        cli = [sys.executable, "-m", "fedmosaic_cli.main", "register-supernodes", str(registered.public_key),
+               "--connection", launch.CONNECTION]
+        first = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert first.returncode == 0 and "registered: node id " in first.stdout, first.stdout + first.stderr
+        again = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert again.returncode == 1 and "Public key already in use" in again.stderr
+        for key in (registered, stranger):
+            log = open(home / f"{key.name}.log", "wb")
+            nodes.append(subprocess.Popen(
+                [launch._bin("flower-supernode"), *tls.client_args(), *key.supernode_args(),
+                 "--superlink", link.control_address, "--host", "127.0.0.1", "--port", str(launch.free_port()),
+                 "--node-config", "client-id=0"],
+                env=link.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            log.close()
+        assert nodes[1].wait(timeout=60) != 0
+        refusal = (home / "stranger.log").read_text()
+        assert "Exit Code: 305" in refusal and "[code: 2004] Failed to activate SuperNode" in refusal
+        time.sleep(2)
+        assert nodes[0].poll() is None, (home / "registered.log").read_text()[-2000:]
+    finally:
+        for process in [*nodes, link.process]:
+            launch.stop_process_group(process)
+    assert not _processes_mentioning(str(tmp_path))
