@@ -101,10 +101,12 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
 
 def _start_superlink(
     flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
-    supernode_auth: bool = False,
+    supernode_auth: bool = False, superexec_secret: Path | None = None,
 ) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
-    for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up)."""
+    for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up).
+    With ``superexec_secret`` it runs ``--isolation process``: the ServerApp is started by a
+    separate ``flower-superexec`` (:func:`start_superexec`) that holds the secret."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = free_port(), free_port()
@@ -122,7 +124,7 @@ def _start_superlink(
         _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
         *(["--simulation"] if simulation else []),
         *(["--enable-supernode-auth"] if supernode_auth else []),
-        "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+        *_isolation_args(superexec_secret), "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--database", str(flwr_home / "state.db"),
@@ -157,6 +159,28 @@ def _flower_env(flwr_home: Path, extra_env: Mapping[str, str] | None) -> dict[st
     return env
 
 
+def _isolation_args(superexec_secret: Path | None) -> list[str]:
+    if superexec_secret is None:
+        return ["--isolation", "subprocess"]
+    return ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
+
+
+def start_superexec(
+    runtime_api: str, env: Mapping[str, str], log_file: Path, secret: Path, root_certificates: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``flower-superexec`` for the Runtime API at ``runtime_api`` (a SuperLink's: it runs the
+    ServerApps; a SuperNode's: its ClientApps), authenticated by the shared ``secret``; TLS when
+    ``root_certificates`` is given. It keeps a run going through short SuperLink outages, which
+    ``--isolation subprocess`` does not."""
+    command = [
+        _bin("flower-superexec"), "--runtime-api-address", runtime_api,
+        *(["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]),
+        "--superexec-auth-secret-file", str(secret),
+    ]
+    with open(log_file, "ab") as sink:
+        return subprocess.Popen(command, env=dict(env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def node_config_arg(values: Mapping[str, Any]) -> str:
     """``--node-config`` text: space-separated ``key=value`` pairs with TOML values."""
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
@@ -169,6 +193,7 @@ def local_deployment(
     extra_env: Mapping[str, str] | None = None,
     tls: TlsFiles | None = None,
     supernode_keys: Sequence[SupernodeKey] | None = None,
+    superexec_secret: Path | None = None,
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
@@ -176,23 +201,31 @@ def local_deployment(
     With ``tls`` the SuperLink serves TLS and the SuperNodes and the ``flwr`` CLI verify it
     against the CA; without, everything runs ``--insecure``. With ``supernode_keys`` (one per node
     config; needs ``tls``) the SuperLink admits only SuperNodes whose public key is registered: each
-    key is registered with ``flwr supernode register`` before its SuperNode starts with it. All
-    processes are stopped by pid on exit, also on failure."""
+    key is registered with ``flwr supernode register`` before its SuperNode starts with it. With
+    ``superexec_secret``, process isolation: the SuperLink and every SuperNode run
+    ``--isolation process`` and one ``flower-superexec`` each starts their apps, as Flower's compose
+    files do. All processes are stopped by pid on exit, also on failure."""
     if supernode_keys is not None and (tls is None or len(supernode_keys) != len(node_configs)):
         raise LaunchError("SuperNode authentication needs TLS and one key per SuperNode")
-    link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls, supernode_auth=supernode_keys is not None)
+    link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls, supernode_auth=supernode_keys is not None,
+                            superexec_secret=superexec_secret)
     processes: list[subprocess.Popen[bytes]] = [link.process]
     try:
+        if superexec_secret is not None:
+            processes.append(start_superexec(link.control_address, link.env, flwr_home / "superexec-serverapp.log",
+                                             superexec_secret, tls.ca_certificate if tls else None))
         for key in supernode_keys or []:
             register_supernode(link, key)
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
             node_log = flwr_home / f"supernode-{index}.log"
+            runtime_port = free_port()
             node_command = [
                 _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
                 *(supernode_keys[index].supernode_args() if supernode_keys else []),
+                *_isolation_args(superexec_secret),
                 "--superlink", link.control_address,
-                "--host", "127.0.0.1", "--port", str(free_port()),
+                "--host", "127.0.0.1", "--port", str(runtime_port),
                 "--node-config", node_config_arg(values),
             ]
             with open(node_log, "ab") as sink:
@@ -200,6 +233,9 @@ def local_deployment(
                                         start_new_session=True)
             processes.append(node)
             nodes.append(node)
+            if superexec_secret is not None:
+                processes.append(start_superexec(f"127.0.0.1:{runtime_port}", link.env,
+                                                 flwr_home / f"superexec-clientapp-{index}.log", superexec_secret))
         yield link, nodes
     finally:
         for process in reversed(processes):

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from fedmosaic_flower.logs import quiet_libraries
 
@@ -214,12 +214,18 @@ def _run_one(
              "data-root": str(data_root)}
             for cid in deployment_clients
         ]
-        from fedmosaic_cli.tls import write_certificates, write_supernode_keys
+        from fedmosaic_cli.tls import (
+            write_certificates,
+            write_superexec_secret,
+            write_supernode_keys,
+        )
 
         tls_files = write_certificates(flwr_home / "certificates") if tls else None
         # fresh keys every run: a key registered once cannot be registered again
         keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
-        with local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys) as (link, _nodes), progress:
+        secret = write_superexec_secret(flwr_home / "superexec.secret")
+        with local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
+                              superexec_secret=secret) as (link, _nodes), progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(deployment_clients))
             run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
@@ -352,19 +358,25 @@ def certificates(
     host: list[str] = typer.Option(["127.0.0.1", "localhost"], help="SuperLink host name or IP (repeat)"),
     days: int = typer.Option(365, help="validity in days"),
     supernode: list[str] = typer.Option([], help="also a key pair keys/NAME(.pub) for this SuperNode (repeat)"),
+    if_missing: bool = typer.Option(False, "--if-missing", help="do nothing when OUT/ca.crt exists (compose restarts)"),
 ) -> None:
-    """A self-signed CA and a SuperLink server certificate for TLS, and SuperNode keys for
-    authentication (see deploy/README.md)."""
-    from fedmosaic_cli.tls import write_certificates, write_supernode_keys
+    """A self-signed CA and a SuperLink server certificate for TLS, SuperNode keys for
+    authentication and the SuperExec secret for process isolation (see deploy/README.md)."""
+    from fedmosaic_cli.tls import write_certificates, write_superexec_secret, write_supernode_keys
 
+    if if_missing and (out / "ca.crt").is_file():
+        typer.echo(f"{out / 'ca.crt'} exists: keeping the certificates and keys in {out}")
+        return
     try:
         files = write_certificates(out, host, days)
         keys = write_supernode_keys(out / "keys", supernode) if supernode else []
     except ValueError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
+    secret = write_superexec_secret(out / "superexec.secret")
     typer.echo(f"SuperLink: {' '.join(files.superlink_args())} --enable-supernode-auth")
     typer.echo(f"SuperNodes and flwr CLI: {' '.join(files.client_args())}")
+    typer.echo(f"SuperLink, SuperNodes and SuperExecs (--isolation process): --superexec-auth-secret-file {secret}")
     for key in keys:
         typer.echo(f"SuperNode {key.name}: {' '.join(key.supernode_args())} (register {key.public_key})")
 
@@ -372,32 +384,56 @@ def certificates(
 @app.command("register-supernodes")
 def register_supernodes(
     public_keys: list[Path] = typer.Argument(..., help="the SuperNodes' public keys (keys/NAME.pub)"),
-    connection: str = typer.Option(..., help="the SuperLink connection in $FLWR_HOME/config.toml"),
+    connection: str = typer.Option("", help="a SuperLink connection of $FLWR_HOME/config.toml"),
+    superlink: str = typer.Option("", help="or the SuperLink's address (host:port), with --root-certificates"),
+    root_certificates: Path | None = typer.Option(None, help="the CA certificate that signed the SuperLink's"),
+    exist_ok: bool = typer.Option(False, "--exist-ok", help="a key already in use is not an error (compose restarts)"),
 ) -> None:
     """Register SuperNode public keys with a SuperLink started with ``--enable-supernode-auth``
-    (``flwr supernode register`` for each); prints each node id."""
+    (``flwr supernode register`` for each); prints each node id. A key that was registered and
+    later removed stays "in use" and is refused: make a new key for that SuperNode."""
     import subprocess
     import sys
+    import tempfile
 
-    failed = False
+    def fail(message: str) -> NoReturn:
+        typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+    if bool(connection) == bool(superlink):
+        fail("give either --connection or --superlink (with --root-certificates)")
+    if superlink and (root_certificates is None or not root_certificates.is_file()):
+        fail(f"--superlink needs --root-certificates pointing to the CA file, got {root_certificates}")
     for key in public_keys:
         if not key.is_file():
-            typer.secho(f"error: {key}: public key file not found", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2)
-    for key in public_keys:
-        name = key.name.removesuffix(".pub")
-        out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(key), connection,
-                              "--name", name, "--format", "json"], capture_output=True, text=True, timeout=120)
-        try:
-            payload = json.loads(out.stdout)
-        except json.JSONDecodeError:
-            payload = {"success": False, "error-message": (out.stdout + out.stderr).strip()[-500:]}
-        if payload.get("success"):
-            typer.echo(f"{name}: node id {payload['node-id']}")
-        else:
-            failed = True
-            reason = str(payload.get("error-message", "")).strip().splitlines()[-1:] or ["unknown error"]
-            typer.secho(f"error: {name}: {reason[0]}", fg=typer.colors.RED, err=True)
+            fail(f"{key}: public key file not found")
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory(prefix="fedmosaic-flwr-home-") as home:
+        if superlink:
+            assert root_certificates is not None
+            connection = "fedmosaic-register"
+            (Path(home) / "config.toml").write_text(
+                f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\naddress = {json.dumps(superlink)}\n'
+                f"root-certificates = {json.dumps(str(root_certificates.resolve()))}\n")
+            env["FLWR_HOME"] = home
+        failed = False
+        for key in public_keys:
+            name = key.name.removesuffix(".pub")
+            out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(key),
+                                  connection, "--name", name, "--format", "json"],
+                                 capture_output=True, text=True, timeout=120, env=env)
+            try:
+                payload = json.loads(out.stdout)
+            except json.JSONDecodeError:
+                payload = {"success": False, "error-message": (out.stdout + out.stderr).strip()[-500:]}
+            reason = (str(payload.get("error-message", "")).strip().splitlines() or ["unknown error"])[-1]
+            if payload.get("success"):
+                typer.echo(f"{name}: node id {payload['node-id']}")
+            elif exist_ok and "already in use" in reason:
+                typer.echo(f"{name}: already registered")
+            else:
+                failed = True
+                typer.secho(f"error: {name}: {reason}", fg=typer.colors.RED, err=True)
     if failed:
         raise typer.Exit(1)
 

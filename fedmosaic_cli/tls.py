@@ -141,3 +141,14 @@ def write_supernode_keys(out_dir: str | os.PathLike[str], names: Sequence[str]) 
         atomic_write_bytes(pair.public_key, public + b"\n", 0o644)
         keys.append(pair)
     return keys
+
+
+def write_superexec_secret(path: str | os.PathLike[str]) -> Path:
+    """A random shared secret (mode 0600) for ``--superexec-auth-secret-file``: the SuperLink and
+    SuperNodes then serve their Runtime API only to SuperExecs that hold it."""
+    import secrets
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(target, secrets.token_hex(32).encode(), 0o600)
+    return target

@@ -107,7 +107,7 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
 def test_only_registered_supernodes_are_admitted(tmp_path: Path) -> None:
     """TLS + SuperNode authentication: a key registered with ``fedmosaic register-supernodes``
     connects; an unregistered one is refused (Flower's exit code 305, code 2004); registering a key
-    twice is one clear error."""
+    twice is one clear error, unless ``--exist-ok`` (what compose's restarts need)."""
     from fedmosaic_cli import launch
     from fedmosaic_cli.tls import write_certificates, write_supernode_keys
 
@@ -124,8 +124,12 @@ def test_only_registered_supernodes_are_admitted(tmp_path: Path) -> None:
                "--connection", launch.CONNECTION]
         first = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
         assert first.returncode == 0 and "registered: node id " in first.stdout, first.stdout + first.stderr
-        again = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
-        assert again.returncode == 1 and "Public key already in use" in again.stderr
+        by_address = [*cli[:5], "--superlink", link.control_address, "--root-certificates", str(tls.ca_certificate)]
+        again = subprocess.run(by_address, env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert again.returncode == 1 and "Public key already in use" in again.stderr, again.stdout + again.stderr
+        tolerant = subprocess.run([*by_address, "--exist-ok"], env=env, capture_output=True, text=True, timeout=120,
+                                  cwd=Path(__file__).resolve().parents[1])
+        assert tolerant.returncode == 0 and "registered: already registered" in tolerant.stdout
         for key in (registered, stranger):
             log = open(home / f"{key.name}.log", "wb")
             nodes.append(subprocess.Popen(
