@@ -105,6 +105,7 @@ class FedMosaicStrategy(Strategy):
         self.last_outcome: RoundOutcome | None = None
         self.last_round = 0
         self._selected: dict[str, int] = {}
+        self._sent_messages: dict[str, Message] = {}  # this round's train message per client
         self._sent_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ handshake
@@ -168,7 +169,7 @@ class FedMosaicStrategy(Strategy):
         ``arrays`` is unused: there is no single global model. ``config`` is extended with this
         round's instructions (:func:`round_config`)."""
         messages = []
-        self._selected, self._sent_bytes = {}, {}
+        self._selected, self._sent_bytes, self._sent_messages = {}, {}, {}
         instructions = {**dict(config), **dict(round_config(self.config, server_round))}
         for client_id in self.select_clients(server_round):
             content = RecordDict({records.CONFIG: ConfigRecord(instructions)})
@@ -179,18 +180,29 @@ class FedMosaicStrategy(Strategy):
             node_id = self.node_of[client_id]
             self._selected[client_id] = node_id
             self._sent_bytes[client_id] = records.content_bytes(content)
-            messages.append(Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN,
-                                    group_id=str(server_round)))
+            message = Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
+            self._sent_messages[client_id] = message
+            messages.append(message)
         return messages
 
-    def _client_of_node(self, node_id: int) -> str:
+    def _client_of_reply(self, reply: Message) -> str:
+        """The client a reply is about. An error reply that the SuperLink makes for a lost node
+        (NODE_UNAVAILABLE) comes from the SuperLink's node id, so map it through the message it
+        answers (the grid sets each sent message's id); else through the sender's node."""
+        answered = reply.metadata.reply_to_message_id
+        if answered:
+            for client, message in self._sent_messages.items():
+                if message.metadata.message_id == answered:
+                    return client
+        node_id = reply.metadata.src_node_id
         return next((c for c, n in self._selected.items() if n == node_id), f"node-{node_id}")
 
     def parse_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, dict[str, Any]]:
         """Decode one train reply of ``server_round`` and check it against the handshake and the
         message it answers: ProtocolError if unusable."""
         if reply.has_error():
-            raise ProtocolError(f"client error: {reply.error.reason}")
+            raise ProtocolError(f"error reply {_error_name(reply.error.code)} (code {reply.error.code}): "
+                                f"{reply.error.reason}")
         if reply.metadata.group_id != str(server_round) or reply.metadata.message_type != MessageType.TRAIN:
             raise ProtocolError(
                 f"stale or foreign reply: it answers a {reply.metadata.message_type!r} message of group "
@@ -262,7 +274,7 @@ class FedMosaicStrategy(Strategy):
             try:
                 update, row = self.parse_reply(reply, server_round)
             except Exception as err:  # noqa: BLE001 - any unreadable reply excludes its client, the round goes on
-                client = self._client_of_node(reply.metadata.src_node_id)
+                client = self._client_of_reply(reply)
                 log.warning("round %d: client %s excluded: %s", server_round, client, _reason(err))
                 outcome.excluded[client] = _reason(err)
                 continue
@@ -451,3 +463,11 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float, poll: float = 1.0) 
         if len(nodes) >= minimum or time.monotonic() >= deadline:
             return nodes
         time.sleep(poll)
+
+
+def _error_name(code: int) -> str:
+    """Flower's name of a Message error code (``NODE_UNAVAILABLE`` for a lost SuperNode)."""
+    from flwr.common.constant import ErrorCode
+
+    names = {v: k for k, v in vars(ErrorCode).items() if k.isupper() and isinstance(v, int)}
+    return names.get(code, "UNKNOWN")

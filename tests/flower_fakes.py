@@ -7,6 +7,7 @@ replies. A callable that returns ``None`` simulates a client that does not answe
 from __future__ import annotations
 
 import hashlib
+from uuid import uuid4
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # as Flower's grids do when pushing
             self.sent.append(message)
             reply = self.handlers[message.metadata.dst_node_id](message)
             if reply is not None:

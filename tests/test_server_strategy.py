@@ -432,3 +432,30 @@ def test_the_norm_bound_from_the_run_config_limits_a_scaled_client(tmp_path: Pat
 
     assert max_global_norm(run("off")) > 1e4
     assert max_global_norm(run("on", **{"norm-bound": 3.0})) < 100
+
+
+def test_a_lost_node_is_named_by_the_message_it_answers(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A SuperNode killed mid-round: the SuperLink answers in its place with NODE_UNAVAILABLE from
+    its own node id. The ServerApp maps that reply to the client through ``reply_to_message_id``,
+    logs which client and which error, and completes the round with the others."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    clients = _clients()
+    honest = clients[103]
+
+    def lost(msg: Message) -> Message | None:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return honest(msg)
+        reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node 103 is unavailable"), reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = 1  # the SuperLink's node id, not the lost node's
+        return reply
+
+    grid = InProcessGrid({**clients, 103: lost})
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(grid, _config(tmp_path, **{"num-server-rounds": 2}))
+    assert result.last_round == 2 and "c3" not in result.strategy.last_weight_ids
+    assert len(result.strategy.last_weight_ids) == 4
+    reason = result.strategy.last_outcome.excluded["c3"]
+    assert "NODE_UNAVAILABLE" in reason and "Node 103 is unavailable" in reason
+    assert any("client c3 excluded" in r.getMessage() and "NODE_UNAVAILABLE" in r.getMessage() for r in caplog.records)
