@@ -7,11 +7,11 @@ replies. A callable that returns ``None`` simulates a client that does not answe
 from __future__ import annotations
 
 import hashlib
-from uuid import uuid4
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 from flwr.app import Message
 from flwr.serverapp import Grid

@@ -93,7 +93,7 @@ def test_compose_validates_and_runs_secure_process_isolated_services(files: tupl
     registered = [c for c in services["register"]["command"] if c.endswith(".pub")]
     nodes = {n: s for n, s in services.items() if n.startswith("supernode-")}
     runtimes = {}
-    for name, service in services.items():
+    for service in services.values():
         command = service["command"]
         if command[0] == "flower-superexec":
             assert _flag(command, "--superexec-auth-secret-file") == secret
