@@ -68,6 +68,7 @@ def train(msg: Message, context: Context) -> Message:
         eval_others=bool(round_cfg.get("eval-others", False)),
         eval_unseen=bool(round_cfg.get("eval-unseen", False)),
         run_name=str(round_cfg.get("run-name", config.resolved_run_name)),
+        last_round=int(str(round_cfg.get("last-round", 0))),
     )
     info = client.info()
     content = RecordDict(

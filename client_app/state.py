@@ -55,18 +55,30 @@ class ClientStateStore:
     def _round_dir(self, server_round: int) -> Path:
         return self.dir / f"round-{server_round:04d}"
 
-    def load(self, server_round: int) -> ClientSnapshot | None:
-        """State after ``server_round`` (None for round 0: start from scratch)."""
-        if server_round <= 0:
-            return None
-        folder = self._round_dir(server_round)
-        if not folder.exists():
+    def saved_rounds(self) -> list[int]:
+        """Rounds with a complete snapshot, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(int(p.name[6:]) for p in self.dir.iterdir()
+                      if p.is_dir() and p.name.startswith("round-") and p.name[6:].isdigit())
+
+    def load_latest(self, up_to: int, at_least: int = 0) -> ClientSnapshot | None:
+        """The newest state saved after a round ≤ ``up_to``; None when the client has not completed
+        a round yet. A client can miss rounds (not selected, its node lost mid-round): it goes on
+        from the last round it completed. ``at_least`` is the server's record of that round: older
+        or no state means the state directory was moved, cleared or rolled back, an error."""
+        rounds = [r for r in self.saved_rounds() if r <= up_to]
+        newest = rounds[-1] if rounds else 0
+        if newest < at_least:
+            found = f"its newest state is from round {newest}" if newest else "it has no saved state"
             raise ClientStateError(
-                f"client state {folder} is missing: round {server_round + 1} needs the state "
-                f"saved after round {server_round} (was the state directory moved or cleared?)"
+                f"client state in {self.dir} is missing: the server recorded round {at_least} as this "
+                f"client's last completed round, but {found} (was the state directory moved or cleared?)"
             )
+        if newest == 0:
+            return None
         try:
-            tensors, meta = read_snapshot(folder, "state")
+            tensors, meta = read_snapshot(self._round_dir(newest), "state")
         except SnapshotError as err:
             raise ClientStateError(str(err)) from None
         return ClientSnapshot(tensors=tensors, meta=meta)

@@ -177,9 +177,12 @@ class FedMosaicClient:
         eval_others: bool,
         eval_unseen: bool,
         run_name: str,
+        last_round: int = 0,
     ) -> RoundResult:
+        """One round; ``last_round`` is the server's record of the last round this client completed
+        (0: none or unknown), which its saved state must reach."""
         started = time.monotonic()
-        state = self.restore(server_round, run_name)
+        state = self.restore(server_round, run_name, last_round)
         self.load_global(state, global_shared, global_same_arch)
         round_index = self.take_new_data(state)
         losses = self.train(state, server_round)
@@ -205,13 +208,14 @@ class FedMosaicClient:
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
         return RoundResult(uploaded[0], uploaded[1], task_vector, metrics, scores)
 
-    def restore(self, server_round: int, run_name: str) -> RoundState:
-        """The state saved after the previous round (round 1: the freshly injected adapter)."""
+    def restore(self, server_round: int, run_name: str, last_round: int = 0) -> RoundState:
+        """The state saved after the last round this client completed (none yet: the freshly
+        injected adapter)."""
         cfg = self.config
         adapted = self._adapted()
         adapted.model.set_global_trainable(self.method.trains_global)  # before the optimiser is built
         store = ClientStateStore(self.state_root, run_name, self.client_id)
-        snapshot = store.load(server_round - 1)
+        snapshot = store.load_latest(server_round - 1, at_least=last_round)
         tasks = [(ref.key, self.res.train_ids(ref)) for ref in self.entry.datasets]
         stream = build_stream(tasks, cfg.stream_mode, cfg.rounds_per_task, cfg.seed + int(self.client_id))
         memory = ReplayMemory(seed=derived_seed(cfg.seed, self.client_id, "replay"))

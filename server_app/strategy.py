@@ -106,6 +106,7 @@ class FedMosaicStrategy(Strategy):
         self.last_round = 0
         self._selected: dict[str, int] = {}
         self._sent_messages: dict[str, Message] = {}  # this round's train message per client
+        self.last_round_of: dict[str, int] = {}  # the last round whose reply each client completed
         self._sent_bytes: dict[str, int] = {}
 
     # ------------------------------------------------------------------ handshake
@@ -172,7 +173,9 @@ class FedMosaicStrategy(Strategy):
         self._selected, self._sent_bytes, self._sent_messages = {}, {}, {}
         instructions = {**dict(config), **dict(round_config(self.config, server_round))}
         for client_id in self.select_clients(server_round):
-            content = RecordDict({records.CONFIG: ConfigRecord(instructions)})
+            # the client's saved state must reach its last completed round (it may have missed some)
+            content = RecordDict({records.CONFIG: ConfigRecord(
+                {**instructions, "last-round": self.last_round_of.get(client_id, 0)})})
             state = self.globals.get(client_id)
             if state is not None and self.config.strategy != "local":
                 content[records.GLOBAL_SHARED] = records.encode_state(state.shared)
@@ -308,6 +311,8 @@ class FedMosaicStrategy(Strategy):
             outcome.excluded[client] = reason
             log.warning("round %d: client %s excluded from aggregation: %s", server_round, client, reason)
         valid = set(result.client_ids)
+        for client in valid:
+            self.last_round_of[client] = server_round
         outcome.replied = sorted(valid, key=client_sort_key)
         outcome.rows = sorted((r for r in outcome.rows if r["client"] in valid),
                               key=lambda r: client_sort_key(str(r["client"])))
@@ -424,6 +429,7 @@ class FedMosaicStrategy(Strategy):
                 for c, r in self.clients.items()
             },
             "weight_ids": self.last_weight_ids,
+            "last_rounds": dict(self.last_round_of),
         }
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -434,6 +440,7 @@ class FedMosaicStrategy(Strategy):
                             {k: tuple(v) for k, v in r["schema_same_arch"].items()})
             for c, r in meta.get("clients", {}).items()
         }
+        self.last_round_of = {str(c): int(r) for c, r in meta.get("last_rounds", {}).items()}
         globals_: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
         self.task_vectors = {}
         self.last_weights = None

@@ -206,3 +206,43 @@ def test_local_training_clips_the_gradient_norm_to_one(data_root: Path, tmp_path
     result, _ = _run(_config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "local-steps": 4}), [0, 1])
     assert len(seen) == 8 and max(seen) <= 1.0 + 1e-5
     assert max(r["grad_norm_max"] for r in result.rows) > 1.0
+
+
+@pytest.mark.slow
+def test_a_client_that_missed_a_round_goes_on_from_its_last_state(data_root: Path, tmp_path: Path) -> None:
+    """Client 1's node is lost in round 2 (no reply, nothing saved). In round 3 it trains again from
+    the state it saved after round 1 (its replay memory holds rounds 1 and 3's data, not a fresh
+    start's), and the server told it which round that was."""
+    config = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 3})
+    recorders = {100 + p: Recorder(p, config.to_flat()) for p in (0, 1)}
+    lost = recorders[101]
+
+    def lost_in_round_2(msg: Message) -> Message | None:
+        if msg.metadata.message_type == "train" and int(msg.content.config_records[proto.CONFIG]["server-round"]) == 2:
+            return None
+        return lost(msg)
+
+    result = run_federation(InProcessGrid({100: recorders[100], 101: lost_in_round_2}), config)
+    assert result.last_round == 3
+    clients_by_round = {r: sorted(str(row["client"]) for row in result.rows if row["round"] == r) for r in (1, 2, 3)}
+    assert clients_by_round == {1: ["0", "1"], 2: ["0"], 3: ["0", "1"]}
+    assert int(lost.sent[3].content.config_records[proto.CONFIG]["last-round"]) == 1
+    assert int(recorders[100].sent[3].content.config_records[proto.CONFIG]["last-round"]) == 2
+    replay = {r: lost.replies[r].content.metric_records[proto.METRICS]["replay-size"] for r in (1, 3)}
+    assert replay[3] > replay[1]  # round 1's memory plus a new chunk: it went on, it did not restart
+
+
+def test_client_state_store_loads_the_newest_state_and_refuses_lost_state(tmp_path: Path) -> None:
+    from client_app.state import ClientSnapshot, ClientStateError, ClientStateStore
+
+    store = ClientStateStore(tmp_path, "run", "7")
+    assert store.load_latest(5) is None  # never completed a round: a fresh start
+    with pytest.raises(ClientStateError, match="recorded round 2 .* it has no saved state"):
+        store.load_latest(5, at_least=2)
+    for r in (1, 3):
+        store.save(r, ClientSnapshot({"x": torch.full((2,), float(r))}, {"round": r}))
+    assert store.saved_rounds() == [1, 3]
+    assert store.load_latest(2).meta["round"] == 1  # never newer than the round before this one
+    assert store.load_latest(4, at_least=3).meta["round"] == 3
+    with pytest.raises(ClientStateError, match="newest state is from round 3"):
+        store.load_latest(9, at_least=5)
