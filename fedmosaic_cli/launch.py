@@ -218,28 +218,45 @@ def local_deployment(
             register_supernode(link, key)
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
-            node_log = flwr_home / f"supernode-{index}.log"
-            runtime_port = free_port()
-            node_command = [
-                _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
-                *(supernode_keys[index].supernode_args() if supernode_keys else []),
-                *_isolation_args(superexec_secret),
-                "--superlink", link.control_address,
-                "--host", "127.0.0.1", "--port", str(runtime_port),
-                "--node-config", node_config_arg(values),
-            ]
-            with open(node_log, "ab") as sink:
-                node = subprocess.Popen(node_command, env=link.env, stdout=sink, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-            processes.append(node)
-            nodes.append(node)
-            if superexec_secret is not None:
-                processes.append(start_superexec(f"127.0.0.1:{runtime_port}", link.env,
-                                                 flwr_home / f"superexec-clientapp-{index}.log", superexec_secret))
+            started = start_supernode(link, index, values, tls=tls,
+                                      key=supernode_keys[index] if supernode_keys else None,
+                                      superexec_secret=superexec_secret)
+            processes.extend(started)
+            nodes.append(started[0])
         yield link, nodes
     finally:
         for process in reversed(processes):
             stop_process_group(process)
+
+
+def start_supernode(
+    link: SuperLinkHandle,
+    index: int,
+    values: Mapping[str, Any],
+    *,
+    tls: TlsFiles | None,
+    key: SupernodeKey | None = None,
+    superexec_secret: Path | None = None,
+) -> list[subprocess.Popen[bytes]]:
+    """One ``flower-supernode`` (logging to ``supernode-{index}.log``) with ``--node-config
+    values``, and under process isolation its ``flower-superexec`` for the ClientApps: [node,
+    superexec?]. Starting it again with the same key and values is a restart of the same client."""
+    runtime_port = free_port()
+    command = [
+        _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
+        *(key.supernode_args() if key else []),
+        *_isolation_args(superexec_secret),
+        "--superlink", link.control_address,
+        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--node-config", node_config_arg(values),
+    ]
+    with open(link.flwr_home / f"supernode-{index}.log", "ab") as sink:
+        node = subprocess.Popen(command, env=link.env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    started = [node]
+    if superexec_secret is not None:
+        started.append(start_superexec(f"127.0.0.1:{runtime_port}", link.env,
+                                       link.flwr_home / f"superexec-clientapp-{index}.log", superexec_secret))
+    return started
 
 
 def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:

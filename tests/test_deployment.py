@@ -147,3 +147,103 @@ def test_only_registered_supernodes_are_admitted(tmp_path: Path) -> None:
         for process in [*nodes, link.process]:
             launch.stop_process_group(process)
     assert not _processes_mentioning(str(tmp_path))
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _wait(condition, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_round_is_excluded_and_rejoins_with_its_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TLS + auth + process isolation. Client 1's SuperNode and SuperExec are SIGKILLed while its
+    ClientApp trains round 2: the round completes with the others once the SuperLink declares the
+    node lost, the ServerApp log names the client and NODE_UNAVAILABLE, and the restarted node
+    (same key, same client id) rejoins a later round from the state it saved after round 1."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from drake_data.mini.builder import build_drake_mini
+    from fedmosaic_cli import launch
+    from fedmosaic_cli.tls import write_certificates, write_superexec_secret, write_supernode_keys
+    from fedmosaic_flower.config import parse_run_config
+    from fedmosaic_flower.prepare import prepare_federation
+
+    monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path / "cache"))
+    data_root = build_drake_mini(tmp_path / "mini", seed=0, size="tiny")
+    overrides = {
+        "num-server-rounds": 3, "local-steps": 2, "batch-size": 4, "eval-max-samples": 2, "eval-others-max-samples": 2,
+        "rounds-per-task": 1, "pretrained": False, "align-bases": False, "eval-unseen": False, "run-name": "killed",
+        "data-root": str(data_root), "output-dir": str(tmp_path / "runs"), "min-clients": 3, "round-timeout": 300.0,
+    }
+    prepare_federation(parse_run_config(overrides))
+    run_dir = tmp_path / "runs" / "killed"
+    home = tmp_path / "flwr-home"
+    tls = write_certificates(home / "certificates")
+    keys = write_supernode_keys(home / "keys", ["client-0", "client-1", "client-2"])
+    secret = write_superexec_secret(home / "superexec.secret")
+    values = [{"client-id": c, "state-dir": str(tmp_path / "state" / f"client-{c}"), "data-root": str(data_root)}
+              for c in ("0", "1", "2")]
+    processes: list[subprocess.Popen[bytes]] = []
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            link = launch._start_superlink(home, {"FEDMOSAIC_CACHE": str(tmp_path / "cache")}, simulation=False,
+                                           tls=tls, supernode_auth=True, superexec_secret=secret)
+            processes.append(link.process)
+            processes.append(launch.start_superexec(link.control_address, link.env, home / "superexec-serverapp.log",
+                                                    secret, tls.ca_certificate))
+            for key in keys:
+                launch.register_supernode(link, key)
+            nodes = [launch.start_supernode(link, i, values[i], tls=tls, key=keys[i], superexec_secret=secret)
+                     for i in range(3)]
+            processes += [p for started in nodes for p in started]
+            log_path = tmp_path / "serverapp.log"
+            run = pool.submit(launch.flwr_run, Path(__file__).resolve().parents[1], link, run_config=overrides,
+                              log_path=log_path, timeout=900)
+            _wait(lambda: len([r for r in _rows(run_dir) if r["round"] == 1]) == 3, 600, "round 1")
+            superexec_1 = nodes[1][1]
+            _wait(lambda: bool(_children(superexec_1.pid)), 120, "client 1's round-2 ClientApp")
+            for process in nodes[1]:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+            excluded_after = _wait(lambda: any(r["round"] == 2 for r in _rows(run_dir)), 300, "round 2 without client 1")
+            assert sorted(str(r["client"]) for r in _rows(run_dir) if r["round"] == 2) == ["0", "2"]
+            restarted = launch.start_supernode(link, 1, values[1], tls=tls, key=keys[1], superexec_secret=secret)
+            processes += restarted
+            rejoined_after = _wait(lambda: any(str(r["client"]) == "1" and r["round"] > 2 for r in _rows(run_dir)),
+                                   600, "client 1 in a later round")
+            run_id, status = run.result(timeout=900)
+            assert status == "finished:completed", (run_id, status)
+        finally:
+            for process in reversed(processes):
+                launch.stop_process_group(process)
+    server_log = log_path.read_text()
+    assert "client 1 excluded" in server_log and "NODE_UNAVAILABLE" in server_log, server_log[-3000:]
+    rows = _rows(run_dir)
+    first = next(r for r in rows if str(r["client"]) == "1" and r["round"] == 1)
+    back = min((r for r in rows if str(r["client"]) == "1" and r["round"] > 2), key=lambda r: r["round"])
+    assert back["replay_size"] > first["replay_size"]  # it went on from round 1's state
+    print(f"\nkilled node excluded after {excluded_after:.1f} s; rejoined (round {back['round']}) "
+          f"{rejoined_after:.1f} s after its restart")
+    assert not _processes_mentioning(str(tmp_path))
