@@ -114,6 +114,11 @@ def build_comparison(
                 diffs = [float(r["overall"][metric]) - float(ref_by_seed[int(r["seed"])]["overall"][metric])
                          for r in runs if int(r["seed"]) in ref_by_seed]
                 entry["vs_reference"][metric] = mean_interval(diffs)
+        entry["bytes_per_client_round"] = {
+            side: float(np.mean([float(r["overall"][f"bytes_{side}_per_round"]) for r in runs]))
+            if all(f"bytes_{side}_per_round" in r["overall"] for r in runs) else math.nan
+            for side in ("up", "down")
+        }
         clients: dict[str, Any] = {}
         for run in runs:
             for client, c in run["clients"].items():
@@ -145,6 +150,10 @@ def _cell(stat: Mapping[str, float], signed: bool = False) -> str:
     return f"{100 * stat['mean']:{sign}.1f}{half}"
 
 
+def _kib(value: float) -> str:
+    return f"{value / 1024:.0f} KiB" if math.isfinite(value) else "—"
+
+
 def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     methods = comparison["methods"]
     reference = comparison["reference"]
@@ -161,6 +170,9 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
         auroc = m.get("relevance_auroc")
         auc = f"{auroc['mean']:.2f}" + (f" ± {auroc['ci95']:.2f}" if math.isfinite(auroc["ci95"]) else "") if auroc else "—"
         lines.append(f"| {name} | " + " | ".join(_cell(m[k]) for k in METRICS) + f" | {auc} |")
+    lines += ["", "Bytes per client and round (Flower record content, mean over seeds): "
+              + ", ".join(f"{name} ↑ {_kib(m['bytes_per_client_round']['up'])} ↓ {_kib(m['bytes_per_client_round']['down'])}"
+                          for name, m in methods.items() if "bytes_per_client_round" in m) + "."]
     lines += ["", f"Paired per-seed difference to `{reference}` (points; mean ± 95 % half-width; an interval "
               "that contains 0 is no difference):", "",
               "| method | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]

@@ -37,7 +37,7 @@ def test_roc_auc_counts_ties_half() -> None:
 def _run(tmp: Path, name: str, seed: int, self_by_client: dict[str, float], others: float = 0.3) -> dict:  # type: ignore[type-arg]
     clients = {c: {"model_id": "m-a" if int(c) % 2 == 0 else "m-b", "self_last": v} for c, v in self_by_client.items()}
     overall = {"self_last": float(np.mean(list(self_by_client.values()))), "self_auc": 0.4, "others_last": others,
-               "unseen_last": float("nan")}
+               "unseen_last": float("nan"), "bytes_up_per_round": 2048.0 * (1 + seed), "bytes_down_per_round": 1024.0}
     run_dir = tmp / f"{name}-{seed}"
     run_dir.mkdir()
     (run_dir / "rounds.jsonl").write_text("".join(
@@ -64,6 +64,7 @@ def test_paired_differences_are_per_seed(tmp_path: Path) -> None:
     assert "| 0 | a | m-a | 25.0 |" in table
     assert comparison["methods"]["local"]["train_loss"]["max"] == pytest.approx(2.7)  # seed 2, round 2
     assert "local 2.70" in table
+    assert "local ↑ 4 KiB ↓ 1 KiB" in table  # (2 + 4 + 6) KiB / 3 seeds up
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())  # strict JSON: NaN → null
     assert saved["methods"]["local"]["unseen_last"]["mean"] is None
     assert (tmp_path / "out" / "comparison.png").read_bytes()[:4] == b"\x89PNG"
