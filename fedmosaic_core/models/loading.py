@@ -7,6 +7,8 @@
   2 CPU cores, guarded by a file lock so concurrent clients prepare it once); pass
   ``prepare_if_missing=False`` to get an error instead, or ``random_init=True`` for the
   untrained preset (tests).
+* **GGUF files** (``gguf:/path/model.gguf``, or a packaged short name such as ``smollm2-135m``)
+  are converted once into a cached safetensors checkpoint (:mod:`.gguf`) and loaded from it.
 * **Hub ids / local paths** go through ``from_pretrained``: LLaVA configs through
   ``LlavaForConditionalGeneration``, other vision-language configs through
   ``AutoModelForImageTextToText``, text-only ones through ``AutoModelForCausalLM``.
@@ -31,6 +33,7 @@ from torch import nn
 from fedmosaic_core.storage import cache_home
 
 from .fingerprint import ArchitectureFingerprint
+from .gguf import GgufUnavailableError, converted_checkpoint, is_gguf_source
 from .presets import PRESETS, build_preset, preset_spec
 from .pretrain import PublicSplit, find_prepared, prepare_presets
 
@@ -199,6 +202,13 @@ def load_model(
             prepare_if_missing=prepare_if_missing, cache_dir=cache_dir,
             public_split=public_split,
         )
+    if is_gguf_source(name):
+        try:
+            folder = converted_checkpoint(name, cache_dir)
+        except GgufUnavailableError as error:
+            raise ModelNotAvailableError(str(error)) from None
+        model, processor = _from_pretrained(str(folder), quantization, torch_dtype, torch_device)
+        return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
     if name.startswith("tiny-") and not Path(name).exists():
         preset_spec(name)  # raises UnknownPresetError naming the known presets
     path = Path(name).expanduser()

