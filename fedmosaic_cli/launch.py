@@ -259,20 +259,30 @@ def start_supernode(
     return started
 
 
-def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:
-    """``flwr supernode register KEY.pub``: the SuperLink will admit the SuperNode holding the
-    private key; returns the node id Flower assigned."""
+def flwr_register(public_key: Path, name: str, connection: str, env: Mapping[str, str]) -> tuple[int | None, str]:
+    """``flwr supernode register PUBLIC_KEY CONNECTION``: (the node id Flower assigned, "") or
+    (None, Flower's reason, e.g. ``Public key already in use``)."""
     out = subprocess.run(
-        [_bin("flwr"), "supernode", "register", str(key.public_key), CONNECTION, "--name", key.name, "--format", "json"],
-        env=handle.env, capture_output=True, text=True, timeout=60,
+        [_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name, "--format", "json"],
+        env=dict(env), capture_output=True, text=True, timeout=120,
     )
     try:
         payload = json.loads(out.stdout)
-        if not payload.get("success", True):
-            raise ValueError
-        return int(payload["node-id"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        raise LaunchError(f"could not register SuperNode key {key.public_key}: {(out.stdout + out.stderr)[-800:]}") from None
+    except json.JSONDecodeError:
+        payload = {"success": False, "error-message": (out.stdout + out.stderr).strip()[-500:]}
+    if payload.get("success") and "node-id" in payload:
+        return int(payload["node-id"]), ""
+    reason = (str(payload.get("error-message", "")).strip().splitlines() or ["unknown error"])[-1]
+    return None, reason
+
+
+def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:
+    """Register ``key`` with the SuperLink of ``handle`` (it will admit the SuperNode holding the
+    private key); returns the node id, or :class:`LaunchError` with Flower's reason."""
+    node_id, reason = flwr_register(key.public_key, key.name, CONNECTION, handle.env)
+    if node_id is None:
+        raise LaunchError(f"could not register SuperNode key {key.public_key}: {reason}")
+    return node_id
 
 
 def run_status(handle: SuperLinkHandle, run_id: int) -> str:

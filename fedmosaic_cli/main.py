@@ -392,9 +392,9 @@ def register_supernodes(
     """Register SuperNode public keys with a SuperLink started with ``--enable-supernode-auth``
     (``flwr supernode register`` for each); prints each node id. A key that was registered and
     later removed stays "in use" and is refused: make a new key for that SuperNode."""
-    import subprocess
-    import sys
     import tempfile
+
+    from fedmosaic_cli.launch import flwr_register
 
     def fail(message: str) -> NoReturn:
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -419,16 +419,9 @@ def register_supernodes(
         failed = False
         for key in public_keys:
             name = key.name.removesuffix(".pub")
-            out = subprocess.run([str(Path(sys.executable).parent / "flwr"), "supernode", "register", str(key),
-                                  connection, "--name", name, "--format", "json"],
-                                 capture_output=True, text=True, timeout=120, env=env)
-            try:
-                payload = json.loads(out.stdout)
-            except json.JSONDecodeError:
-                payload = {"success": False, "error-message": (out.stdout + out.stderr).strip()[-500:]}
-            reason = (str(payload.get("error-message", "")).strip().splitlines() or ["unknown error"])[-1]
-            if payload.get("success"):
-                typer.echo(f"{name}: node id {payload['node-id']}")
+            node_id, reason = flwr_register(key, name, connection, env)
+            if node_id is not None:
+                typer.echo(f"{name}: node id {node_id}")
             elif exist_ok and "already in use" in reason:
                 typer.echo(f"{name}: already registered")
             else:
