@@ -41,7 +41,11 @@ class FederationConfig(BaseModel):
     run_name: str = ""
     output_dir: str = ""
     resume: bool = False
+    # A lost SuperNode ends its part of a round by itself: the SuperLink answers NODE_UNAVAILABLE
+    # once the node's lease runs out (≤ 60 s after a crash, at once after SIGTERM). The timeout only
+    # bounds live but slow clients: 900 s leaves room for a 4-bit 1-3B client's round on an edge GPU.
     round_timeout: float = Field(900.0, gt=0)
+    # rounds wait (up to round-timeout) for this many SuperNodes; 2 is the least that can share
     min_clients: int = Field(2, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     max_reply_mb: float = Field(64.0, gt=0)
