@@ -336,9 +336,17 @@ def test_text_only_local_checkpoint_loads_plain_and_nf4(tmp_path: Path) -> None:
     assert isinstance(plain.model, LlamaForCausalLM) and not plain.is_multimodal
     assert plain.fingerprint.id == "llama-d32-L4-ff64-q32-kv16-r-"
     batch = collate(plain.processor, text, 64)
-    quantised = load_model(tmp_path, quantization="nf4")
+    quantised = load_model(tmp_path, quantization="nf4", cache_dir=tmp_path / "cache")
     layers = [m for m in quantised.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 4 * 7 and all(m.support_avx512bf16_for_cpu is False for m in layers)
     with torch.no_grad():
         full, four = plain.model(**batch).loss, quantised.model(**batch).loss
     assert abs(float(full) - float(four)) < 0.5  # same weights, 4-bit rounding only
+    # the next load (a deployment's next message) reads the kept pre-quantised copy: same model
+    assert len(list((tmp_path / "cache" / "quantized").glob("*/config.json"))) == 1
+    again = load_model(tmp_path, quantization="nf4", cache_dir=tmp_path / "cache")
+    layers = [m for m in again.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7 and all(m.support_avx512bf16_for_cpu is False for m in layers)
+    with torch.no_grad():
+        assert torch.equal(again.model(**batch).logits, quantised.model(**batch).logits)
+    assert again.fingerprint.id == quantised.fingerprint.id

@@ -121,7 +121,7 @@ def test_a_merged_nf4_checkpoint_saves_and_reloads_as_a_dense_model(tmp_path: An
 
     tiny_llama().save_pretrained(tmp_path / "base")
     load_tiny_tokenizer().save_pretrained(tmp_path / "base")
-    loaded = load_model(tmp_path / "base", quantization="nf4", device="cpu")
+    loaded = load_model(tmp_path / "base", quantization="nf4", device="cpu", cache_dir=tmp_path / "cache")
     assert getattr(loaded.model, "hf_quantizer", None) is not None
     wrapped = inject_pqlora(loaded.model, PQLoRAConfig(r=4, alpha=8, dropout=0.0))
     wrapped.load_local_state(shared={k: torch.randn_like(v) * 0.2 for k, v in wrapped.shared_state().items()

@@ -39,8 +39,17 @@ def test_smollm2_from_its_package_loads_in_nf4_trains_and_generates(tmp_path: Pa
     started = time.monotonic()
     loaded = load_model("smollm2-135m", quantization="nf4", device="cpu", cache_dir=cache)
     cached = time.monotonic() - started
-    print(f"\nsmollm2-135m: first load (GGUF → safetensors) {converting:.1f} s, second (cached, NF4) {cached:.1f} s")
+    started = time.monotonic()
+    again = load_model("smollm2-135m", quantization="nf4", device="cpu", cache_dir=cache)
+    prequantized = time.monotonic() - started
+    print(f"\nsmollm2-135m: first load (GGUF → safetensors) {converting:.1f} s, second (cached, quantised to NF4 "
+          f"at load) {cached:.1f} s, third (the kept pre-quantised NF4 copy) {prequantized:.1f} s")
     assert len(list((cache / "gguf").glob("*/config.json"))) == 1  # one converted folder, reused
+    assert len(list((cache / "quantized").glob("*/config.json"))) == 1
+    probe = collate(loaded.processor, FACTS, 64)
+    with torch.no_grad():
+        assert torch.equal(again.model(**probe).logits, loaded.model(**probe).logits)
+    del again
     assert loaded.model.config.model_type == "llama" and loaded.model.config.num_hidden_layers == 30
     assert any(type(m).__name__ == "Linear4bit" for m in loaded.model.modules())
 

@@ -21,6 +21,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -30,12 +33,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from fedmosaic_core.storage import cache_home
+from fedmosaic_core.storage import atomic_build_dir, cache_home, file_lock
 
 from .fingerprint import ArchitectureFingerprint
 from .gguf import GgufUnavailableError, converted_checkpoint, is_gguf_source
 from .presets import PRESETS, build_preset, preset_spec
 from .pretrain import PublicSplit, find_prepared, prepare_presets
+
+log = logging.getLogger(__name__)
 
 Quantization = Literal["none", "nf4", "int8"]
 QUANTIZATIONS: tuple[str, ...] = ("none", "nf4", "int8")
@@ -122,7 +127,7 @@ def _is_local_model_dir(path: Path) -> bool:
 
 
 def _from_pretrained(
-    source: str, quantization: str, dtype: torch.dtype, device: torch.device
+    source: str, quantization: str, dtype: torch.dtype, device: torch.device, prequantized: bool = False
 ) -> tuple[nn.Module, Any]:
     from transformers import (
         AutoConfig,
@@ -135,9 +140,10 @@ def _from_pretrained(
 
     config = AutoConfig.from_pretrained(source)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    quant = quantization_config(quantization, device)
+    quant = None if prequantized else quantization_config(quantization, device)
     if quant is not None:
         kwargs["quantization_config"] = quant
+    if quant is not None or prequantized:
         kwargs["device_map"] = {"": str(device) if device.type == "cpu" else device.index or 0}
     model_type = getattr(config, "model_type", "")
     model: Any
@@ -154,10 +160,47 @@ def _from_pretrained(
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if quant is None:
+    if quant is None and not prequantized:
         model = model.to(device)
     disable_avx512bf16_repacking(model)
     return model.eval(), processor
+
+
+def _prequantized_dir(folder: Path, quantization: str, dtype: torch.dtype, device: torch.device,
+                      cache_dir: str | os.PathLike[str] | None) -> Path:
+    """Where the quantised copy of the checkpoint in ``folder`` is kept: keyed by the folder, its
+    files' sizes and times, the quantisation, dtype and device type."""
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file())
+    ident = json.dumps([str(folder.resolve()), files, quantization, str(dtype), device.type])
+    root = Path(cache_dir) if cache_dir is not None else cache_home()
+    return root / "quantized" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def _load_checkpoint(
+    folder: Path, quantization: str, dtype: torch.dtype, device: torch.device,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[nn.Module, Any]:
+    """A local checkpoint; quantised (NF4/int8) once and then reloaded from a saved pre-quantised
+    copy. In a deployment every message starts a fresh ClientApp process that loads its model:
+    quantising at load time is most of that cost (SmolLM2-135M on CPU: 18.9 s against 0.2 s
+    for the pre-quantised copy, identical logits)."""
+    if quantization == "none":
+        return _from_pretrained(str(folder), quantization, dtype, device)
+    prepared = _prequantized_dir(folder, quantization, dtype, device, cache_dir)
+    if (prepared / "config.json").is_file():
+        return _from_pretrained(str(prepared), quantization, dtype, device, prequantized=True)
+    model, processor = _from_pretrained(str(folder), quantization, dtype, device)
+    try:
+        with file_lock(prepared.parent / f"{prepared.name}.lock"):
+            if not (prepared / "config.json").is_file():
+                def save(tmp: Path) -> None:
+                    model.save_pretrained(str(tmp))  # type: ignore[operator]
+                    processor.save_pretrained(str(tmp))
+
+                atomic_build_dir(prepared, save)
+    except (OSError, ValueError, NotImplementedError) as error:  # a backend that cannot serialise: load as before
+        log.warning("could not keep a pre-quantised copy of %s (%s); it is quantised at every load", folder, error)
+    return model, processor
 
 
 def _missing_model_error(name: str, cause: BaseException | None) -> ModelNotAvailableError:
@@ -207,7 +250,7 @@ def load_model(
             folder = converted_checkpoint(name, cache_dir)
         except GgufUnavailableError as error:
             raise ModelNotAvailableError(str(error)) from None
-        model, processor = _from_pretrained(str(folder), quantization, torch_dtype, torch_device)
+        model, processor = _load_checkpoint(folder, quantization, torch_dtype, torch_device, cache_dir)
         return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
     if name.startswith("tiny-") and not Path(name).exists():
         preset_spec(name)  # raises UnknownPresetError naming the known presets
@@ -218,7 +261,10 @@ def load_model(
         )
     source = str(path) if path.exists() else name
     try:
-        model, processor = _from_pretrained(source, quantization, torch_dtype, torch_device)
+        if path.exists():
+            model, processor = _load_checkpoint(path, quantization, torch_dtype, torch_device, cache_dir)
+        else:
+            model, processor = _from_pretrained(source, quantization, torch_dtype, torch_device)
     except (OSError, ValueError) as error:
         if path.exists():
             raise
