@@ -59,26 +59,51 @@ def run_config_args(overrides: Mapping[str, Any]) -> list[str]:
     return args
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where a process runs: this machine, or a command prefix that puts it elsewhere (the tests
+    use ``ip netns exec NAME`` to make network namespaces separate hosts)."""
+
+    prefix: tuple[str, ...] = ()
+
+    @classmethod
+    def netns(cls, name: str) -> Host:
+        return cls(("ip", "netns", "exec", name))
+
+
+LOCAL = Host()
+
+
 @dataclass
 class SuperLinkHandle:
     process: subprocess.Popen[bytes]
-    control_address: str
+    control_address: str  # host:port as the operator (the flwr CLI) reaches it
     flwr_home: Path
     env: dict[str, str]
     log_file: Path
+    operator: Host = LOCAL  # where the flwr CLI runs
 
 
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float, log_file: Path) -> None:
+def _reachable(host: str, port: int, where: Host) -> bool:
+    if not where.prefix:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            return sock.connect_ex((host, port)) == 0
+    probe = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 0.5)"
+    return subprocess.run([*where.prefix, sys.executable, "-c", probe, host, str(port)],
+                          capture_output=True, timeout=30).returncode == 0
+
+
+def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float, log_file: Path,
+                   where: Host = LOCAL) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise LaunchError(f"flower-superlink exited with code {process.returncode}; see {log_file}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
+        if _reachable(host, port, where):
+            return
         time.sleep(0.2)
-    raise LaunchError(f"flower-superlink did not open port {port} within {timeout:.0f}s; see {log_file}")
+    raise LaunchError(f"flower-superlink did not open {host}:{port} within {timeout:.0f}s; see {log_file}")
 
 
 def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
@@ -102,18 +127,21 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
 def _start_superlink(
     flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
     supernode_auth: bool = False, superexec_secret: Path | None = None,
+    host: Host = LOCAL, bind: str = "127.0.0.1", address: str = "127.0.0.1", operator: Host = LOCAL,
 ) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
     for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up).
     With ``superexec_secret`` it runs ``--isolation process``: the ServerApp is started by a
-    separate ``flower-superexec`` (:func:`start_superexec`) that holds the secret."""
+    separate ``flower-superexec`` (:func:`start_superexec`) that holds the secret. On separate
+    hosts it runs on ``host``, listens on ``bind`` and the operator (the flwr CLI, on
+    ``operator``) reaches it at ``address``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = free_port(), free_port()
     # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: _flower_env puts
     # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
     env = _flower_env(flwr_home, extra_env)
-    control = f"127.0.0.1:{http_port}"
+    control = f"{address}:{http_port}"
     security = f"root-certificates = {json.dumps(str(tls.ca_certificate))}" if tls else "insecure = true"
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -121,22 +149,22 @@ def _start_superlink(
     )
     log_file = flwr_home / "superlink.log"
     command = [
-        _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
+        *host.prefix, _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),
         *(["--simulation"] if simulation else []),
         *(["--enable-supernode-auth"] if supernode_auth else []),
         *_isolation_args(superexec_secret), "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
-        "--host", "127.0.0.1", "--port", str(http_port),
+        "--host", bind, "--port", str(http_port),
         "--database", str(flwr_home / "state.db"),
     ]
     with open(log_file, "ab") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_for_port(http_port, process, 60.0, log_file)
+        _wait_for_port(address, http_port, process, 60.0, log_file, operator)
     except BaseException:
         stop_process_group(process)
         raise
-    return SuperLinkHandle(process, control, flwr_home, env, log_file)
+    return SuperLinkHandle(process, control, flwr_home, env, log_file, operator)
 
 
 @contextmanager
@@ -166,14 +194,15 @@ def _isolation_args(superexec_secret: Path | None) -> list[str]:
 
 
 def start_superexec(
-    runtime_api: str, env: Mapping[str, str], log_file: Path, secret: Path, root_certificates: Path | None = None
+    runtime_api: str, env: Mapping[str, str], log_file: Path, secret: Path, root_certificates: Path | None = None,
+    host: Host = LOCAL,
 ) -> subprocess.Popen[bytes]:
     """A ``flower-superexec`` for the Runtime API at ``runtime_api`` (a SuperLink's: it runs the
     ServerApps; a SuperNode's: its ClientApps), authenticated by the shared ``secret``; TLS when
     ``root_certificates`` is given. It keeps a run going through short SuperLink outages, which
     ``--isolation subprocess`` does not."""
     command = [
-        _bin("flower-superexec"), "--runtime-api-address", runtime_api,
+        *host.prefix, _bin("flower-superexec"), "--runtime-api-address", runtime_api,
         *(["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]),
         "--superexec-auth-secret-file", str(secret),
     ]
@@ -237,16 +266,19 @@ def start_supernode(
     tls: TlsFiles | None,
     key: SupernodeKey | None = None,
     superexec_secret: Path | None = None,
+    host: Host = LOCAL,
+    superlink_address: str | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """One ``flower-supernode`` (logging to ``supernode-{index}.log``) with ``--node-config
     values``, and under process isolation its ``flower-superexec`` for the ClientApps: [node,
-    superexec?]. Starting it again with the same key and values is a restart of the same client."""
+    superexec?]. Starting it again with the same key and values is a restart of the same client.
+    On a separate ``host`` it dials the SuperLink at ``superlink_address`` (host:port)."""
     runtime_port = free_port()
     command = [
-        _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
+        *host.prefix, _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
         *(key.supernode_args() if key else []),
         *_isolation_args(superexec_secret),
-        "--superlink", link.control_address,
+        "--superlink", superlink_address or link.control_address,
         "--host", "127.0.0.1", "--port", str(runtime_port),
         "--node-config", node_config_arg(values),
     ]
@@ -255,15 +287,19 @@ def start_supernode(
     started = [node]
     if superexec_secret is not None:
         started.append(start_superexec(f"127.0.0.1:{runtime_port}", link.env,
-                                       link.flwr_home / f"superexec-clientapp-{index}.log", superexec_secret))
+                                       link.flwr_home / f"superexec-clientapp-{index}.log", superexec_secret,
+                                       host=host))
     return started
 
 
-def flwr_register(public_key: Path, name: str, connection: str, env: Mapping[str, str]) -> tuple[int | None, str]:
+def flwr_register(
+    public_key: Path, name: str, connection: str, env: Mapping[str, str], where: Host = LOCAL
+) -> tuple[int | None, str]:
     """``flwr supernode register PUBLIC_KEY CONNECTION``: (the node id Flower assigned, "") or
     (None, Flower's reason, e.g. ``Public key already in use``)."""
     out = subprocess.run(
-        [_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name, "--format", "json"],
+        [*where.prefix, _bin("flwr"), "supernode", "register", str(public_key), connection, "--name", name,
+         "--format", "json"],
         env=dict(env), capture_output=True, text=True, timeout=120,
     )
     try:
@@ -279,7 +315,7 @@ def flwr_register(public_key: Path, name: str, connection: str, env: Mapping[str
 def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:
     """Register ``key`` with the SuperLink of ``handle`` (it will admit the SuperNode holding the
     private key); returns the node id, or :class:`LaunchError` with Flower's reason."""
-    node_id, reason = flwr_register(key.public_key, key.name, CONNECTION, handle.env)
+    node_id, reason = flwr_register(key.public_key, key.name, CONNECTION, handle.env, handle.operator)
     if node_id is None:
         raise LaunchError(f"could not register SuperNode key {key.public_key}: {reason}")
     return node_id
@@ -288,7 +324,7 @@ def register_supernode(handle: SuperLinkHandle, key: SupernodeKey) -> int:
 def run_status(handle: SuperLinkHandle, run_id: int) -> str:
     """The run's status as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
     out = subprocess.run(
-        [_bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+        [*handle.operator.prefix, _bin("flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
         env=handle.env, capture_output=True, text=True, timeout=60,
     )
     try:
@@ -316,7 +352,8 @@ def flwr_run(
     (run id, final status as ``flwr ls`` reports it).
 
     ``num_supernodes`` is for a simulation SuperLink; leave it None for a deployment."""
-    command = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", *run_config_args(run_config)]
+    command = [*handle.operator.prefix, _bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
+               *run_config_args(run_config)]
     if num_supernodes is not None:
         command += [
             "--federation-config",
@@ -335,7 +372,7 @@ def flwr_run(
     started = time.monotonic()
     with open(log_path, "w") as sink:
         follower = subprocess.Popen(
-            [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=handle.env,
+            [*handle.operator.prefix, _bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=handle.env,
             stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:

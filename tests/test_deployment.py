@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -246,4 +247,84 @@ def test_a_supernode_killed_mid_round_is_excluded_and_rejoins_with_its_state(
     assert back["replay_size"] > first["replay_size"]  # it went on from round 1's state
     print(f"\nkilled node excluded after {excluded_after:.1f} s; rejoined (round {back['round']}) "
           f"{rejoined_after:.1f} s after its restart")
+    assert not _processes_mentioning(str(tmp_path))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="network namespaces need root and iproute2")
+def test_separate_hosts_in_network_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SuperLink in one network namespace, three SuperNodes in three others and the operator's
+    flwr CLI in a fifth, joined only by veth links (10.200.i.0/24): TLS with the links' addresses
+    in the certificate, SuperNode authentication, process isolation; 2 FedMosaic rounds. Each
+    client's state lands in its own state directory, as safetensors and JSON only (no pickle)."""
+    from drake_data.mini.builder import build_drake_mini
+    from fedmosaic_cli import launch
+    from fedmosaic_cli.tls import write_certificates, write_superexec_secret, write_supernode_keys
+    from fedmosaic_flower.config import parse_run_config
+    from fedmosaic_flower.prepare import prepare_federation
+
+    tag = f"fm{os.getpid() % 100000}"
+    link_ns, operator_ns = f"{tag}-link", f"{tag}-op"
+    peers = [operator_ns, *(f"{tag}-n{i}" for i in range(3))]  # peer i ↔ SuperLink on 10.200.i.0/24
+    made: list[str] = []
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    try:
+        for name in (link_ns, *peers):
+            ip("netns", "add", name)
+            made.append(name)
+            ip("-n", name, "link", "set", "lo", "up")
+        for i, peer in enumerate(peers):
+            ip("-n", link_ns, "link", "add", f"{tag}a{i}", "type", "veth", "peer", "name", f"{tag}b{i}", "netns", peer)
+            ip("-n", link_ns, "addr", "add", f"10.200.{i}.1/24", "dev", f"{tag}a{i}")
+            ip("-n", peer, "addr", "add", f"10.200.{i}.2/24", "dev", f"{tag}b{i}")
+            ip("-n", link_ns, "link", "set", f"{tag}a{i}", "up")
+            ip("-n", peer, "link", "set", f"{tag}b{i}", "up")
+
+        monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path / "cache"))
+        data_root = build_drake_mini(tmp_path / "mini", seed=0, size="tiny")
+        overrides = {
+            "num-server-rounds": 2, "local-steps": 2, "batch-size": 4, "eval-max-samples": 2,
+            "eval-others-max-samples": 2, "rounds-per-task": 1, "pretrained": False, "align-bases": False,
+            "eval-unseen": False, "run-name": "hosts", "data-root": str(data_root),
+            "output-dir": str(tmp_path / "runs"), "min-clients": 3,
+        }
+        prepare_federation(parse_run_config(overrides))
+        home = tmp_path / "flwr-home"
+        tls = write_certificates(home / "certificates", [*(f"10.200.{i}.1" for i in range(len(peers))), "127.0.0.1"])
+        keys = write_supernode_keys(home / "keys", ["client-0", "client-1", "client-2"])
+        secret = write_superexec_secret(home / "superexec.secret")
+        link = launch._start_superlink(home, {"FEDMOSAIC_CACHE": str(tmp_path / "cache")}, simulation=False, tls=tls,
+                                       supernode_auth=True, superexec_secret=secret, host=launch.Host.netns(link_ns),
+                                       bind="0.0.0.0", address="10.200.0.1", operator=launch.Host.netns(operator_ns))
+        processes.append(link.process)
+        port = link.control_address.rsplit(":", 1)[1]
+        processes.append(launch.start_superexec(f"127.0.0.1:{port}", link.env, home / "superexec-serverapp.log",
+                                                secret, tls.ca_certificate, host=launch.Host.netns(link_ns)))
+        for key in keys:
+            launch.register_supernode(link, key)
+        for i in range(3):
+            values = {"client-id": str(i), "state-dir": str(tmp_path / "state" / f"client-{i}"), "data-root": str(data_root)}
+            processes += launch.start_supernode(link, i, values, tls=tls, key=keys[i], superexec_secret=secret,
+                                                host=launch.Host.netns(peers[i + 1]),
+                                                superlink_address=f"10.200.{i + 1}.1:{port}")
+        run_id, status = launch.flwr_run(Path(__file__).resolve().parents[1], link, run_config=overrides,
+                                         log_path=tmp_path / "serverapp.log", timeout=900)
+        assert status == "finished:completed", (run_id, status, (tmp_path / "serverapp.log").read_text()[-3000:])
+    finally:
+        for process in reversed(processes):
+            launch.stop_process_group(process)
+        for name in made:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    rows = _rows(tmp_path / "runs" / "hosts")
+    assert sorted((r["round"], str(r["client"])) for r in rows) == [(r, c) for r in (1, 2) for c in ("0", "1", "2")]
+    for i in range(3):
+        files = [p for p in (tmp_path / "state" / f"client-{i}").rglob("*") if p.is_file()]
+        assert any(p.suffix == ".safetensors" for p in files), f"no state for client {i}"
+        assert {p.suffix for p in files} <= {".safetensors", ".json"}  # no pickle in client state
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
+    assert tag not in listed  # every namespace (and with it every veth) is gone
     assert not _processes_mentioning(str(tmp_path))
