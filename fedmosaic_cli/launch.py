@@ -128,16 +128,18 @@ def _start_superlink(
     flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
     supernode_auth: bool = False, superexec_secret: Path | None = None,
     host: Host = LOCAL, bind: str = "127.0.0.1", address: str = "127.0.0.1", operator: Host = LOCAL,
+    port: int | None = None,
 ) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
     for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up).
     With ``superexec_secret`` it runs ``--isolation process``: the ServerApp is started by a
     separate ``flower-superexec`` (:func:`start_superexec`) that holds the secret. On separate
     hosts it runs on ``host``, listens on ``bind`` and the operator (the flwr CLI, on
-    ``operator``) reaches it at ``address``."""
+    ``operator``) reaches it at ``address``. ``port``: a fixed port (a restart on the same one,
+    with the same database in ``flwr_home``); default a free one."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
-    http_port, health_port = free_port(), free_port()
+    http_port, health_port = port or free_port(), free_port()
     # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: _flower_env puts
     # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
     env = _flower_env(flwr_home, extra_env)
@@ -369,27 +371,36 @@ def flwr_run(
             f"{(submitted.stdout + submitted.stderr)[-2000:]}"
         ) from None
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path.write_text("")
     started = time.monotonic()
-    with open(log_path, "w") as sink:
-        follower = subprocess.Popen(
-            [*handle.operator.prefix, _bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=handle.env,
-            stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            while follower.poll() is None:
-                if on_wait is not None:
-                    on_wait()
-                if time.monotonic() - started > timeout:
-                    raise LaunchError(f"run {run_id} exceeded {timeout:.0f}s; log: {log_path}")
-                time.sleep(1.0)
-        finally:
-            stop_process_group(follower)
-    status = run_status(handle, run_id)
-    for _ in range(30):  # the log stream may end a moment before the run's status is final
-        if status.startswith("finished"):
-            break
-        time.sleep(1.0)
-        status = run_status(handle, run_id)
+    status = ""
+    while not status.startswith("finished"):
+        # follow the log until the stream ends; it also ends when the SuperLink goes away (a
+        # restart): then the run is still going, and the log is followed again once it is back
+        with open(log_path, "a") as sink:
+            follower = subprocess.Popen(
+                [*handle.operator.prefix, _bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=handle.env,
+                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            try:
+                while follower.poll() is None:
+                    if on_wait is not None:
+                        on_wait()
+                    if time.monotonic() - started > timeout:
+                        raise LaunchError(f"run {run_id} exceeded {timeout:.0f}s; log: {log_path}")
+                    time.sleep(1.0)
+            finally:
+                stop_process_group(follower)
+        while True:
+            time.sleep(1.0)  # the stream may end a moment before the status is final
+            try:
+                status = run_status(handle, run_id)
+            except LaunchError:
+                status = ""  # the SuperLink is not answering (restarting): wait for it
+            if status:  # finished, or the SuperLink answers and the run goes on: follow it again
+                break
+            if time.monotonic() - started > timeout:
+                raise LaunchError(f"run {run_id} exceeded {timeout:.0f}s; log: {log_path}")
     if on_wait is not None:
         on_wait()
     return run_id, status

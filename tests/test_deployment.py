@@ -255,8 +255,11 @@ def test_a_supernode_killed_mid_round_is_excluded_and_rejoins_with_its_state(
 def test_separate_hosts_in_network_namespaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The SuperLink in one network namespace, three SuperNodes in three others and the operator's
     flwr CLI in a fifth, joined only by veth links (10.200.i.0/24): TLS with the links' addresses
-    in the certificate, SuperNode authentication, process isolation; 2 FedMosaic rounds. Each
-    client's state lands in its own state directory, as safetensors and JSON only (no pickle)."""
+    in the certificate, SuperNode authentication, process isolation; 2 FedMosaic rounds, with the
+    SuperLink restarted (same port and database) after round 1. Each client's state lands in its
+    own state directory, as safetensors and JSON only (no pickle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from drake_data.mini.builder import build_drake_mini
     from fedmosaic_cli import launch
     from fedmosaic_cli.tls import write_certificates, write_superexec_secret, write_supernode_keys
@@ -311,8 +314,22 @@ def test_separate_hosts_in_network_namespaces(tmp_path: Path, monkeypatch: pytes
             processes += launch.start_supernode(link, i, values, tls=tls, key=keys[i], superexec_secret=secret,
                                                 host=launch.Host.netns(peers[i + 1]),
                                                 superlink_address=f"10.200.{i + 1}.1:{port}")
-        run_id, status = launch.flwr_run(Path(__file__).resolve().parents[1], link, run_config=overrides,
-                                         log_path=tmp_path / "serverapp.log", timeout=900)
+        with ThreadPoolExecutor(1) as pool:
+            run = pool.submit(launch.flwr_run, Path(__file__).resolve().parents[1], link, run_config=overrides,
+                              log_path=tmp_path / "serverapp.log", timeout=900)
+            _wait(lambda: len([r for r in _rows(tmp_path / "runs" / "hosts") if r["round"] == 1]) == 3, 600, "round 1")
+            # the SuperLink host restarts mid-run (same port, same database): under process
+            # isolation the ServerApp and the SuperNodes wait for it, and the run completes
+            outage = time.monotonic()
+            launch.stop_process_group(link.process)
+            time.sleep(3)
+            link = launch._start_superlink(home, {"FEDMOSAIC_CACHE": str(tmp_path / "cache")}, simulation=False,
+                                           tls=tls, supernode_auth=True, superexec_secret=secret,
+                                           host=launch.Host.netns(link_ns), bind="0.0.0.0", address="10.200.0.1",
+                                           operator=launch.Host.netns(operator_ns), port=int(port))
+            processes.append(link.process)
+            print(f"\nSuperLink outage: {time.monotonic() - outage:.1f} s")
+            run_id, status = run.result(timeout=900)
         assert status == "finished:completed", (run_id, status, (tmp_path / "serverapp.log").read_text()[-3000:])
     finally:
         for process in reversed(processes):
