@@ -124,6 +124,15 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
         process.wait(timeout=grace)
 
 
+def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> None:
+    """``flwr_home/config.toml`` with one default SuperLink connection ``name`` (TLS verified
+    against ``root_certificates``, or insecure), which the ``flwr`` CLI uses."""
+    security = f"root-certificates = {json.dumps(str(root_certificates))}" if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = {json.dumps(address)}\n{security}\n'
+    )
+
+
 def _start_superlink(
     flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
     supernode_auth: bool = False, superexec_secret: Path | None = None,
@@ -144,11 +153,7 @@ def _start_superlink(
     # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
     env = _flower_env(flwr_home, extra_env)
     control = f"{address}:{http_port}"
-    security = f"root-certificates = {json.dumps(str(tls.ca_certificate))}" if tls else "insecure = true"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "{control}"\n{security}\n'
-    )
+    write_connection(flwr_home, CONNECTION, control, tls.ca_certificate if tls else None)
     log_file = flwr_home / "superlink.log"
     command = [
         *host.prefix, _bin("flower-superlink"), *(tls.superlink_args() if tls else ["--insecure"]),

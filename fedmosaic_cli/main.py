@@ -394,7 +394,7 @@ def register_supernodes(
     later removed stays "in use" and is refused: make a new key for that SuperNode."""
     import tempfile
 
-    from fedmosaic_cli.launch import flwr_register
+    from fedmosaic_cli.launch import flwr_register, write_connection
 
     def fail(message: str) -> NoReturn:
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
@@ -412,9 +412,7 @@ def register_supernodes(
         if superlink:
             assert root_certificates is not None
             connection = "fedmosaic-register"
-            (Path(home) / "config.toml").write_text(
-                f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\naddress = {json.dumps(superlink)}\n'
-                f"root-certificates = {json.dumps(str(root_certificates.resolve()))}\n")
+            write_connection(Path(home), connection, superlink, root_certificates.resolve())
             env["FLWR_HOME"] = home
         failed = False
         for key in public_keys:
