@@ -137,7 +137,7 @@ def _start_superlink(
     flwr_home: Path, extra_env: Mapping[str, str] | None, *, simulation: bool, tls: TlsFiles | None = None,
     supernode_auth: bool = False, superexec_secret: Path | None = None,
     host: Host = LOCAL, bind: str = "127.0.0.1", address: str = "127.0.0.1", operator: Host = LOCAL,
-    port: int | None = None,
+    port: int | None = None, persistent: bool = True,
 ) -> SuperLinkHandle:
     """Start ``flower-superlink`` on free loopback ports under a private ``FLWR_HOME`` and wait
     for its port; the caller stops ``handle.process`` (it is stopped here if it never comes up).
@@ -145,7 +145,8 @@ def _start_superlink(
     separate ``flower-superexec`` (:func:`start_superexec`) that holds the secret. On separate
     hosts it runs on ``host``, listens on ``bind`` and the operator (the flwr CLI, on
     ``operator``) reaches it at ``address``. ``port``: a fixed port (a restart on the same one,
-    with the same database in ``flwr_home``); default a free one."""
+    with the same database in ``flwr_home``); default a free one. ``persistent``: the state in
+    ``flwr_home/state.db`` (it survives a restart), else in memory (Flower's default)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = port or free_port(), free_port()
@@ -162,7 +163,7 @@ def _start_superlink(
         *_isolation_args(superexec_secret), "--disable-runtime-dependency-installation",
         "--health-server-address", f"127.0.0.1:{health_port}",
         "--host", bind, "--port", str(http_port),
-        "--database", str(flwr_home / "state.db"),
+        "--database", str(flwr_home / "state.db") if persistent else IN_MEMORY_STATE,
     ]
     with open(log_file, "ab") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
@@ -200,16 +201,27 @@ def _isolation_args(superexec_secret: Path | None) -> list[str]:
     return ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
 
 
+#: Flower's in-memory SuperLink state (``--database``)
+IN_MEMORY_STATE = ":flwr-in-memory:"
+
+#: niceness of the ClientApps a local deployment starts: on a shared host they yield the CPU to
+#: the SuperLink and SuperNodes. A starved SuperLink holds its SQLite lock past Flower's 5 s
+#: busy timeout; the SuperNode's push then fails with HTTP 500 and Flower drops that reply
+#: (seen here with 20 SuperNodes on 2 cores).
+CLIENTAPP_NICENESS = 10
+
+
 def start_superexec(
     runtime_api: str, env: Mapping[str, str], log_file: Path, secret: Path, root_certificates: Path | None = None,
-    host: Host = LOCAL,
+    host: Host = LOCAL, niceness: int = 0,
 ) -> subprocess.Popen[bytes]:
     """A ``flower-superexec`` for the Runtime API at ``runtime_api`` (a SuperLink's: it runs the
     ServerApps; a SuperNode's: its ClientApps), authenticated by the shared ``secret``; TLS when
     ``root_certificates`` is given. It keeps a run going through short SuperLink outages, which
-    ``--isolation subprocess`` does not."""
+    ``--isolation subprocess`` does not. ``niceness`` > 0 lowers its priority and its apps'."""
     command = [
-        *host.prefix, _bin("flower-superexec"), "--runtime-api-address", runtime_api,
+        *host.prefix, *(["nice", "-n", str(niceness)] if niceness else []),
+        _bin("flower-superexec"), "--runtime-api-address", runtime_api,
         *(["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]),
         "--superexec-auth-secret-file", str(secret),
     ]
@@ -240,11 +252,16 @@ def local_deployment(
     key is registered with ``flwr supernode register`` before its SuperNode starts with it. With
     ``superexec_secret``, process isolation: the SuperLink and every SuperNode run
     ``--isolation process`` and one ``flower-superexec`` each starts their apps, as Flower's compose
-    files do. All processes are stopped by pid on exit, also on failure."""
+    files do. All processes are stopped by pid on exit, also on failure.
+
+    The SuperLink keeps its state in memory: this deployment lives and ends with the block, so
+    there is nothing to keep, and with many SuperNodes on one host the SQLite state file fails
+    pushes with "database is locked" past Flower's 5 s busy timeout, and Flower drops those
+    replies (seen here: 20 SuperNodes on 2 cores lost one reply in its handshake)."""
     if supernode_keys is not None and (tls is None or len(supernode_keys) != len(node_configs)):
         raise LaunchError("SuperNode authentication needs TLS and one key per SuperNode")
     link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls, supernode_auth=supernode_keys is not None,
-                            superexec_secret=superexec_secret)
+                            superexec_secret=superexec_secret, persistent=False)
     processes: list[subprocess.Popen[bytes]] = [link.process]
     try:
         if superexec_secret is not None:
@@ -295,7 +312,7 @@ def start_supernode(
     if superexec_secret is not None:
         started.append(start_superexec(f"127.0.0.1:{runtime_port}", link.env,
                                        link.flwr_home / f"superexec-clientapp-{index}.log", superexec_secret,
-                                       host=host))
+                                       host=host, niceness=CLIENTAPP_NICENESS))
     return started
 
 
@@ -343,6 +360,21 @@ def run_status(handle: SuperLinkHandle, run_id: int) -> str:
         raise LaunchError(f"cannot read the status of run {run_id}: {out.stdout[-500:]} {out.stderr[-500:]}") from None
 
 
+def flwr_stop(handle: SuperLinkHandle, run_id: int) -> None:
+    """``flwr stop RUN_ID``: what an operator does with a run whose ServerApp died (its
+    ``flwr run`` then ends); LaunchError with Flower's reason if it refuses."""
+    out = subprocess.run(
+        [*handle.operator.prefix, _bin("flwr"), "stop", str(run_id), CONNECTION, "--format", "json"],
+        env=handle.env, capture_output=True, text=True, timeout=60,
+    )
+    try:
+        payload = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        payload = {}
+    if not payload.get("success"):
+        raise LaunchError(f"flwr stop {run_id} failed: {(out.stdout + out.stderr).strip()[-500:]}")
+
+
 def flwr_run(
     app_dir: Path,
     handle: SuperLinkHandle,
@@ -353,12 +385,14 @@ def flwr_run(
     log_path: Path,
     timeout: float = 3600.0,
     on_wait: Callable[[], None] | None = None,
+    on_submitted: Callable[[int], None] | None = None,
 ) -> tuple[int, str]:
     """Submit the app (``flwr run --format json`` gives the run id), stream its logs into
     ``log_path`` (``flwr log``) while calling ``on_wait`` about once a second, and return
     (run id, final status as ``flwr ls`` reports it).
 
-    ``num_supernodes`` is for a simulation SuperLink; leave it None for a deployment."""
+    ``num_supernodes`` is for a simulation SuperLink; leave it None for a deployment.
+    ``on_submitted`` is called with the run id as soon as Flower has accepted the run."""
     command = [*handle.operator.prefix, _bin("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
                *run_config_args(run_config)]
     if num_supernodes is not None:
@@ -375,6 +409,8 @@ def flwr_run(
             f"flwr run did not start a run (exit {submitted.returncode}): "
             f"{(submitted.stdout + submitted.stderr)[-2000:]}"
         ) from None
+    if on_submitted is not None:
+        on_submitted(run_id)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log_path.write_text("")
     started = time.monotonic()

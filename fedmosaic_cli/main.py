@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,10 @@ log = logging.getLogger("fedmosaic")
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:
+    # once: a second SIGTERM (``timeout`` and ``docker stop`` signal the whole process group,
+    # a user may send one more) must not cut short the cleanup that the first one started
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 
@@ -173,14 +178,23 @@ def _run_one(
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
     (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
     from fedmosaic_cli.launch import flwr_run, local_deployment, simulation_superlink
-    from fedmosaic_flower.prepare import load_run_scenario, prepare_federation, scenario_path
+    from fedmosaic_flower.prepare import load_run_scenario, prepare_data, scenario_path
 
     config = _config(app_dir, overrides)
     started = time.monotonic()
     typer.secho("Preparing DRAKE-mini, tiny models and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
-    data_root = prepare_federation(config)
-    prepared_s = time.monotonic() - started
+    data_root = prepare_data(config)
     scenario = load_run_scenario(config, data_root)
+    known = {str(c.client_id) for c in scenario.clients}
+    if deployment_clients is not None:
+        deployment_clients = deployment_clients or sorted(known, key=int)
+        unknown = [c for c in deployment_clients if c not in known]
+        if unknown:
+            typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
+                        f"{', '.join(sorted(known, key=int))}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+    models = _ModelPreparation(config, data_root)
+    models.wait_for_a_free_core()
     if not config.data_root:
         overrides = {**overrides, "data-root": str(data_root)}
     if not config.output_dir:
@@ -200,15 +214,8 @@ def _run_one(
                 num_cpus_per_client=cpus, log_path=log_path, on_wait=watch,
             )
     else:
-        known = {str(c.client_id) for c in scenario.clients}
-        deployment_clients = deployment_clients or sorted(known, key=int)
         # wait for every SuperNode before the first round (they connect within seconds)
         overrides = {"min-clients": len(deployment_clients), **overrides}
-        unknown = [c for c in deployment_clients if c not in known]
-        if unknown:
-            typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
-                        f"{', '.join(sorted(known, key=int))}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2)
         node_configs = [
             {"client-id": cid, "state-dir": str(config.run_dir / "supernode-state" / f"client-{cid}"),
              "data-root": str(data_root)}
@@ -229,6 +236,7 @@ def _run_one(
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(deployment_clients))
             run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
+    prepared_s = models.finished_after() - started  # raises the preparation's error, if it failed
     elapsed = time.monotonic() - started
     if status != "finished:completed":
         raise RunFailed(f"Flower run {run_id} ended with status {status!r}; log: {log_path}")
@@ -242,6 +250,49 @@ def _run_one(
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": summary})
     return summary
+
+
+class _ModelPreparation:
+    """The run's models prepared (presets pretrained, A/B aligned) in a background thread, so that
+    Flower can start while the last preset still trains on one core: its start-up (SuperLink,
+    ``flwr run``, the ServerApp, Ray) then overlaps that training. The ServerApp's own preparation
+    waits on each preset's and the alignment's file lock and reuses what this one built."""
+
+    def __init__(self, config: FederationConfig, data_root: Path) -> None:
+        from fedmosaic_flower.prepare import prepare_models
+
+        self._free_core = threading.Event()
+        self._error: BaseException | None = None
+        self._finished_at = 0.0
+
+        def progress(done: int, total: int) -> None:
+            if total - done <= 1:
+                self._free_core.set()
+
+        def prepare() -> None:
+            try:
+                prepare_models(config, data_root, on_progress=progress)
+            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                self._error = err
+            finally:
+                self._finished_at = time.monotonic()
+                self._free_core.set()
+
+        self._thread = threading.Thread(target=prepare, name="prepare-models", daemon=True)
+        self._thread.start()
+
+    def wait_for_a_free_core(self) -> None:
+        """Until at most one preset is left to train (or all is done); its error, if it failed."""
+        self._free_core.wait()
+        if self._error is not None:
+            raise self._error
+
+    def finished_after(self) -> float:
+        """When the preparation finished (time.monotonic), once it has; its error, if it failed."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._finished_at
 
 
 FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was asked for and its summary

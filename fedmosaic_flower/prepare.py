@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -163,18 +164,33 @@ def load_run_model(
 
 def prepare_federation(config: FederationConfig) -> Path:
     """Build DRAKE-mini if needed, prepare every model of the scenario, align A/B; returns data root."""
-    data_root = resolve_data_root(config)
+    data_root = prepare_data(config)
+    prepare_models(config, data_root)
+    return data_root
+
+
+def prepare_data(config: FederationConfig) -> Path:
+    """The run's data root, DRAKE-mini built first when the run uses the cached one."""
     if not config.data_root:
         cached_drake_mini(config.seed)
+    return resolve_data_root(config)
+
+
+def prepare_models(
+    config: FederationConfig, data_root: Path, on_progress: Callable[[int, int], None] | None = None
+) -> None:
+    """Pretrain the scenario's presets (once, cached, in parallel workers) and align A/B.
+    ``on_progress(done, total)`` follows the presets that must be trained (see prepare_presets).
+    Safe to run in several processes at once: each preset and the alignment are built under a
+    file lock, so a second caller waits and reuses the first one's result."""
     scenario = load_run_scenario(config, data_root)
     model_ids = sorted({c.model_id for c in scenario.clients})
     presets = [m for m in model_ids if m in PRESETS]
     if config.pretrained and presets:
-        prepare_presets(DrakePublicSplit(data_root), seed=config.seed, presets=presets)  # in parallel
+        prepare_presets(DrakePublicSplit(data_root), seed=config.seed, presets=presets, on_progress=on_progress)
     loaded = {m: load_run_model(config, m, data_root, quantization="none") for m in model_ids}
     if config.align_bases and len(model_ids) > 1:
         align_federation_bases(config, data_root, loaded)
-    return data_root
 
 
 def align_federation_bases(config: FederationConfig, data_root: Path, loaded: dict) -> Path:  # type: ignore[type-arg]
@@ -182,11 +198,21 @@ def align_federation_bases(config: FederationConfig, data_root: Path, loaded: di
     architecture's A is trained to match the anchor's latents, B mapped by CCA. Cached."""
     anchor = smallest_model(list(loaded))
     out = bases_dir(config, anchor, data_root)
-    align_config = AlignConfig(r=config.r, seed=config.seed)
     wanted = {m: loaded[m].fingerprint.with_rank(config.r).id for m in loaded}
+    if all((out / f"{fp}.safetensors").is_file() for fp in wanted.values()):
+        return out
+    with file_lock(out.parent / f".{out.name}.lock"):  # another process may be aligning the same bases
+        _align_missing(config, data_root, loaded, anchor, out, wanted)
+    return out
+
+
+def _align_missing(
+    config: FederationConfig, data_root: Path, loaded: dict, anchor: str, out: Path, wanted: dict[str, str]  # type: ignore[type-arg]
+) -> None:
+    align_config = AlignConfig(r=config.r, seed=config.seed)
     todo = sorted({m for m, fp in wanted.items() if not (out / f"{fp}.safetensors").is_file()})
     if not todo:
-        return out
+        return
     samples = DrakePublicSplit(data_root).samples()
     done: set[str] = set()
     for model_id in [anchor, *[m for m in todo if m != anchor]]:
@@ -201,4 +227,3 @@ def align_federation_bases(config: FederationConfig, data_root: Path, loaded: di
             log.info("aligned %s: %s", model_id, alignment_summary(bases.metrics))
         save_aligned_bases(bases, out)
         done.add(fp)
-    return out

@@ -15,6 +15,7 @@ are only the current address of a client and may change when a SuperNode restart
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -83,6 +84,11 @@ def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
     )
 
 
+#: seconds before a node's unanswered handshake is asked again (then doubling; see register_nodes):
+#: long enough for 20 ClientApps starting at once on 2 cores (about 150 s here)
+HANDSHAKE_FIRST_WAIT = 300.0
+
+
 class FedMosaicStrategy(Strategy):
     """RELA per-client aggregation (and the baselines on the same code path).
 
@@ -111,18 +117,33 @@ class FedMosaicStrategy(Strategy):
 
     # ------------------------------------------------------------------ handshake
     def register_nodes(self, grid: Grid, node_ids: Iterable[int], timeout: float) -> None:
-        """Ask unknown nodes who they are; map stable client ids to current node ids."""
-        known_nodes = set(self.node_of.values())
-        unknown = [n for n in node_ids if n not in known_nodes]
-        if not unknown:
-            return
-        messages = [
-            Message(RecordDict({records.CONFIG: ConfigRecord({"server-round": 0})}),
-                    dst_node_id=node_id, message_type=MessageType.QUERY, group_id="handshake")
-            for node_id in unknown
-        ]
-        for reply in grid.send_and_receive(messages, timeout=timeout):
-            self.register_reply(reply)
+        """Ask unknown nodes who they are; map stable client ids to current node ids.
+
+        A node that has not answered is asked again, after :data:`HANDSHAKE_FIRST_WAIT` seconds,
+        then twice as long each time, until ``timeout``: Flower's SuperNode drops a reply whose
+        push fails (e.g. HTTP 500 while the SuperLink's database is busy), and the question is
+        cheap and safe to repeat. A node that answered, even unusably, is not asked again."""
+        nodes = list(node_ids)
+        answered: set[int] = set()
+        deadline = time.monotonic() + timeout
+        wait = HANDSHAKE_FIRST_WAIT
+        for attempt in itertools.count():
+            known_nodes = set(self.node_of.values())
+            pending = [n for n in nodes if n not in known_nodes and n not in answered]
+            left = deadline - time.monotonic()
+            if not pending or left <= 0:
+                return
+            if attempt:
+                log.warning("handshake: no answer yet from node(s) %s; asking again", ", ".join(map(str, pending)))
+            messages = [
+                Message(RecordDict({records.CONFIG: ConfigRecord({"server-round": 0})}),
+                        dst_node_id=node_id, message_type=MessageType.QUERY, group_id="handshake")
+                for node_id in pending
+            ]
+            for reply in grid.send_and_receive(messages, timeout=min(wait, left)):
+                answered.add(reply.metadata.src_node_id)
+                self.register_reply(reply)
+            wait *= 2
 
     def register_reply(self, reply: Message) -> str | None:
         """Record one handshake reply; the client id, or None when the reply is unusable."""

@@ -112,6 +112,7 @@ def test_compose_validates_and_runs_secure_process_isolated_services(files: tupl
         clientapps = runtimes[f"{name}:9094"]  # ... and one per SuperNode, for its ClientApps
         gpus = clientapps.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
         assert (bool(gpus) and gpus[0]["capabilities"] == ["gpu"]) == (len(files) == 1)  # the CPU file drops them
+        assert clientapps["cpu_shares"] < services["superlink"].get("cpu_shares", 1024)  # apps yield to Flower
     assert len(runtimes) == len(nodes) + 1
     assert "/health" in " ".join(services["superlink"]["healthcheck"]["test"])
     assert all(s.get("restart") in ("unless-stopped", "no") for s in services.values())

@@ -73,7 +73,8 @@ def test_unknown_client_id_is_refused_before_any_process(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -> None:
     """``docker stop`` or a CI timeout sends SIGTERM: the command exits and takes the SuperLink
-    and every SuperNode it started with it (found by the cache path in their command lines)."""
+    and every SuperNode it started with it (found by the cache path in their command lines), also
+    when a second SIGTERM arrives during that cleanup."""
     env = dict(os.environ, FEDMOSAIC_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
     args = ["local-deployment", "--clients", "0,1", "--insecure", "-c", "pretrained=false", "-c", "align-bases=false",
             "-c", "num-server-rounds=50", "-c", "run-name='sigterm'"]
@@ -88,6 +89,8 @@ def test_sigterm_stops_the_superlink_and_supernodes_it_started(tmp_path: Path) -
         time.sleep(3)
         assert len(_processes_mentioning(str(tmp_path))) >= 3  # SuperLink + 2 SuperNodes
         process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        process.send_signal(signal.SIGTERM)  # ``timeout`` and ``docker stop`` signal the group: a second one mid-cleanup
         assert process.wait(timeout=60) == 128 + signal.SIGTERM
         deadline = time.monotonic() + 30
         while _processes_mentioning(str(tmp_path)) and time.monotonic() < deadline:
@@ -165,6 +168,14 @@ def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
+def _file_digests(client_state: Path, round_dir: str) -> dict[str, str]:
+    """SHA-256 of every file a client saved for one round (``<run>/client-<id>/round-NNNN/``)."""
+    import hashlib
+
+    return {str(p.relative_to(client_state)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(client_state.rglob("*")) if p.is_file() and round_dir in p.parts}
+
+
 def _wait(condition, timeout: float, what: str) -> float:  # type: ignore[no-untyped-def]
     started = time.monotonic()
     while not condition():
@@ -175,19 +186,22 @@ def _wait(condition, timeout: float, what: str) -> float:  # type: ignore[no-unt
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"), reason="network namespaces need root and iproute2")
-def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
+def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_killed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The SuperLink in one network namespace, three SuperNodes in three others and the operator's
     flwr CLI in a fifth, joined only by veth links (10.200.i.0/24): TLS with the links' addresses
-    in the certificate, SuperNode authentication, process isolation; 3 FedMosaic rounds.
+    in the certificate, SuperNode authentication, process isolation; 4 FedMosaic rounds.
 
     - After round 1 the SuperLink restarts (same port and database): the run goes on.
     - In round 2 client 1's SuperNode and SuperExec are SIGKILLed while its ClientApp trains: the
       round completes with the others once the SuperLink declares the node lost, and the ServerApp
       log names the client and NODE_UNAVAILABLE.
     - Restarted (same key, same client id), client 1 rejoins round 3 from the state it saved after
-      round 1. Every client's state is safetensors and JSON only (no pickle)."""
+      round 1, its saved adapter untouched.
+    - After round 3 the ServerApp is SIGKILLed; the operator stops the run, and a new ``flwr run``
+      with ``resume`` continues at round 4 from the round-3 checkpoint, every client from its
+      round-3 state (unchanged on disk). Every client's state is safetensors and JSON only."""
     from concurrent.futures import ThreadPoolExecutor
 
     from drake_data.mini.builder import build_drake_mini
@@ -222,7 +236,7 @@ def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
         monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path / "cache"))
         data_root = build_drake_mini(tmp_path / "mini", seed=0, size="tiny")
         overrides = {
-            "num-server-rounds": 3, "local-steps": 2, "batch-size": 4, "eval-max-samples": 2,
+            "num-server-rounds": 4, "local-steps": 2, "batch-size": 4, "eval-max-samples": 2,
             "eval-others-max-samples": 2, "rounds-per-task": 1, "pretrained": False, "align-bases": False,
             "eval-unseen": False, "run-name": "hosts", "data-root": str(data_root),
             "output-dir": str(tmp_path / "runs"), "min-clients": 3, "round-timeout": 300.0,
@@ -255,9 +269,10 @@ def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
 
         nodes = [start_node(i) for i in range(3)]
         processes += [p for started in nodes for p in started]
+        run_ids: list[int] = []
         with ThreadPoolExecutor(1) as pool:
             run = pool.submit(launch.flwr_run, Path(__file__).resolve().parents[1], link, run_config=overrides,
-                              log_path=log_path, timeout=1200)
+                              log_path=log_path, timeout=1200, on_submitted=run_ids.append)
             _wait(lambda: len([r for r in _rows(run_dir) if r["round"] == 1]) == 3, 600, "round 1")
             outage = time.monotonic()
             launch.stop_process_group(link.process)
@@ -267,6 +282,7 @@ def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
             outage = time.monotonic() - outage
             superexec_1 = nodes[1][1]
             _wait(lambda: bool(_children(superexec_1.pid)), 300, "client 1's round-2 ClientApp")
+            round_1_state = _file_digests(tmp_path / "state" / "client-1", "round-0001")
             for process in nodes[1]:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
@@ -276,8 +292,30 @@ def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
             processes += restarted
             rejoined_after = _wait(lambda: any(str(r["client"]) == "1" and r["round"] == 3 for r in _rows(run_dir)),
                                    600, "client 1 in round 3")
-            run_id, status = run.result(timeout=900)
-        assert status == "finished:completed", (run_id, status, log_path.read_text()[-3000:])
+            assert _file_digests(tmp_path / "state" / "client-1", "round-0001") == round_1_state
+            # the ServerApp dies once round 3 is checkpointed; the operator stops the run
+            latest = run_dir / "checkpoints" / "LATEST"
+            _wait(lambda: latest.is_file() and latest.read_text().strip() == "round-0003", 300, "round 3's checkpoint")
+            serverapps = _children(processes[1].pid)  # the ServerApp SuperExec's children
+            assert serverapps, "no ServerApp process under the SuperExec"
+            for pid in serverapps:
+                os.kill(pid, signal.SIGKILL)
+            round_3_states = {i: _file_digests(tmp_path / "state" / f"client-{i}", "round-0003") for i in range(3)}
+            assert all(round_3_states.values())
+            try:
+                launch.flwr_stop(link, run_ids[0])
+            except launch.LaunchError:  # the SuperLink may already have failed it (lost ServerApp)
+                assert launch.run_status(link, run_ids[0]).startswith("finished")
+            killed_run_id, killed_status = run.result(timeout=300)
+        assert killed_status != "finished:completed", killed_status
+        resumed_id, status = launch.flwr_run(Path(__file__).resolve().parents[1], link,
+                                             run_config={**overrides, "resume": True},
+                                             log_path=tmp_path / "serverapp-resumed.log", timeout=900)
+        assert status == "finished:completed", (resumed_id, status, (tmp_path / "serverapp-resumed.log").read_text()[-3000:])
+        assert resumed_id != killed_run_id
+        assert "after round 3" in (tmp_path / "serverapp-resumed.log").read_text()
+        for i in range(3):  # round 4 started from these: none was rewritten or lost
+            assert _file_digests(tmp_path / "state" / f"client-{i}", "round-0003") == round_3_states[i]
     finally:
         for process in reversed(processes):
             launch.stop_process_group(process)
@@ -289,7 +327,8 @@ def test_separate_hosts_survive_a_superlink_restart_and_a_node_lost_mid_round(
     assert "client 1 excluded" in server_log and "NODE_UNAVAILABLE" in server_log, server_log[-3000:]
     rows = _rows(run_dir)
     assert sorted((r["round"], str(r["client"])) for r in rows) == [
-        (1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "2"), (3, "0"), (3, "1"), (3, "2")]
+        (1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "2"), (3, "0"), (3, "1"), (3, "2"), (4, "0"), (4, "1"), (4, "2")]
+    assert [r["round"] for r in rows] == sorted(r["round"] for r in rows)  # rounds 1-3 kept, 4 appended once
     first, back = (next(r for r in rows if str(r["client"]) == "1" and r["round"] == k) for k in (1, 3))
     assert back["replay_size"] > first["replay_size"]  # it went on from round 1's state, not from scratch
     for i in range(3):

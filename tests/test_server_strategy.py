@@ -459,3 +459,34 @@ def test_a_lost_node_is_named_by_the_message_it_answers(tmp_path: Path, caplog: 
     reason = result.strategy.last_outcome.excluded["c3"]
     assert "NODE_UNAVAILABLE" in reason and "Node 103 is unavailable" in reason
     assert any("client c3 excluded" in r.getMessage() and "NODE_UNAVAILABLE" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_whose_handshake_reply_was_lost_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flower's SuperNode drops a reply whose push fails (HTTP 500 while the SuperLink's database
+    is busy): the node never answers that question. The server asks it again and it joins."""
+    from server_app import strategy as strategy_module
+
+    monkeypatch.setattr(strategy_module, "HANDSHAKE_FIRST_WAIT", 0.01)
+    clients = _clients()
+    asked: list[int] = []
+
+    class LosesFirstAnswer:
+        def __init__(self, client: MockClient) -> None:
+            self.client = client
+
+        def __call__(self, msg: Message) -> Message | None:
+            if msg.metadata.message_type == MessageType.QUERY:
+                asked.append(msg.metadata.dst_node_id)
+                if asked.count(msg.metadata.dst_node_id) == 1:
+                    return None  # lost on the way
+            return self.client(msg)
+
+    handlers = {**clients, 101: LosesFirstAnswer(clients[101])}
+    with caplog.at_level(logging.WARNING):
+        result = run_federation(InProcessGrid(handlers), _config(tmp_path, **{"num-server-rounds": 1}))
+    assert asked == [101, 101]  # asked exactly once more
+    assert result.strategy.node_of["c1"] == 101
+    assert result.strategy.last_outcome is not None and "c1" in result.strategy.last_outcome.replied
+    assert any("no answer yet from node(s) 101; asking again" in r.getMessage() for r in caplog.records)
