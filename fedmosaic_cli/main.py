@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -178,7 +177,12 @@ def _run_one(
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
     (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
     from fedmosaic_cli.launch import flwr_run, local_deployment, simulation_superlink
-    from fedmosaic_flower.prepare import load_run_scenario, prepare_data, scenario_path
+    from fedmosaic_flower.prepare import (
+        load_run_scenario,
+        prepare_data,
+        prepare_models,
+        scenario_path,
+    )
 
     config = _config(app_dir, overrides)
     started = time.monotonic()
@@ -193,8 +197,8 @@ def _run_one(
             typer.secho(f"unknown client id(s) {', '.join(unknown)}: scenario {config.scenario!r} has "
                         f"{', '.join(sorted(known, key=int))}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
-    models = _ModelPreparation(config, data_root)
-    models.wait_for_a_free_core()
+    prepare_models(config, data_root)
+    prepared_s = time.monotonic() - started
     if not config.data_root:
         overrides = {**overrides, "data-root": str(data_root)}
     if not config.output_dir:
@@ -236,7 +240,6 @@ def _run_one(
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(deployment_clients))
             run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
-    prepared_s = models.finished_after() - started  # raises the preparation's error, if it failed
     elapsed = time.monotonic() - started
     if status != "finished:completed":
         raise RunFailed(f"Flower run {run_id} ended with status {status!r}; log: {log_path}")
@@ -250,49 +253,6 @@ def _run_one(
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": summary})
     return summary
-
-
-class _ModelPreparation:
-    """The run's models prepared (presets pretrained, A/B aligned) in a background thread, so that
-    Flower can start while the last preset still trains on one core: its start-up (SuperLink,
-    ``flwr run``, the ServerApp, Ray) then overlaps that training. The ServerApp's own preparation
-    waits on each preset's and the alignment's file lock and reuses what this one built."""
-
-    def __init__(self, config: FederationConfig, data_root: Path) -> None:
-        from fedmosaic_flower.prepare import prepare_models
-
-        self._free_core = threading.Event()
-        self._error: BaseException | None = None
-        self._finished_at = 0.0
-
-        def progress(done: int, total: int) -> None:
-            if total - done <= 1:
-                self._free_core.set()
-
-        def prepare() -> None:
-            try:
-                prepare_models(config, data_root, on_progress=progress)
-            except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                self._error = err
-            finally:
-                self._finished_at = time.monotonic()
-                self._free_core.set()
-
-        self._thread = threading.Thread(target=prepare, name="prepare-models", daemon=True)
-        self._thread.start()
-
-    def wait_for_a_free_core(self) -> None:
-        """Until at most one preset is left to train (or all is done); its error, if it failed."""
-        self._free_core.wait()
-        if self._error is not None:
-            raise self._error
-
-    def finished_after(self) -> float:
-        """When the preparation finished (time.monotonic), once it has; its error, if it failed."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._finished_at
 
 
 FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was asked for and its summary

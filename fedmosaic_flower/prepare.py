@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -176,18 +175,15 @@ def prepare_data(config: FederationConfig) -> Path:
     return resolve_data_root(config)
 
 
-def prepare_models(
-    config: FederationConfig, data_root: Path, on_progress: Callable[[int, int], None] | None = None
-) -> None:
-    """Pretrain the scenario's presets (once, cached, in parallel workers) and align A/B.
-    ``on_progress(done, total)`` follows the presets that must be trained (see prepare_presets).
-    Safe to run in several processes at once: each preset and the alignment are built under a
-    file lock, so a second caller waits and reuses the first one's result."""
+def prepare_models(config: FederationConfig, data_root: Path) -> None:
+    """Pretrain the scenario's presets (once, cached, in parallel workers) and align A/B. Safe to
+    run in several processes at once: each preset and the alignment are built under a file lock,
+    so a second caller waits and reuses the first one's result."""
     scenario = load_run_scenario(config, data_root)
     model_ids = sorted({c.model_id for c in scenario.clients})
     presets = [m for m in model_ids if m in PRESETS]
     if config.pretrained and presets:
-        prepare_presets(DrakePublicSplit(data_root), seed=config.seed, presets=presets, on_progress=on_progress)
+        prepare_presets(DrakePublicSplit(data_root), seed=config.seed, presets=presets)  # in parallel
     loaded = {m: load_run_model(config, m, data_root, quantization="none") for m in model_ids}
     if config.align_bases and len(model_ids) > 1:
         align_federation_bases(config, data_root, loaded)

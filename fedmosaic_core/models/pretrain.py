@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -301,12 +301,10 @@ def prepare_presets(
     *,
     steps: dict[str, int] | None = None,
     workers: int | None = None,
-    on_progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Path]:
     """Prepare (or reuse) every preset; returns ``{preset: directory}``. Presets that must be
     trained are trained in ``workers`` processes (default: one per core, at most one per preset),
-    each with ``cores // workers`` threads. ``on_progress(done, total)`` is called before
-    training and after each trained preset (total: the presets that had to be trained)."""
+    each with ``cores // workers`` threads."""
     names = list(presets) if presets is not None else list(PRESETS)
     for name in names:
         preset_spec(name)
@@ -317,22 +315,16 @@ def prepare_presets(
     todo = [n for n in names if not (models_dir / prepared_dir_name(n, seed, data_hash) / "prepare.json").is_file()]
     cores = os.cpu_count() or 1
     workers = max(1, min(workers or cores, len(todo)))
-    report = on_progress or (lambda done, total: None)
-    report(0, len(todo))
-    trained = 0
     if len(todo) > 1 and workers > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
         samples = list(public.samples())  # rendered only when something must be trained
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             jobs = [pool.submit(_prepare_in_worker, n, samples, models_dir, seed, configs[n], data_hash,
                                 max(1, cores // workers)) for n in todo]
-            for job in as_completed(jobs):
+            for job in jobs:
                 job.result()
-                trained += 1
-                report(trained, len(todo))
-        todo = []
     out: dict[str, Path] = {}
     samples_once: list[SampleLike] | None = None
     for name in names:
@@ -340,7 +332,4 @@ def prepare_presets(
         if samples_once is None and not (ready / "prepare.json").is_file():
             samples_once = list(public.samples())
         out[name] = prepare_preset(name, samples_once or [], models_dir, seed, configs[name], data_hash=data_hash)
-        if name in todo:
-            trained += 1
-            report(trained, len(todo))
     return out
