@@ -148,7 +148,7 @@ def _start_superlink(
     with the same database in ``flwr_home``); default a free one. ``persistent``: the state in
     ``flwr_home/state.db`` (it survives a restart), else in memory (Flower's default)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    # flwr 1.41 serves the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
+    # flwr 1.41-1.42 serve the Runtime, Control and Fleet HTTP APIs on one port (--host/--port).
     http_port, health_port = port or free_port(), free_port()
     # Flower starts its own helpers (flower-superexec, flwr-simulation) by name: _flower_env puts
     # this interpreter's scripts first on PATH, also when the venv is not activated (CI, make).
