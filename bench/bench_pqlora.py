@@ -14,6 +14,7 @@ the growth above the post-build baseline (activations, gradients, optimiser stat
 ``torch.cuda.max_memory_allocated`` with the same baseline.
 
     python bench/bench_pqlora.py [--device cuda] [--layers 8] [--hidden 512] [--steps 10]
+    python bench/bench_pqlora.py --model smollm2-135m     # the real pretrained SmolLM2-135M-Instruct
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ TIME_TARGET, MEMORY_TARGET = 1.25, 1.10
 
 def base_model(args: argparse.Namespace) -> LlamaForCausalLM:
     torch.manual_seed(0)
+    if args.model:  # a real pretrained checkpoint, e.g. smollm2-135m (fp32, CPU)
+        from fedmosaic_core.models.loading import load_model
+
+        model = load_model(args.model).model
+        if not isinstance(model, LlamaForCausalLM):
+            raise SystemExit(f"--model {args.model}: a Llama-architecture causal LM is needed here")
+        return model
     cfg = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
@@ -145,8 +153,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="", help="a real Llama-architecture model instead of a random "
+                        "one (e.g. smollm2-135m); --hidden, --layers and --vocab are then read from it")
     parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model:
+        from fedmosaic_core.models.loading import load_model
+
+        config = load_model(args.model).model.config
+        args.hidden, args.layers, args.vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    return args
 
 
 def main() -> None:
@@ -173,7 +189,7 @@ def main() -> None:
 
     r = args.hidden // 16
     print(
-        f"Llama hidden={args.hidden} layers={args.layers} vocab={args.vocab} batch={args.batch}×"
+        f"{args.model or 'random Llama'} hidden={args.hidden} layers={args.layers} vocab={args.vocab} batch={args.batch}×"
         f"{args.seq} r={r} dropout={args.dropout} device={args.device} threads={args.threads}"
     )
     job = {v: memory[v]["peak_mib"] - memory[v]["imports_mib"] for v in VARIANTS}
