@@ -205,9 +205,7 @@ def _isolation_args(superexec_secret: Path | None) -> list[str]:
 IN_MEMORY_STATE = ":flwr-in-memory:"
 
 #: niceness of the ClientApps a local deployment starts: on a shared host they yield the CPU to
-#: the SuperLink and SuperNodes. A starved SuperLink holds its SQLite lock past Flower's 5 s
-#: busy timeout; the SuperNode's push then fails with HTTP 500 and Flower drops that reply
-#: (seen here with 20 SuperNodes on 2 cores).
+#: the SuperLink and SuperNodes (a starved SuperLink fails pushes; see :func:`local_deployment`)
 CLIENTAPP_NICENESS = 10
 
 
