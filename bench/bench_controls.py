@@ -26,9 +26,8 @@ import typer
 from PIL import Image
 
 from client_app.evaluation import score_samples
+from client_app.export import open_finished_client
 from client_app.resources import get_resources
-from client_app.state import ClientStateStore, restore_adapter_from
-from client_app.training import FedMosaicClient
 from drake_data.answers import gold_index
 from drake_data.metrics import chance_level
 from fedmosaic_flower.config import parse_run_config
@@ -50,7 +49,6 @@ def main(
     config = parse_run_config({k.replace("_", "-"): v for k, v in saved.items()})
     torch.set_num_threads(config.torch_threads or 1)
     resources = get_resources(config)
-    last = max(int(json.loads(line)["round"]) for line in (run_dir / "rounds.jsonl").read_text().splitlines())
     rng = np.random.default_rng(0)
     rows = []
     columns = ["chance", "format_only", "best_constant", "trained", "blind"] + (["generated", "unparsable"] if generation else [])
@@ -58,9 +56,7 @@ def main(
                + "|---" * (3 + len(columns)) + "|")
     for entry in resources.scenario.clients:
         cid = str(entry.client_id)
-        client = FedMosaicClient(config, resources, cid, run_dir / "clients")
-        adapted = client._adapted()
-        restore_adapter_from(ClientStateStore(run_dir / "clients", config.resolved_run_name, cid).load(last), adapted.model)
+        adapted = open_finished_client(run_dir, cid).adapted  # its adapter of the last round it completed
         adapted.model.eval()
         for ref in entry.datasets:
             samples = resources.test_samples(ref, config.eval_max_samples)

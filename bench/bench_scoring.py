@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import typer
 
+from client_app.export import open_finished_client
 from client_app.resources import get_resources
-from client_app.state import ClientStateStore, restore_adapter_from
-from client_app.training import FedMosaicClient
 from fedmosaic_core.models.scoring import _one_row_per_option, option_log_likelihoods
 from fedmosaic_flower.config import parse_run_config
 
@@ -41,14 +40,12 @@ def main(
     config = parse_run_config({k.replace("_", "-"): v for k, v in saved.items()})
     torch.set_num_threads(threads)
     resources = get_resources(config)
-    last = max(int(json.loads(line)["round"]) for line in (run_dir / "rounds.jsonl").read_text().splitlines())
     typer.echo("| client | model | task | rows | per-row s | shared-prompt s | speed-up | picks equal | max abs diff |\n"
                "|---|---|---|---|---|---|---|---|---|")
     totals = [0.0, 0.0]
     for entry in resources.scenario.clients:
         cid = str(entry.client_id)
-        adapted = FedMosaicClient(config, resources, cid, run_dir / "clients")._adapted()
-        restore_adapter_from(ClientStateStore(run_dir / "clients", config.resolved_run_name, cid).load(last), adapted.model)
+        adapted = open_finished_client(run_dir, cid).adapted  # its adapter of the last round it completed
         model, processor = adapted.model.eval(), adapted.loaded.processor
         for ref in entry.datasets:
             samples = [s for s in resources.test_samples(ref, questions) if s.choices]

@@ -91,19 +91,23 @@ class Resources:
         key = (model_id, config.quantization, config.seed, config.pretrained, config.r, config.alpha,
                config.dropout, config.align_bases)
         if key not in self.models:
-            loaded = load_run_model(config, model_id, self.data_root)
-            model = inject_pqlora(
-                loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, seed=config.seed)
-            )
-            arch = loaded.fingerprint.with_rank(config.r).id
-            folder = bases_dir(config, smallest_model([c.model_id for c in self.scenario.clients]), self.data_root)
-            if config.align_bases and (folder / f"{arch}.safetensors").is_file():
-                load_aligned_bases(model, folder)
-                log.info("loaded aligned A/B for %s from %s", model_id, folder)
-            else:
-                log.info("%s: seeded orthonormal A/B (no alignment file in %s)", model_id, folder)
-            self.models[key] = AdaptedModel(loaded, model, adapter_snapshot(model), arch)
+            self.models[key] = self.build_adapted(config, model_id)
         return self.models[key]
+
+    def build_adapted(self, config: FederationConfig, model_id: str) -> AdaptedModel:
+        """A new, uncached :meth:`adapted` model (for a caller that changes it for good, e.g. a merge)."""
+        loaded = load_run_model(config, model_id, self.data_root)
+        model = inject_pqlora(
+            loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, seed=config.seed)
+        )
+        arch = loaded.fingerprint.with_rank(config.r).id
+        folder = bases_dir(config, smallest_model([c.model_id for c in self.scenario.clients]), self.data_root)
+        if config.align_bases and (folder / f"{arch}.safetensors").is_file():
+            load_aligned_bases(model, folder)
+            log.info("loaded aligned A/B for %s from %s", model_id, folder)
+        else:
+            log.info("%s: seeded orthonormal A/B (no alignment file in %s)", model_id, folder)
+        return AdaptedModel(loaded, model, adapter_snapshot(model), arch)
 
     def probe(self, config: FederationConfig) -> tuple[LoadedModel, TaskVectorProbe]:
         """The frozen probe model of the run (adapters off) and its task-vector probe."""

@@ -441,6 +441,40 @@ def register_supernodes(
 
 
 @app.command()
+def export(
+    run: str = typer.Option(..., help="a finished run: its folder, or its name under $FEDMOSAIC_CACHE/runs"),
+    client: str = typer.Option(..., help="the client id to export"),
+    out: Path = typer.Option(..., help="folder to write (new, or empty)"),
+    state_dir: Path | None = typer.Option(None, help="where the client's state is (default: the run's clients/; "
+                                                     "in a deployment, its SuperNode's state-dir)"),
+    beta_samples: int = typer.Option(32, help="own training samples per task the gates' mean β is taken over"),
+    eval_samples: int = typer.Option(0, help="test samples per own task scored gated and merged (0: all)"),
+) -> None:
+    """Write one client's personal model: a merged Hugging Face checkpoint (the gate fixed at its mean
+    β per module) and a peft LoRA adapter that reproduces it on the base, both checked by reloading."""
+    from client_app.export import ExportError, export_client, open_finished_client
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_dir = Path(run).expanduser()
+    if not run_dir.is_dir() and "/" not in run:
+        run_dir = cache_home() / "runs" / run
+    with expected_errors():
+        try:
+            finished = open_finished_client(run_dir, client, state_dir)
+            report = export_client(finished, out, beta_samples=beta_samples, eval_samples=eval_samples,
+                                   progress=typer.echo)
+        except ExportError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+    rows = "\n".join(f"| {task} | {report['self_gated'][task]:.1f} | {report['self_merged'][task]:.1f} | "
+                     f"{report['self_gap'][task]:+.1f} |" for task in report["self_gated"])
+    typer.echo(f"client {client} ({report['model']}, {report['strategy']}, round {report['round']}); "
+               f"mean β {report['beta']['mean']:.3f} (per module {report['beta']['min']:.3f}-{report['beta']['max']:.3f})\n"
+               f"| task | gated | merged | merged − gated |\n|---|---|---|---|\n{rows}\n"
+               f"merged checkpoint: {out / 'model'}\npeft adapter:      {out / 'peft-adapter'} (base: {report['base']})")
+
+
+@app.command()
 def prepare(
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),

@@ -246,3 +246,47 @@ def test_client_state_store_loads_the_newest_state_and_refuses_lost_state(tmp_pa
     assert store.load_latest(4, at_least=3).meta["round"] == 3
     with pytest.raises(ClientStateError, match="newest state is from round 3"):
         store.load_latest(9, at_least=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_export_writes_a_clients_personal_model_that_reloads(data_root: Path, tmp_path: Path, quantization: str) -> None:
+    """`fedmosaic export` of a finished run's Qwen2 client (exported as the equivalent Llama
+    decoder) and the clear errors of bad input; a failed export leaves nothing behind."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedmosaic_cli.main import app as cli
+
+    config = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "quantization": quantization})
+    _run(config, [0, 3])
+    runner = CliRunner()
+
+    def export(*args: str) -> Any:
+        return runner.invoke(cli, ["export", "--run", str(config.run_dir), *args])
+
+    out = tmp_path / "personal"
+    result = export("--client", "3", "--out", str(out), "--beta-samples", "4", "--eval-samples", "4")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "export.json").read_text())
+    assert report["round"] == 1 and report["architecture"] == "llama" and report["base"].endswith("base")
+    assert report["checks"]["checkpoint_max_abs_logit_diff"] <= 1e-4
+    assert report["checks"]["peft_max_abs_logit_diff"] <= 1e-4
+    assert set(report["self_gated"]) == set(report["self_merged"]) == {"EasyVQA-0", "EasyVQA-1"}
+    assert 0.0 < report["beta"]["min"] <= report["beta"]["max"] < 1.0
+    for name in ("model/config.json", "model/model.safetensors", "peft-adapter/adapter_model.safetensors", "base/config.json"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "peft-adapter/adapter_config.json").read_text())["base_model_name_or_path"] == report["base"]
+    before = sorted(p.name for p in out.rglob("*"))
+
+    for args, message in (
+        (["--client", "3", "--out", str(out)], "exists and is not an empty folder"),
+        (["--client", "99", "--out", str(tmp_path / "x")], "client '99' is not in scenario"),
+        (["--client", "1", "--out", str(tmp_path / "x")], "client 1 has no saved round"),
+    ):
+        failed = export(*args)
+        assert failed.exit_code == 2 and message in failed.output, failed.output
+    failed = runner.invoke(cli, ["export", "--run", str(tmp_path / "nowhere"), "--client", "3", "--out", str(tmp_path / "x")])
+    assert failed.exit_code == 2 and "is not a run folder" in failed.output, failed.output
+    assert not (tmp_path / "x").exists() and sorted(p.name for p in out.rglob("*")) == before

@@ -61,6 +61,7 @@ class LoadedModel:
     processor: Any
     fingerprint: ArchitectureFingerprint
     name: str = ""
+    source: str = ""  # the checkpoint folder or hub id the weights came from ("" when built here)
 
     @property
     def tokenizer(self) -> Any:
@@ -251,7 +252,7 @@ def load_model(
         except GgufUnavailableError as error:
             raise ModelNotAvailableError(str(error)) from None
         model, processor = _load_checkpoint(folder, quantization, torch_dtype, torch_device, cache_dir)
-        return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
+        return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name, str(folder))
     if name.startswith("tiny-") and not Path(name).exists():
         preset_spec(name)  # raises UnknownPresetError naming the known presets
     path = Path(name).expanduser()
@@ -269,7 +270,7 @@ def load_model(
         if path.exists():
             raise
         raise _missing_model_error(name, error) from error
-    return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
+    return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name, str(path.resolve()) if path.exists() else name)
 
 
 def _load_preset(
@@ -309,4 +310,4 @@ def _load_preset(
         prepared = prepare_presets(public_split, cache_dir=cache_dir, seed=seed, presets=[name])
         directory = prepared[name]
     model, processor = _from_pretrained(str(directory), quantization, dtype, device)
-    return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name)
+    return LoadedModel(model, processor, ArchitectureFingerprint.of(model), name, str(directory))

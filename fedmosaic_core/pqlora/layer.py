@@ -52,6 +52,20 @@ GATE_NOISE_STD = math.log(2.0) + 1e-5  # softplus(x·w_noise) + 1e-5 with w_nois
 ADAPTER_DTYPE = torch.float32
 
 
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """A linear update ``x ↦ x·(up·down)ᵀ + bias``: ``down`` k × d_in, ``up`` d_out × k,
+    ``bias`` d_out or None (float32)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    bias: torch.Tensor | None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
 @dataclass
 class GateContext:
     """State shared by the model wrapper and all adapted layers of one model.
@@ -60,12 +74,14 @@ class GateContext:
     top-level forward; it is kept until the next forward so that activation checkpointing
     recomputes the same gates. ``pinned``: set while a caller fixes ``prompt_mask`` for calls that
     bypass the wrapper (:func:`.model.gate_pooling`). ``fixed_beta`` overrides every gate with a
-    constant β (e.g. 0.0: local branch only).
+    constant β (e.g. 0.0: local branch only). While ``observing``, every layer adds the β of
+    each forward's samples to its observed sum (:meth:`PQLoRAModel.observed_betas`).
     """
 
     prompt_mask: torch.Tensor | None = None
     pinned: bool = False
     fixed_beta: float | None = None
+    observing: bool = False
 
 
 def base_kind(base: nn.Module) -> str:
@@ -147,6 +163,7 @@ class _GatedDualAdapter(nn.Module):
         nn.init.zeros_(self.gate.weight)
         self._decoding_beta: torch.Tensor | None = None  # the last prompt's β, kept for decoding
         self._trained_beta = torch.zeros(2)  # Σ β and count of the samples seen in training mode
+        self._observed_beta = torch.zeros(2)  # the same while the context is observing
 
     @property
     def device(self) -> torch.device:
@@ -205,6 +222,13 @@ class _GatedDualAdapter(nn.Module):
             self._trained_beta = torch.zeros(2)
         return total, int(count)
 
+    def observed_beta_sum(self, reset: bool = False) -> tuple[float, int]:
+        """(Σ β, samples) of this gate over the forwards made while the context was observing."""
+        total, count = (float(v) for v in self._observed_beta.cpu())
+        if reset:
+            self._observed_beta = torch.zeros(2)
+        return total, int(count)
+
     def select_decoding_rows(self, indices: torch.Tensor) -> None:
         """Keep the prompt β of rows ``indices`` (repeats allowed), as a cache's batch is reindexed."""
         if self._decoding_beta is not None:
@@ -220,6 +244,9 @@ class _GatedDualAdapter(nn.Module):
         else:
             x3 = xf.reshape(-1, 1, xf.shape[-1])
         beta = self.gate_beta(x3, xf.ndim)
+        if self.context.observing:
+            seen = torch.stack([beta.detach().sum().float().cpu(), torch.tensor(float(beta.shape[0]))])
+            self._observed_beta = self._observed_beta + seen
         delta = self.mixed_delta(self.dropout(x3), beta)
         return result + delta.reshape(result.shape).to(result.dtype)
 
@@ -227,9 +254,15 @@ class _GatedDualAdapter(nn.Module):
         """β·G(x) + (1−β)·L(x) for ``x3`` (batch × tokens × d_in, already dropped out)."""
         raise NotImplementedError
 
+    def low_rank_update(self, beta: float) -> LowRankUpdate:
+        """The update ``β·G(x) + (1−β)·L(x) = x·(up·down)ᵀ + bias`` for a constant β, factored
+        (float32): what a merge adds to the base and what a LoRA adapter file holds."""
+        raise NotImplementedError
+
     def delta_weight_and_bias(self, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ΔW, Δb) with ``β·G(x) + (1−β)·L(x) = x·ΔWᵀ + Δb`` for a constant β (float32)."""
-        raise NotImplementedError
+        update = self.low_rank_update(beta)
+        return update.up @ update.down, update.bias
 
     def global_is_zero(self) -> bool:
         """Whether the global branch G outputs exactly 0 (no global has been loaded into it)."""
@@ -323,13 +356,12 @@ class PQLoRALinear(_GatedDualAdapter):
         latent = torch.baddbmm(q_mix, F.linear(x3, self.pq_A), p_mix)  # (x·Aᵀ)·P_β + Q_β
         return F.linear(latent, self.pq_B)
 
-    def delta_weight_and_bias(self, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def low_rank_update(self, beta: float) -> LowRankUpdate:
+        """down = P_βᵀ·A (r × d_in), up = s·B, bias = s·B·Q_β."""
         with torch.no_grad():
             p = (1.0 - beta) * self.pq_P["local"] + beta * self.pq_P["global"]
             q = (1.0 - beta) * self.pq_Q["local"] + beta * self.pq_Q["global"]
-            delta_w = self.scaling * (self.pq_B @ p.T @ self.pq_A)
-            delta_b = self.scaling * (self.pq_B @ q)
-        return delta_w, delta_b
+            return LowRankUpdate(p.T @ self.pq_A, self.scaling * self.pq_B, self.scaling * (self.pq_B @ q))
 
     def global_is_zero(self) -> bool:
         return not bool(self.pq_P["global"].any()) and not bool(self.pq_Q["global"].any())
@@ -377,12 +409,15 @@ class DualLoRALinear(_GatedDualAdapter):
         coef = torch.cat([(1.0 - b3) * s, b3 * s], dim=-1).repeat_interleave(self.r, dim=-1)
         return F.linear(F.linear(x3, a_both) * coef, b_both)
 
-    def delta_weight_and_bias(self, beta: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def low_rank_update(self, beta: float) -> LowRankUpdate:
+        """Both branches stacked: down = [A_local; A_global], up = s·[(1−β)·B_local, β·B_global]
+        (rank 2·lora_r); a global branch that is off (β = 0) or zero is left out (rank lora_r)."""
         with torch.no_grad():
-            local = self.lora_B["local"] @ self.lora_A["local"]
-            global_ = self.lora_B["global"] @ self.lora_A["global"]
-            delta_w = self.scaling * ((1.0 - beta) * local + beta * global_)
-        return delta_w, None
+            downs, ups = [self.lora_A["local"]], [(1.0 - beta) * self.scaling * self.lora_B["local"]]
+            if beta != 0.0 and not self.global_is_zero():
+                downs.append(self.lora_A["global"])
+                ups.append(beta * self.scaling * self.lora_B["global"])
+            return LowRankUpdate(torch.cat(downs, dim=0), torch.cat(ups, dim=1), None)
 
     def global_is_zero(self) -> bool:
         return not bool(self.lora_B["global"].any()) or not bool(self.lora_A["global"].any())

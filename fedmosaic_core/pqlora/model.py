@@ -21,7 +21,15 @@ from fedmosaic_core.modeling import IGNORE_INDEX, decoder_parts
 from fedmosaic_core.storage import atomic_write_with
 
 from .config import PQLoRAConfig
-from .layer import BRANCHES, DualLoRALinear, GateContext, PQLoRALinear, _GatedDualAdapter, base_kind
+from .layer import (
+    BRANCHES,
+    DualLoRALinear,
+    GateContext,
+    LowRankUpdate,
+    PQLoRALinear,
+    _GatedDualAdapter,
+    base_kind,
+)
 from .orthonormal import orthonormal_bases, seeded_generator
 from .state import (
     AdapterStateError,
@@ -70,7 +78,7 @@ def gate_pooling(
 
 
 #: projections of a decoder layer whose bias one config switch turns on (Llama, Mistral, …)
-_BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
+BIAS_SWITCHES = {"attention_bias": ("q_proj", "k_proj", "v_proj", "o_proj"),
                   "mlp_bias": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -81,30 +89,47 @@ def _declare_merged_biases(model: nn.Module) -> None:
     layers: Any = decoder_parts(model).layers
     config: Any = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for switch, names in _BIAS_SWITCHES.items():
-        linears = [(i, n, m) for i, layer in enumerate(layers) for n, m in layer.named_modules()
-                   if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+    for switch, names in BIAS_SWITCHES.items():
         if not hasattr(text_config, switch) or getattr(text_config, switch):
             continue
-        if not any(m.bias is not None for _, _, m in linears):
-            continue
-        for _, _, module in linears:
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
-                                                       device=module.weight.device), requires_grad=False)
-        setattr(text_config, switch, True)
-    try:  # which biases a model built from the config has (what from_pretrained loads into)
-        expected = {n for n, m in _one_layer_of(text_config).named_modules()
-                    if isinstance(m, nn.Linear) and m.bias is not None}
-    except Exception:  # noqa: BLE001 - an architecture we cannot rebuild: nothing to compare
-        return
-    lost = [f"{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
-            if isinstance(m, nn.Linear) and m.bias is not None and n not in expected]
+        if give_zero_biases(layers, names):
+            setattr(text_config, switch, True)
+    lost = undescribed_biases(model)
     if lost:
         projections = sorted({name.split(".", 1)[1] for name in lost})
         logger.warning("merge_and_unload: the merged biases of %d projection(s) (%s) are not described by "
                        "the model's config; a reload from the config would drop them. Keep the unmerged "
                        "adapter for this architecture", len(lost), ", ".join(projections))
+
+
+def give_zero_biases(layers: Any, names: tuple[str, ...]) -> bool:
+    """If any linear named in ``names`` (last name part) in ``layers`` has a bias, give every
+    other one of them a zero bias; returns whether any had one."""
+    linears = [m for layer in layers for n, m in layer.named_modules()
+               if n.rsplit(".", 1)[-1] in names and isinstance(m, nn.Linear)]
+    if not any(m.bias is not None for m in linears):
+        return False
+    for module in linears:
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                   device=module.weight.device), requires_grad=False)
+    return True
+
+
+def undescribed_biases(model: nn.Module, text_config: Any = None) -> list[str]:
+    """``"{layer}.{module}"`` of the decoder linears with a bias that a model built from
+    ``text_config`` (default: the model's own) would not have, so a reload would drop it."""
+    layers: Any = decoder_parts(model).layers
+    if text_config is None:
+        config: Any = model.config
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        expected = {n for n, m in _one_layer_of(text_config).named_modules()
+                    if isinstance(m, nn.Linear) and m.bias is not None}
+    except Exception:  # noqa: BLE001 - an architecture we cannot rebuild: nothing to compare
+        return []
+    return [f"{i}.{n}" for i, layer in enumerate(layers) for n, m in layer.named_modules()
+            if isinstance(m, nn.Linear) and m.bias is not None and n not in expected]
 
 
 def _one_layer_of(text_config: Any) -> nn.Module:
@@ -651,8 +676,65 @@ class PQLoRAModel(nn.Module):
         raise_if_problems(state_problems(tensors, self._spec(table), "adapter file"), f"load_adapter({folder})")
         self._write(table, tensors)
 
+    # -- constant-β views -------------------------------------------------------------------
+    def mean_betas(self, forward: Callable[[], object]) -> dict[str, float]:
+        """Mean β each adapted module's gate gives the samples of the forwards ``forward()`` makes
+        (eval mode: no noise), by module path; a β fixed by :meth:`set_fixed_beta` counts as it is.
+        Raises ``ValueError`` if some module saw no sample."""
+        self._check_not_merged()
+        for item in self._adapted:
+            item.adapter.observed_beta_sum(reset=True)
+        self._context.observing = True
+        try:
+            forward()
+        finally:
+            self._context.observing = False
+        sums = {item.path: item.adapter.observed_beta_sum(reset=True) for item in self._adapted}
+        unseen = [path for path, (_, count) in sums.items() if count == 0]
+        if unseen:
+            raise ValueError(f"{len(unseen)} adapted module(s) saw no sample (first: {unseen[0]})")
+        return {path: total / count for path, (total, count) in sums.items()}
+
+    def _betas_by_path(self, beta: float | Mapping[str, float] | None) -> dict[str, float]:
+        """One β per adapted module: a number for all, a mapping path → β (every module), or
+        ``None`` for the current gates, which must then be constant (fixed, or all zero: β = ½)."""
+        paths = [i.path for i in self._adapted]
+        if beta is None:
+            beta = self._context.fixed_beta
+            if beta is None:
+                varying = [i.path for i in self._adapted if bool(i.adapter.gate.weight.ne(0).any())]
+                if varying:
+                    raise ValueError(
+                        f"{len(varying)} gate(s) are input dependent (first: {varying[0]}): a merge "
+                        "is exact only for a constant β; pass beta=... (0.0 local, 1.0 global, or "
+                        "one β per module, e.g. from mean_betas)"
+                    )
+                beta = 0.5
+        if isinstance(beta, Mapping):
+            missing = [p for p in paths if p not in beta]
+            unknown = [p for p in beta if p not in set(paths)]
+            if missing or unknown:
+                raise ValueError(f"betas by module: {len(missing)} adapted module(s) missing (first: "
+                                 f"{(missing or ['-'])[0]}), {len(unknown)} unknown (first: {(unknown or ['-'])[0]})")
+            table = {p: beta[p] for p in paths}
+        else:
+            table = dict.fromkeys(paths, beta)
+        bad = {p: b for p, b in table.items()
+               if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= float(b) <= 1.0}
+        if bad:
+            path, value = next(iter(bad.items()))
+            raise ValueError(f"beta must be a number in [0, 1], got {value!r} for {path}")
+        return {p: float(b) for p, b in table.items()}
+
+    def low_rank_updates(self, beta: float | Mapping[str, float] | None = None) -> dict[str, LowRankUpdate]:
+        """Each adapted module's update at a constant β (as :meth:`merge_and_unload` takes it),
+        factored, by module path: what a LoRA adapter file reproducing the merge holds."""
+        self._check_not_merged()
+        betas = self._betas_by_path(beta)
+        return {i.path: i.adapter.low_rank_update(betas[i.path]) for i in self._adapted}
+
     # -- merge -----------------------------------------------------------------------------
-    def merge_and_unload(self, beta: float | None = None, dequantize: bool = False) -> nn.Module:
+    def merge_and_unload(self, beta: float | Mapping[str, float] | None = None, dequantize: bool = False) -> nn.Module:
         """Fold the adapters into dense linears and return the plain Hugging Face model.
 
         The merged layer is ``W + ΔW`` (plus a bias ``Δb`` from Q, added where the base had
@@ -662,7 +744,8 @@ class PQLoRAModel(nn.Module):
         - ``beta=None`` (default) uses the current gates, which must all be zero (β = ½) unless
           :meth:`set_fixed_beta` fixed them; any non-zero gate raises ``ValueError``;
         - ``beta=b`` merges ``(1−b)·local + b·global`` (0.0: local branch only, 1.0: global only)
-          and equals the unmerged model under ``set_fixed_beta(b)``.
+          and equals the unmerged model under ``set_fixed_beta(b)``;
+        - ``beta={path: b, ...}``: one constant β per adapted module (e.g. :meth:`mean_betas`).
 
         Quantised (4-bit / 8-bit) bases raise ``ValueError`` unless ``dequantize=True``, which
         replaces them by float32 dense layers holding dequantised W + ΔW (the unmerged model
@@ -677,25 +760,14 @@ class PQLoRAModel(nn.Module):
         the config would drop.
         """
         self._check_not_merged()
-        if beta is None:
-            beta = self._context.fixed_beta
-            if beta is None:
-                varying = [i.path for i in self._adapted if bool(i.adapter.gate.weight.ne(0).any())]
-                if varying:
-                    raise ValueError(
-                        f"{len(varying)} gate(s) are input dependent (first: {varying[0]}): a merge "
-                        "is exact only for a constant β; pass beta=... (0.0 local, 1.0 global)"
-                    )
-                beta = 0.5
-        if not isinstance(beta, (int, float)) or not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+        betas = self._betas_by_path(beta)
         quantised = [i.path for i in self._adapted if i.adapter.base_kind != "linear"]
         if quantised and not dequantize:
             raise ValueError(
                 f"{len(quantised)} adapted base(s) are quantised (first: {quantised[0]}); "
                 "merge_and_unload(dequantize=True) merges them into float32 dense layers"
             )
-        merged = [(i.path, i.adapter.merged_linear(float(beta), dequantize)) for i in self._adapted]
+        merged = [(i.path, i.adapter.merged_linear(betas[i.path], dequantize)) for i in self._adapted]
         for path, linear in merged:
             parent_path, _, child = path.rpartition(".")
             setattr(self.base_model.get_submodule(parent_path), child, linear)
