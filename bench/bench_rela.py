@@ -7,7 +7,8 @@ floor counts the two products that cannot be avoided: the task-similarity Gram
 timed in the same run to give the machine's achievable rate: once with one operand reused for
 every module (it stays in cache at small N), once with a distinct operand per module, as the
 aggregation reads 28 distinct client tensors per client. The aggregation is called as the
-strategy calls it, with the schemas declared at the handshake.
+strategy calls it: with the schemas declared at the handshake, on replies decoded into the rows
+of one round matrix (``records.decode_state(into=...)``), which it mixes in place.
 
     python bench/bench_rela.py --n 10 100 1000 [--device cuda] [--threads 1]
 """
@@ -29,15 +30,21 @@ BLOCKS = 4
 
 
 def make_updates(n: int, sketch_shape: tuple[int, int], seed: int) -> list[ClientUpdate]:
+    """Random replies, their shared states decoded as the strategy decodes them: into the rows of
+    one round matrix (keys in sorted order), each tensor a view of its client's row."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
+    spec = dict(sorted({f"pq.{k}.{module}.{part}": ((R, R) if part == "P" else (R,))
+                        for k in range(BLOCKS) for module in MODULES for part in ("P", "Q")}.items()))
+    width = sum(int(np.prod(shape)) for shape in spec.values())
+    rows = torch.randn(n, width, generator=gen)
     updates = []
     for i in range(n):
-        shared = {}
-        for k in range(BLOCKS):
-            for module in MODULES:
-                shared[f"pq.{k}.{module}.P"] = torch.randn(R, R, generator=gen)
-                shared[f"pq.{k}.{module}.Q"] = torch.randn(R, generator=gen)
+        shared, offset = {}, 0
+        for key, shape in spec.items():
+            size = int(np.prod(shape))
+            shared[key] = rows[i, offset : offset + size].view(shape)
+            offset += size
         tv = rng.standard_normal(sketch_shape, dtype=np.float32)
         updates.append(ClientUpdate(f"client-{i}", "llama-3.2-1b", shared, {}, tv))
     return updates

@@ -70,8 +70,9 @@ def encode_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
 
 
-def _check_array(array: Array, what: str) -> None:
-    """The array is a float32 npy buffer whose header agrees with its metadata and its size."""
+def _check_array(array: Array, what: str) -> int:
+    """The array is a float32 npy buffer whose header agrees with its metadata and its size;
+    returns where its data start in ``array.data``."""
     if array.stype != "numpy.ndarray":
         raise ProtocolError(f"{what}: unsupported array type {array.stype!r}")
     if array.dtype != "float32":
@@ -87,20 +88,47 @@ def _check_array(array: Array, what: str) -> None:
         raise ProtocolError(f"{what}: buffer holds {dtype} {shape}, metadata says float32 {tuple(array.shape)}")
     if math.prod(shape) * 4 != len(array.data) - buffer.tell():
         raise ProtocolError(f"{what}: buffer size does not match its shape {tuple(shape)}")
+    return buffer.tell()
 
 
-def decode_state(record: Any, what: str) -> dict[str, torch.Tensor]:
-    """ArrayRecord → float32 tensors, every array checked first."""
+def decode_state(
+    record: Any, what: str, into: torch.Tensor | None = None, spec: Spec | None = None
+) -> dict[str, torch.Tensor]:
+    """ArrayRecord → float32 tensors, every array checked first.
+
+    With ``into`` (a 1-D float32 CPU tensor of ``spec``'s total size) and a record that holds
+    exactly ``spec``'s keys and shapes, the arrays are copied straight from the message's bytes
+    into ``into``, in ``spec``'s key order, and the tensors returned are views of it: the server
+    decodes a round's replies into the rows of one matrix that the aggregation mixes in place. A
+    record that does not fit ``spec`` is decoded on its own (the aggregation names what is wrong)."""
     if not isinstance(record, ArrayRecord):
         raise ProtocolError(f"{what}: expected an ArrayRecord, got {type(record).__name__}")
     if len(record) > MAX_ARRAYS:
         raise ProtocolError(f"{what}: {len(record)} arrays (at most {MAX_ARRAYS})")
-    for key, array in record.items():
-        _check_array(array, f"{what}[{key!r}]")
+    starts = {key: _check_array(array, f"{what}[{key!r}]") for key, array in record.items()}
+    if into is not None and spec is not None and _fits(record, spec, into):
+        target = into.numpy()
+        out: dict[str, torch.Tensor] = {}
+        offset = 0
+        for key, shape in spec.items():
+            size = math.prod(shape)
+            target[offset : offset + size] = np.frombuffer(record[key].data, dtype="<f4", count=size, offset=starts[key])
+            out[key] = into[offset : offset + size].view(shape)
+            offset += size
+        return out
     try:
         return dict(record.to_torch_state_dict())
     except Exception as err:  # noqa: BLE001 - checked above; anything left is still a bad message
         raise ProtocolError(f"{what}: cannot decode ({err})") from None
+
+
+def _fits(record: ArrayRecord, spec: Spec, into: torch.Tensor) -> bool:
+    return (
+        set(record.keys()) == set(spec)
+        and all(tuple(record[key].shape) == tuple(shape) for key, shape in spec.items())
+        and into.dtype == torch.float32 and into.device.type == "cpu" and into.ndim == 1 and into.is_contiguous()
+        and into.numel() == sum(math.prod(shape) for shape in spec.values())
+    )
 
 
 def encode_task_vector(vector: np.ndarray | None) -> ArrayRecord:
@@ -211,8 +239,11 @@ def _scores(value: Any) -> dict[str, dict[str, float]]:
     return {split: {t: float(v) for t, v in tasks.items()} for split, tasks in value.items()}
 
 
-def parse_train_reply(content: RecordDict, max_bytes: float) -> TrainReply:
-    """Decode one train reply; ProtocolError with the reason when it is unusable."""
+def parse_train_reply(
+    content: RecordDict, max_bytes: float, shared_into: torch.Tensor | None = None, shared_spec: Spec | None = None
+) -> TrainReply:
+    """Decode one train reply; ProtocolError with the reason when it is unusable. ``shared_into``,
+    ``shared_spec``: decode the shared state into that buffer (:func:`decode_state`)."""
     size = content_bytes(content)
     if size > max_bytes:
         raise ProtocolError(f"reply of {size / 2**20:.1f} MB exceeds the limit of {max_bytes / 2**20:.1f} MB")
@@ -230,7 +261,7 @@ def parse_train_reply(content: RecordDict, max_bytes: float) -> TrainReply:
         client_id=info["client-id"],
         arch=info["arch"],
         model_id=info["model-id"],
-        shared=decode_state(records[LOCAL_SHARED], LOCAL_SHARED),
+        shared=decode_state(records[LOCAL_SHARED], LOCAL_SHARED, shared_into, shared_spec),
         same_arch=decode_state(records[LOCAL_SAME_ARCH], LOCAL_SAME_ARCH),
         task_vector=decode_task_vector(records[TASK_VECTOR]),
         metrics=metrics,

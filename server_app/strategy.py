@@ -213,17 +213,21 @@ class FedMosaicStrategy(Strategy):
         """The client a reply is about. An error reply that the SuperLink makes for a lost node
         (NODE_UNAVAILABLE) comes from the SuperLink's node id, so map it through the message it
         answers (the grid sets each sent message's id); else through the sender's node."""
-        answered = reply.metadata.reply_to_message_id
-        if answered:
-            for client, message in self._sent_messages.items():
-                if message.metadata.message_id == answered:
-                    return client
-        node_id = reply.metadata.src_node_id
-        return next((c for c, n in self._selected.items() if n == node_id), f"node-{node_id}")
+        return self._reply_clients([reply])[0]
 
-    def parse_reply(self, reply: Message, server_round: int) -> tuple[ClientUpdate, dict[str, Any]]:
+    def _reply_clients(self, replies: list[Message]) -> list[str]:
+        """:meth:`_client_of_reply` of each reply (with one lookup table for all)."""
+        by_message = {m.metadata.message_id: c for c, m in self._sent_messages.items() if m.metadata.message_id}
+        by_node = {n: c for c, n in self._selected.items()}
+        return [by_message.get(r.metadata.reply_to_message_id)
+                or by_node.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}") for r in replies]
+
+    def parse_reply(
+        self, reply: Message, server_round: int, shared_into: torch.Tensor | None = None, shared_spec: Spec | None = None
+    ) -> tuple[ClientUpdate, dict[str, Any]]:
         """Decode one train reply of ``server_round`` and check it against the handshake and the
-        message it answers: ProtocolError if unusable."""
+        message it answers: ProtocolError if unusable. ``shared_into``/``shared_spec``: where to
+        decode the shared state (:func:`fedmosaic_flower.records.decode_state`)."""
         if reply.has_error():
             raise ProtocolError(f"error reply {_error_name(reply.error.code)} (code {reply.error.code}): "
                                 f"{reply.error.reason}")
@@ -232,7 +236,7 @@ class FedMosaicStrategy(Strategy):
                 f"stale or foreign reply: it answers a {reply.metadata.message_type!r} message of group "
                 f"{reply.metadata.group_id!r}, not this round's train message (group '{server_round}')"
             )
-        decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20)
+        decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20, shared_into, shared_spec)
         known = self.clients.get(decoded.client_id)
         if known is None:
             raise ProtocolError(f"unknown client id {decoded.client_id!r} (no handshake)")
@@ -294,9 +298,19 @@ class FedMosaicStrategy(Strategy):
         ``configure_train``) and the round's MetricRecord; details in :attr:`last_outcome`."""
         outcome = RoundOutcome(server_round)
         updates: list[ClientUpdate] = []
-        for reply in replies:
+        expected_shared, expected_same_arch, refused = self.expected_schemas()
+        # The shared states are decoded straight into the rows of one round matrix, in client-id
+        # order (the order of every sum), which the aggregation then mixes in place.
+        replies = list(replies)
+        ordered = [reply for _, reply in sorted(zip(self._reply_clients(replies), replies, strict=True),
+                                                key=lambda pair: client_sort_key(pair[0]))]
+        row_spec = dict(sorted(expected_shared.items())) if expected_shared else None
+        width = sum(math.prod(shape) for shape in row_spec.values()) if row_spec else 0
+        round_rows = torch.empty(len(ordered), width) if width else None
+        for reply in ordered:
+            into = round_rows[len(updates)] if round_rows is not None else None
             try:
-                update, row = self.parse_reply(reply, server_round)
+                update, row = self.parse_reply(reply, server_round, into, row_spec)
             except Exception as err:  # noqa: BLE001 - any unreadable reply excludes its client, the round goes on
                 client = self._client_of_reply(reply)
                 log.warning("round %d: client %s excluded: %s", server_round, client, _reason(err))
@@ -316,7 +330,6 @@ class FedMosaicStrategy(Strategy):
         # replies arrive in whatever order the clients finish: aggregate in client-id order so the
         # floating-point sums, and hence a whole run, are reproducible for a seed
         updates.sort(key=lambda u: client_sort_key(u.client_id))
-        expected_shared, expected_same_arch, refused = self.expected_schemas()
         for update in [u for u in updates if u.client_id in refused]:
             outcome.excluded[update.client_id] = refused[update.client_id]
             log.warning("round %d: client %s excluded: %s", server_round, update.client_id, refused[update.client_id])

@@ -44,6 +44,20 @@ def test_state_round_trip_is_exact_and_float32() -> None:
         assert decoded[key].dtype == torch.float32 and torch.equal(decoded[key], value)
 
 
+def test_state_decodes_into_a_row_of_a_round_matrix_when_it_fits_the_schema() -> None:
+    spec = {"pq.0.q_proj.P": (4, 4), "pq.0.q_proj.Q": (4,)}
+    rows = torch.full((2, 20), float("nan"))
+    decoded = records.decode_state(records.encode_state(STATE), "s", into=rows[1], spec=spec)
+    assert torch.equal(rows[1], torch.cat([STATE["pq.0.q_proj.P"].reshape(-1), STATE["pq.0.q_proj.Q"]]))
+    for key, value in STATE.items():  # views of the row, in the schema's key order
+        assert torch.equal(decoded[key], value) and decoded[key].untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
+    assert bool(rows[0].isnan().all())  # the other row is untouched
+    # a record that does not fit (a key missing, a shape different) is decoded on its own
+    for state in ({"pq.0.q_proj.P": STATE["pq.0.q_proj.P"]}, {**STATE, "pq.0.q_proj.Q": torch.ones(5)}):
+        alone = records.decode_state(records.encode_state(state), "s", into=rows[0], spec=spec)
+        assert alone.keys() == state.keys() and bool(rows[0].isnan().all())
+
+
 def test_task_vector_round_trip() -> None:
     vector = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
     assert np.array_equal(records.decode_task_vector(records.encode_task_vector(vector)), vector)

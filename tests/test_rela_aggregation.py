@@ -324,3 +324,54 @@ def test_norm_bound_limits_a_client_scaled_a_million_times(caplog: pytest.LogCap
     np.testing.assert_array_equal(bounded.weights, unbounded.weights)  # relevance is not touched
     with pytest.raises(ValueError, match="norm_bound must be a number >= 0"):
         aggregate_global_states(updates, {}, norm_bound=-1.0)
+
+
+def _as_round_matrix(updates: list[ClientUpdate], order: list[int] | None = None) -> list[ClientUpdate]:
+    """The updates with their shared states copied into the rows of one matrix (sorted keys), as
+    the strategy decodes them; ``order``: which row each update's state goes to."""
+    spec = sorted(updates[0].shared)
+    width = sum(updates[0].shared[k].numel() for k in spec)
+    rows = torch.empty(len(updates), width)
+    out = []
+    for j, update in enumerate(updates):
+        row, views, offset = rows[(order or list(range(len(updates))))[j]], {}, 0
+        for key in spec:
+            value = update.shared[key]
+            row[offset : offset + value.numel()] = value.reshape(-1)
+            views[key] = row[offset : offset + value.numel()].view(value.shape)
+            offset += value.numel()
+        out.append(ClientUpdate(update.client_id, update.arch, views, update.same_arch, update.task_vector))
+    return out
+
+
+@pytest.mark.parametrize("order", [None, [1, 0, 2, 3, 4, 5]])
+def test_states_decoded_into_one_matrix_are_mixed_in_place_with_the_same_result(
+    order: list[int] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows of one matrix in update order are mixed without gathering (one product); any other
+    layout (here two rows swapped) is gathered as before. Both give the separate tensors' result."""
+    import fedmosaic_core.rela.aggregation as aggregation
+
+    found: list[bool] = []
+    real = aggregation._as_rows
+    monkeypatch.setattr(aggregation, "_as_rows", lambda states, spec: found.append(real(states, spec) is not None) or real(states, spec))
+    updates = _updates()
+    expected = aggregate_global_states(updates, {}, mode="fedmosaic")
+    found.clear()
+    got = aggregate_global_states(_as_round_matrix(updates, order), {}, mode="fedmosaic")
+    assert found[0] is (order is None)  # the shared part: in place exactly when the rows are in order
+    for cid, state in expected.globals.items():
+        for key, value in {**state.shared, **state.same_arch}.items():
+            assert torch.equal(got.globals[cid].shared.get(key, got.globals[cid].same_arch.get(key)), value)
+
+
+def test_a_nan_row_of_the_round_matrix_excludes_only_its_client() -> None:
+    updates = _updates()
+    stacked = _as_round_matrix(updates)
+    stacked[2].shared["pq.1.down_proj.Q"][0] = float("nan")
+    result = aggregate_global_states(stacked, {}, mode="fedmosaic")
+    assert set(result.excluded) == {"c2"} and "non-finite" in result.excluded["c2"]
+    reference = aggregate_global_states([u for u in updates if u.client_id != "c2"], {}, mode="fedmosaic")
+    for cid in reference.client_ids:
+        for key, value in reference.globals[cid].shared.items():
+            torch.testing.assert_close(result.globals[cid].shared[key], value, rtol=1e-6, atol=1e-7)

@@ -65,7 +65,15 @@ def test_aggregate_train_gives_the_reference_weights_and_per_client_globals(stra
     by_node = {v: k for k, v in NODE.items()}
     replies = [_train_reply(m, by_node[m.metadata.dst_node_id]) for m in reversed(messages)]
 
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    import fedmosaic_core.rela.aggregation as aggregation
+
+    stacked: list[bool] = []
+    real = aggregation._as_rows
+    with pytest.MonkeyPatch.context() as patch:  # the replies' shared states arrive as rows of one matrix
+        patch.setattr(aggregation, "_as_rows", lambda states, spec: stacked.append(real(states, spec) is not None)
+                      or real(states, spec))
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    assert stacked[0]
     assert arrays is None and metrics is not None and metrics["num-replied"] == 4
     assert strategy.last_weight_ids == GOLDEN["ids"]
     np.testing.assert_allclose(strategy.last_weights, np.array(GOLDEN["weights"]), rtol=1e-6, atol=1e-7)

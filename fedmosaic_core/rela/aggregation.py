@@ -5,9 +5,11 @@ For the M valid clients of a round, with weight matrix W (M × M)::
     shared (PQ P/Q, every architecture):   G_i[key] = Σ_j W_ij · L_j[key]
     same-arch (plain LoRA A/B):            G_i[key] = Σ_{j ∈ arch(i)} W_ij · L_j[key] / Σ_{j ∈ arch(i)} W_ij
 
-The clients' tensors are gathered a run of parameters at a time into a tile (M × a run of
-floats, small enough to stay in cache) and mixed with one matrix product ``W @ tile`` whose extra
-row of ones also finds NaN/Inf; each client's tensors are views into the result.
+The clients' tensors are mixed a run of parameters at a time (a tile of M × a run of floats,
+small enough to stay in cache) with one matrix product ``W @ tile`` whose extra row of ones also
+finds NaN/Inf; each client's tensors are views into the result. When the M states already are
+the rows of one matrix (the server decodes a round's replies that way), a tile is a column block
+of it; otherwise the tensors are gathered into the tile first.
 
 Modes:
 
@@ -129,6 +131,8 @@ def _task_vector_problem(vector: np.ndarray | None, expected: tuple[int, ...] | 
 # -- mixing ------------------------------------------------------------------------------------
 #: floats per gathered tile (all clients × a run of keys): small enough to stay in cache
 TILE_FLOATS = 1 << 18
+#: states already stacked as rows are mixed in one product while its result has at most this many floats
+WHOLE_FLOATS = 1 << 24
 
 
 def _key_runs(spec: Spec, width: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -150,26 +154,45 @@ def _mix_states(
     """``out[i][key] = Σ_j weights[i, j] · states[j][key]`` for every key of ``spec``, and the
     indices j of states holding NaN/Inf (whose results must not be used).
 
-    The clients' tensors are gathered a run of keys at a time into one tile (clients × floats)
-    that stays in cache and mixed with one matrix product. That product carries one more row of
-    weights, all ones: its output, the tile's column sums, is finite exactly when no client
-    holds NaN/Inf (or values near float32's limit), so the tile is read once; only a tile that
-    fails is checked client by client. Every output tensor is a view into its tile's result."""
+    States that already are the rows of one matrix (:func:`_as_rows`) are mixed in one product
+    (or, when its result would be large, a column block at a time). Others are gathered a run of
+    keys at a time into one tile (clients × floats) that stays in cache and mixed with one
+    product per tile. Each product carries one more row of weights, all ones: its output, the
+    column sums, is finite exactly when no client holds NaN/Inf (or values near float32's
+    limit), so the states are read once; only when that fails are they checked client by
+    client. Every output tensor is a view into a product's result."""
     n_out = int(weights.shape[0])
     w = torch.from_numpy(np.ascontiguousarray(np.vstack([weights, np.ones((1, len(states)))]), dtype=np.float32))
     w = w.to(device)
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
-    runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
-    widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
-    buffer = torch.empty(len(states) * max(widths, default=0), dtype=torch.float32)  # reused: no page faults
-    column_sums: list[torch.Tensor] = []  # one scalar per tile: NaN/Inf in any client propagate into it
-    for run, width in zip(runs, widths, strict=True):
-        sizes = [math.prod(shape) for _, shape in run]
-        tile = buffer[: len(states) * width].view(len(states), width)
-        for row, state in zip(tile, states, strict=True):
-            torch.cat([state[key].detach().reshape(-1) for key, _ in run], out=row)  # casts to float32
-        mixed = (w @ tile.to(device)).cpu()
+    column_sums: list[torch.Tensor] = []  # one scalar per product: NaN/Inf in any client propagate into it
+    stacked = _as_rows(states, spec)
+    if stacked is not None and (n_out + 1) * stacked.shape[1] <= WHOLE_FLOATS:
+        # one product for everything; each client's tensors are views of its row of the result
+        mixed = _product(w, stacked, device)
         column_sums.append(mixed[n_out].sum())
+        keys, shapes = list(spec), list(spec.values())
+        sizes = [math.prod(shape) for shape in shapes]
+        for output, row in zip(outputs, mixed[:n_out], strict=True):
+            for key, shape, part in zip(keys, shapes, torch.split(row, sizes), strict=True):
+                output[key] = part if len(shape) == 1 else part.view(shape)
+        runs = []
+    else:
+        runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
+    widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
+    buffer = torch.empty(0 if stacked is not None else len(states) * max(widths, default=0), dtype=torch.float32)
+    start = 0
+    for run, width in zip(runs, widths, strict=True):
+        if stacked is not None:
+            tile = stacked[:, start : start + width]  # a column block: nothing to gather
+        else:
+            tile = buffer[: len(states) * width].view(len(states), width)  # reused: no page faults
+            for row, state in zip(tile, states, strict=True):
+                torch.cat([state[key].detach().reshape(-1) for key, _ in run], out=row)  # casts to float32
+        start += width
+        mixed = _product(w, tile, device)
+        column_sums.append(mixed[n_out].sum())
+        sizes = [math.prod(shape) for _, shape in run]
         for (key, shape), block in zip(run, torch.split(mixed[:n_out], sizes, dim=1), strict=True):
             for output, value in zip(outputs, block.unflatten(1, shape).unbind(0), strict=True):
                 output[key] = value
@@ -180,6 +203,38 @@ def _mix_states(
     for key in spec:
         finite &= _finite_rows(torch.stack([state[key].detach().reshape(-1).float().cpu() for state in states]))
     return outputs, [j for j in range(len(states)) if not bool(finite[j])]
+
+
+def _product(w: torch.Tensor, tile: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``w @ tile`` on ``device``, the result on the CPU."""
+    mixed = w @ tile.to(device)
+    return mixed if mixed.device.type == "cpu" else mixed.cpu()
+
+
+def _as_rows(states: Sequence[Mapping[str, torch.Tensor]], spec: Spec) -> torch.Tensor | None:
+    """The states as the rows of one float32 CPU matrix (M × D, keys in ``spec`` order) when
+    every state's tensors already are views laid out so in one storage; else None. (Shapes are
+    checked before: every tensor holds its key's numel.)"""
+    if not states or not spec:
+        return None
+    keys = list(spec)
+    first = states[0].get(keys[0])
+    if not isinstance(first, torch.Tensor) or first.dtype != torch.float32 or first.device.type != "cpu":
+        return None
+    width = sum(math.prod(shape) for shape in spec.values())
+    storage, base = first.untyped_storage(), first.storage_offset()
+    if storage.nbytes() < (base + len(states) * width) * 4:
+        return None
+    # allocations do not overlap: a tensor that starts at its place inside this storage is in it
+    address = storage.data_ptr() + base * 4
+    for state in states:
+        for key in keys:
+            tensor = state.get(key)
+            if (not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32
+                    or tensor.data_ptr() != address or not tensor.is_contiguous()):
+                return None
+            address += tensor.numel() * 4
+    return first.new_empty(0).set_(storage, base, (len(states), width), (width, 1))
 
 
 def _finite_rows(stack: torch.Tensor) -> torch.Tensor:
