@@ -1,7 +1,9 @@
 """Locate the parts of a Hugging Face decoder that FedMosaic touches.
 
-Works for causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, Mistral-like) and LLaVA-style
-vision-language models, where only the language model is considered.
+Works for causal LMs (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, Mistral-like) and for
+vision-language models whose ``get_decoder()`` returns the language model (LLaVA, LLaVA-OneVision,
+Qwen2-VL / 2.5-VL, SmolVLM / Idefics3, Gemma 3, InternVL), where only the language model is
+considered.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def decoder_parts(model: nn.Module) -> DecoderParts:
     if decoder is None or not hasattr(decoder, "layers"):
         raise TypeError(
             f"{type(model).__name__}: cannot find the language model's decoder layers "
-            "(expected a Llama/Qwen2/Mistral-like causal LM or a LLaVA-style model)"
+            "(expected a causal LM or a vision-language model whose get_decoder() returns a decoder "
+            "with `layers`, e.g. Llama, Qwen2, Gemma, LLaVA, Qwen2-VL)"
         )
     lm_head = getattr(model, "lm_head", None)
     if lm_head is None:
