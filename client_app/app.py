@@ -55,31 +55,32 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: load G_i, train, probe, evaluate, save state; reply with the local states."""
+    """One round: load G_i, train, probe, evaluate, save state; reply with the local states. A
+    round already trained from the same G_i (the server asks again after a lost reply) is answered
+    from the saved state."""
     config, client = build_client(context)
     round_cfg = msg.content.config_records[proto.CONFIG]
     records = msg.content.array_records
     global_shared = proto.decode_state(records[proto.GLOBAL_SHARED], proto.GLOBAL_SHARED) if proto.GLOBAL_SHARED in records else None
     global_same = proto.decode_state(records[proto.GLOBAL_SAME_ARCH], proto.GLOBAL_SAME_ARCH) if proto.GLOBAL_SAME_ARCH in records else None
-    result = client.run_round(
-        int(str(round_cfg["server-round"])),
+    server_round = int(str(round_cfg["server-round"]))
+    run_name = str(round_cfg.get("run-name", config.resolved_run_name))
+    result = client.saved_result(server_round, run_name, global_shared, global_same) or client.run_round(
+        server_round,
         global_shared,
         global_same,
         eval_others=bool(round_cfg.get("eval-others", False)),
         eval_unseen=bool(round_cfg.get("eval-unseen", False)),
-        run_name=str(round_cfg.get("run-name", config.resolved_run_name)),
+        run_name=run_name,
         last_round=int(str(round_cfg.get("last-round", 0))),
     )
-    info = client.info()
     content = RecordDict(
         {
             proto.LOCAL_SHARED: proto.encode_state(result.local_shared),
             proto.LOCAL_SAME_ARCH: proto.encode_state(result.local_same_arch),
             proto.TASK_VECTOR: proto.encode_task_vector(result.task_vector),
             proto.METRICS: proto.metrics_record(result.metrics),
-            proto.CLIENT_INFO: proto.make_client_info(
-                client.client_id, info["arch"], info["model-id"], scores=result.scores
-            ),
+            proto.CLIENT_INFO: proto.make_client_info(client.client_id, result.arch, result.model_id, scores=result.scores),
         }
     )
     return Message(content, reply_to=msg)

@@ -10,7 +10,11 @@ the SuperNode's memory, so everything a client carries across rounds is saved he
     ``optim/<group>.<i>/<moment>`` (AdamW moments by parameter group and position) and
     ``tv/<name>`` (the task-vector accumulator);
     ``state.json``: ``round``, ``stream`` (position), ``replay`` (memory), ``optimizer`` (step
-    counts) and ``task_vector`` (accumulator counters).
+    counts) and ``task_vector`` (accumulator counters);
+    and what the client answered for the round: ``reply/task-vector`` (tensor) and ``reply`` in
+    ``state.json`` (the branch it uploaded, metrics, scores, architecture, model id and the
+    SHA-256 of the global state it received), so that a repeated question is answered again
+    from disk, without training the round twice.
 
 Round ``t`` starts from the snapshot of round ``t-1`` (round 1 from scratch), so a client that
 crashed mid-round, or a server that resumed from its round-``k`` checkpoint, replays the round
@@ -19,18 +23,22 @@ from exactly the same state. Snapshots are written to a temporary directory and 
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from drake_data.streams import ReplayMemory, Stream
 from fedmosaic_core.pqlora import PQLoRAModel
+from fedmosaic_core.pqlora.state import is_key
 from fedmosaic_core.rela import TaskVectorAccumulator
 from fedmosaic_core.storage import SnapshotError, prune_rounds, read_snapshot, write_snapshot
 
-ADAPTER, OPTIMIZER, TASK_VECTOR = "adapter/", "optim/", "tv/"
+ADAPTER, OPTIMIZER, TASK_VECTOR, REPLY = "adapter/", "optim/", "tv/", "reply/"
 LOCAL, GLOBAL, GATE = "local/", "global/", "gate/"
 
 
@@ -83,6 +91,16 @@ class ClientStateStore:
             raise ClientStateError(str(err)) from None
         return ClientSnapshot(tensors=tensors, meta=meta)
 
+    def load_round(self, server_round: int) -> ClientSnapshot | None:
+        """The snapshot saved after exactly ``server_round``, or None (not saved, or pruned)."""
+        if server_round not in self.saved_rounds():
+            return None
+        try:
+            tensors, meta = read_snapshot(self._round_dir(server_round), "state")
+        except SnapshotError as err:
+            raise ClientStateError(str(err)) from None
+        return ClientSnapshot(tensors=tensors, meta=meta)
+
     def save(self, server_round: int, snapshot: ClientSnapshot) -> Path:
         final = write_snapshot(self._round_dir(server_round), "state", snapshot.tensors, snapshot.meta)
         prune_rounds(self.dir, self.keep)
@@ -119,19 +137,68 @@ def restore_adapter(model: PQLoRAModel, tensors: dict[str, torch.Tensor]) -> Non
     )
 
 
+@dataclass
+class SavedReply:
+    """What a client answered for a round (:data:`REPLY`): ``upload`` names the adapter branch it
+    sent; ``received`` is :func:`received_digest` of the global state the round started from."""
+
+    upload: str
+    task_vector: np.ndarray | None
+    metrics: dict[str, float]
+    scores: dict[str, dict[str, float]]
+    arch: str
+    model_id: str
+    received: str
+
+
+def received_digest(*states: Mapping[str, torch.Tensor] | None) -> str:
+    """SHA-256 of global states as received (keys and float32 values; None and {} differ)."""
+    sha = hashlib.sha256()
+    for state in states:
+        if state is None:
+            sha.update(b"none;")
+            continue
+        sha.update(f"{len(state)};".encode())
+        for key in sorted(state):
+            sha.update(key.encode() + b"=")
+            sha.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
 def capture_state(
     server_round: int, model: PQLoRAModel, optimizer: torch.optim.Optimizer, names: dict[int, str],
-    accumulator: TaskVectorAccumulator, stream: Stream, memory: ReplayMemory,
+    accumulator: TaskVectorAccumulator, stream: Stream, memory: ReplayMemory, reply: SavedReply | None = None,
 ) -> ClientSnapshot:
-    """Everything a client carries into the next round, as one snapshot."""
+    """Everything a client carries into the next round, as one snapshot (and its reply)."""
     tensors = {ADAPTER + k: v for k, v in adapter_snapshot(model).items()}
     optim_tensors, optim_meta = optimizer_to_snapshot(optimizer, names)
     tv_tensors, tv_meta = accumulator.state_dict()
     tensors.update(optim_tensors)
     tensors.update({TASK_VECTOR + k: v for k, v in tv_tensors.items()})
-    meta = {"round": server_round, "stream": stream.state_dict(), "replay": memory.state_dict(),
-            "optimizer": optim_meta, "task_vector": tv_meta}
+    meta: dict[str, Any] = {"round": server_round, "stream": stream.state_dict(), "replay": memory.state_dict(),
+                            "optimizer": optim_meta, "task_vector": tv_meta}
+    if reply is not None:
+        if reply.task_vector is not None:
+            tensors[REPLY + "task-vector"] = torch.from_numpy(np.ascontiguousarray(reply.task_vector, np.float32))
+        meta["reply"] = {"upload": reply.upload, "metrics": reply.metrics, "scores": reply.scores,
+                         "arch": reply.arch, "model-id": reply.model_id, "received": reply.received}
     return ClientSnapshot(tensors, meta)
+
+
+def saved_reply(snapshot: ClientSnapshot) -> tuple[SavedReply, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    """The reply a snapshot keeps, with the uploaded branch's shared and same-architecture states;
+    None for a snapshot without one."""
+    meta = snapshot.meta.get("reply")
+    if not isinstance(meta, dict):
+        return None
+    vector = snapshot.tensors.get(REPLY + "task-vector")
+    reply = SavedReply(str(meta["upload"]), None if vector is None else vector.numpy(),
+                       {k: float(v) for k, v in meta["metrics"].items()}, meta["scores"],
+                       str(meta["arch"]), str(meta["model-id"]), str(meta["received"]))
+    branch = _part(snapshot.tensors, ADAPTER + (LOCAL if reply.upload == "local" else GLOBAL))
+    shared = {k: v for k, v in branch.items() if is_key("shared", k)}
+    same_arch = {k: v for k, v in branch.items() if not is_key("shared", k)}
+    return reply, shared, same_arch
 
 
 def restore_adapter_from(snapshot: ClientSnapshot, model: PQLoRAModel) -> None:

@@ -27,7 +27,15 @@ from tqdm import tqdm
 
 from client_app.evaluation import score_samples
 from client_app.resources import AdaptedModel, Resources
-from client_app.state import ClientStateStore, capture_state, restore_adapter, restore_state
+from client_app.state import (
+    ClientStateStore,
+    SavedReply,
+    capture_state,
+    received_digest,
+    restore_adapter,
+    restore_state,
+    saved_reply,
+)
 from drake_data.layout import ScenarioEntry, TaskRef
 from drake_data.streams import ReplayMemory, Stream, build_stream
 from fedmosaic_core.methods import METHODS, LocalMethod, Output, Phase
@@ -100,6 +108,8 @@ class RoundResult:
     task_vector: np.ndarray | None
     metrics: dict[str, float]
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    arch: str = ""
+    model_id: str = ""
 
 
 @dataclass
@@ -182,6 +192,7 @@ class FedMosaicClient:
         """One round; ``last_round`` is the server's record of the last round this client completed
         (0: none or unknown), which its saved state must reach."""
         started = time.monotonic()
+        received = received_digest(global_shared, global_same_arch)
         state = self.restore(server_round, run_name, last_round)
         self.load_global(state, global_shared, global_same_arch)
         round_index = self.take_new_data(state)
@@ -192,7 +203,6 @@ class FedMosaicClient:
         upload = self.method.upload
         uploaded = state.model.shared_state(upload), state.model.same_arch_state(upload)
         scores, unparsable = self.evaluate(state, round_index, eval_others=eval_others, eval_unseen=eval_unseen)
-        self.save(state, server_round)
         metrics = {
             "train-loss": float(np.mean(losses)) if losses else math.nan,
             "train-steps": float(len(losses)),  # optimiser steps
@@ -204,9 +214,27 @@ class FedMosaicClient:
         }
         if unparsable is not None:
             metrics["unparsable-rate"] = unparsable
+        arch, model_id = state.adapted.arch, self.entry.model_id
+        self.save(state, server_round, SavedReply(upload, task_vector, metrics, scores, arch, model_id, received))
         log.info("client %s round %d: loss %.3f, self %s, %.1fs", self.client_id, server_round,
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
-        return RoundResult(uploaded[0], uploaded[1], task_vector, metrics, scores)
+        return RoundResult(uploaded[0], uploaded[1], task_vector, metrics, scores, arch, model_id)
+
+    def saved_result(
+        self, server_round: int, run_name: str,
+        global_shared: dict[str, torch.Tensor] | None, global_same_arch: dict[str, torch.Tensor] | None,
+    ) -> RoundResult | None:
+        """The result this client already saved for ``server_round`` from the same global state,
+        or None. The server asks again when a reply was lost on the way (Flower's SuperNode does
+        not retry a failed push): the answer comes from disk, the round is not trained twice."""
+        snapshot = ClientStateStore(self.state_root, run_name, self.client_id).load_round(server_round)
+        found = saved_reply(snapshot) if snapshot is not None else None
+        if found is None or found[0].received != received_digest(global_shared, global_same_arch):
+            return None
+        reply, shared, same_arch = found
+        log.info("client %s round %d: asked again; answering from the state saved after training it",
+                 self.client_id, server_round)
+        return RoundResult(shared, same_arch, reply.task_vector, reply.metrics, reply.scores, reply.arch, reply.model_id)
 
     def restore(self, server_round: int, run_name: str, last_round: int = 0) -> RoundState:
         """The state saved after the last round this client completed (none yet: the freshly
@@ -329,10 +357,11 @@ class FedMosaicClient:
         state.model.train()
         return scores, unparsable
 
-    def save(self, state: RoundState, server_round: int) -> None:
-        """Everything the next round needs, as this round's snapshot."""
+    def save(self, state: RoundState, server_round: int, reply: SavedReply | None = None) -> None:
+        """Everything the next round needs, and what the client answers, as this round's snapshot."""
         state.store.save(server_round, capture_state(
-            server_round, state.model, state.optimizer, state.names, state.accumulator, state.stream, state.memory
+            server_round, state.model, state.optimizer, state.names, state.accumulator, state.stream, state.memory,
+            reply,
         ))
 
     def _evaluate_refs(

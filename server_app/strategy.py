@@ -87,6 +87,10 @@ def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
 #: seconds before a node's unanswered handshake is asked again (then doubling; see register_nodes):
 #: long enough for 20 ClientApps starting at once on 2 cores (about 150 s here)
 HANDSHAKE_FIRST_WAIT = 300.0
+#: seconds before a client whose train reply has not come is asked again (then doubling; see
+#: train_replies). A client answers a repeated question from its saved state, so asking a client
+#: that is still training costs one more ClientApp start after it finishes, nothing more.
+TRAIN_FIRST_WAIT = 300.0
 
 
 class FedMosaicStrategy(Strategy):
@@ -111,7 +115,8 @@ class FedMosaicStrategy(Strategy):
         self.last_outcome: RoundOutcome | None = None
         self.last_round = 0
         self._selected: dict[str, int] = {}
-        self._sent_messages: dict[str, Message] = {}  # this round's train message per client
+        self._sent_messages: dict[str, Message] = {}  # this round's latest train message per client
+        self._round_messages: list[tuple[str, Message]] = []  # every train message of this round
         self.last_round_of: dict[str, int] = {}  # the last round whose reply each client completed
         self._sent_bytes: dict[str, int] = {}
 
@@ -191,7 +196,7 @@ class FedMosaicStrategy(Strategy):
         ``arrays`` is unused: there is no single global model. ``config`` is extended with this
         round's instructions (:func:`round_config`)."""
         messages = []
-        self._selected, self._sent_bytes, self._sent_messages = {}, {}, {}
+        self._selected, self._sent_bytes, self._sent_messages, self._round_messages = {}, {}, {}, []
         instructions = {**dict(config), **dict(round_config(self.config, server_round))}
         for client_id in self.select_clients(server_round):
             # the client's saved state must reach its last completed round (it may have missed some)
@@ -206,8 +211,38 @@ class FedMosaicStrategy(Strategy):
             self._sent_bytes[client_id] = records.content_bytes(content)
             message = Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, group_id=str(server_round))
             self._sent_messages[client_id] = message
+            self._round_messages.append((client_id, message))
             messages.append(message)
         return messages
+
+    def train_replies(self, grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+        """Send the round's train messages and collect the replies within ``timeout`` seconds.
+
+        A client whose reply has not come is asked again after :data:`TRAIN_FIRST_WAIT` seconds,
+        then twice as long each time: Flower's SuperNode drops a reply whose push fails (e.g.
+        HTTP 500 while the SuperLink's database is busy). The client answers a repeated question
+        from the state it saved after training the round, so no round is trained twice."""
+        deadline = time.monotonic() + timeout
+        wait = TRAIN_FIRST_WAIT
+        replies: list[Message] = []
+        pending = list(messages)
+        while True:
+            replies += grid.send_and_receive(pending, timeout=max(0.0, min(wait, deadline - time.monotonic())))
+            answered = set(self._reply_clients(replies))
+            waiting = [c for c in self._sent_messages if c not in answered]
+            if not waiting or deadline - time.monotonic() <= 0:
+                return replies
+            log.warning("round %s: no reply yet from client(s) %s; asking again",
+                        messages[0].metadata.group_id, ", ".join(waiting))
+            pending = []
+            for client in waiting:
+                sent = self._sent_messages[client]
+                again = Message(sent.content, dst_node_id=sent.metadata.dst_node_id,
+                                message_type=MessageType.TRAIN, group_id=sent.metadata.group_id)
+                self._sent_messages[client] = again
+                self._round_messages.append((client, again))
+                pending.append(again)
+            wait *= 2
 
     def _client_of_reply(self, reply: Message) -> str:
         """The client a reply is about. An error reply that the SuperLink makes for a lost node
@@ -217,7 +252,7 @@ class FedMosaicStrategy(Strategy):
 
     def _reply_clients(self, replies: list[Message]) -> list[str]:
         """:meth:`_client_of_reply` of each reply (with one lookup table for all)."""
-        by_message = {m.metadata.message_id: c for c, m in self._sent_messages.items() if m.metadata.message_id}
+        by_message = {m.metadata.message_id: c for c, m in self._round_messages if m.metadata.message_id}
         by_node = {n: c for c, n in self._selected.items()}
         return [by_message.get(r.metadata.reply_to_message_id)
                 or by_node.get(r.metadata.src_node_id, f"node-{r.metadata.src_node_id}") for r in replies]
@@ -422,8 +457,8 @@ class FedMosaicStrategy(Strategy):
                                    f"min-clients={self.config.min_clients}")
             log.info("[ROUND %d/%d] %d clients", server_round, self.config.num_server_rounds, len(self.node_of))
             started = time.monotonic()
-            messages = self.configure_train(server_round, ArrayRecord(), train_config, grid)
-            replies = grid.send_and_receive(messages, timeout=timeout)
+            messages = list(self.configure_train(server_round, ArrayRecord(), train_config, grid))
+            replies = self.train_replies(grid, messages, timeout)
             _, metrics = self.aggregate_train(server_round, replies)
             outcome = self.last_outcome
             assert outcome is not None and metrics is not None

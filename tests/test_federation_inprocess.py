@@ -290,3 +290,58 @@ def test_export_writes_a_clients_personal_model_that_reloads(data_root: Path, tm
     failed = runner.invoke(cli, ["export", "--run", str(tmp_path / "nowhere"), "--client", "3", "--out", str(tmp_path / "x")])
     assert failed.exit_code == 2 and "is not a run folder" in failed.output, failed.output
     assert not (tmp_path / "x").exists() and sorted(p.name for p in out.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_a_lost_train_reply_is_asked_again_and_answered_from_disk(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Client 1 trains round 1 and saves its state, but its reply is lost on the way. The server
+    asks again; the client answers from the state it saved, without training the round twice,
+    and takes part in round 1's aggregation and in round 2."""
+    from client_app.training import FedMosaicClient
+
+    trained: list[tuple[str, int]] = []
+    real_train = FedMosaicClient.train
+
+    def counting(self, state, server_round):  # type: ignore[no-untyped-def]
+        trained.append((self.client_id, server_round))
+        return real_train(self, state, server_round)
+
+    monkeypatch.setattr(FedMosaicClient, "train", counting)
+    config = _config(data_root, tmp_path / "runs")
+    recorders = {100 + p: Recorder(p, config.to_flat()) for p in (0, 1)}
+    lost = recorders[101]
+    dropped: list[Message] = []
+
+    def reply_lost_once(msg: Message) -> Message | None:
+        reply = lost(msg)
+        if msg.metadata.message_type == "train" and not dropped:
+            dropped.append(reply)
+            return None
+        return reply
+
+    result = run_federation(InProcessGrid({100: recorders[100], 101: reply_lost_once}), config)
+    assert result.last_round == 2 and len(dropped) == 1
+    assert sorted(trained) == [("0", 1), ("0", 2), ("1", 1), ("1", 2)]  # every round trained once
+    assert {(r["round"], str(r["client"])) for r in result.rows} == {(1, "0"), (1, "1"), (2, "0"), (2, "1")}
+    again = lost.replies[1].content  # the answer to the repeated question
+    first = dropped[0].content
+    for key in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH):
+        a, b = proto.decode_state(first.array_records[key], key), proto.decode_state(again.array_records[key], key)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert np.array_equal(proto.decode_task_vector(first.array_records[proto.TASK_VECTOR]),
+                          proto.decode_task_vector(again.array_records[proto.TASK_VECTOR]))
+    assert dict(first.metric_records[proto.METRICS]) == dict(again.metric_records[proto.METRICS])
+
+
+def test_a_saved_round_is_answered_again_only_for_the_same_global_state(data_root: Path, tmp_path: Path) -> None:
+    from client_app.resources import get_resources
+    from client_app.training import FedMosaicClient
+
+    config = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "min-clients": 1})
+    run_federation(InProcessGrid({100: Recorder(0, config.to_flat())}), config)
+    client = FedMosaicClient(config, get_resources(config), "0", config.run_dir / "clients")
+    assert client.saved_result(1, config.resolved_run_name, None, None) is not None  # round 1 had no global
+    assert client.saved_result(1, config.resolved_run_name, {"pq.0.q_proj.Q": torch.zeros(4)}, {}) is None
+    assert client.saved_result(2, config.resolved_run_name, None, None) is None  # never trained
