@@ -83,13 +83,7 @@ class ClientStateStore:
                 f"client state in {self.dir} is missing: the server recorded round {at_least} as this "
                 f"client's last completed round, but {found} (was the state directory moved or cleared?)"
             )
-        if newest == 0:
-            return None
-        try:
-            tensors, meta = read_snapshot(self._round_dir(newest), "state")
-        except SnapshotError as err:
-            raise ClientStateError(str(err)) from None
-        return ClientSnapshot(tensors=tensors, meta=meta)
+        return self.load_round(newest) if newest else None
 
     def load_round(self, server_round: int) -> ClientSnapshot | None:
         """The snapshot saved after exactly ``server_round``, or None (not saved, or pruned)."""
