@@ -488,6 +488,19 @@ def prepare(
         typer.echo(f"Prepared; data at {prepare_federation(config)}")
 
 
+@app.command("build-drake-text")
+def build_drake_text_command(
+    out: Path = typer.Option(..., help="folder to write DRAKE-text into"),
+    seed: int = typer.Option(0, help="seed of the generated tasks and option orders"),
+) -> None:
+    """Build DRAKE-text, the text-only benchmark for real pretrained LLMs (SmolLM2-135M and
+    Gemma-3-270M clients); run it with -c "data-root='OUT' scenario='real-two-families'"."""
+    from drake_data.text.builder import build_drake_text
+
+    with expected_errors():
+        typer.echo(f"DRAKE-text (seed {seed}) at {build_drake_text(out, seed)}")
+
+
 @app.command("prepare-models")
 def prepare_models(
     presets: list[str] = typer.Option(None, "--presets", help="tiny presets to prepare (default: all)"),

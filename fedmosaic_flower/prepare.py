@@ -125,7 +125,9 @@ def model_size(model_id: str) -> float:
         return float(sum(p.numel() for p in model.parameters()))
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(model_id)
+    from fedmosaic_core.models.gguf import converted_checkpoint, is_gguf_source
+
+    cfg = AutoConfig.from_pretrained(str(converted_checkpoint(model_id)) if is_gguf_source(model_id) else model_id)
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden, layers = text.hidden_size, text.num_hidden_layers
     inter = getattr(text, "intermediate_size", 4 * hidden)

@@ -101,6 +101,31 @@ def test_dtw_matches_tokens_of_different_tokenizers(anchor, samples) -> None:  #
     assert same_error == 0.0
 
 
+def test_a_chat_template_model_matches_the_scaffold_model_on_the_same_text(anchor, samples) -> None:  # type: ignore[no-untyped-def]
+    """A real model prompts in its own chat template (SmolLM2: ChatML). Its ids are exactly
+    collate's, the template's tokens are special, and the prompt's and answer's tokens carry the
+    same char spans as in the tiny presets' scaffold, so DTW pairs the same words."""
+    from test_models import CHATML
+
+    from fedmosaic_core.models import collate
+
+    scaffold = anchor.processor.tokenizer
+    templated = PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(600), **tokenizer_config())
+    templated.chat_template = CHATML
+    sample = next(s for s in samples if not s.images)
+    ids, positions = token_positions(templated, sample, 0)
+    batch = collate(templated, [sample], 128)
+    assert ids == batch["input_ids"][0, : int(batch["attention_mask"][0].sum())].tolist()
+    special = [templated.decode([i]) for i, p in zip(ids, positions, strict=True) if p.kind == "special"]
+    assert "<|im_start|>" in "".join(special) and "<|im_end|>" in "".join(special)
+    text = [p for p in positions if p.kind == "text"]
+    reference = [p for p in token_positions(scaffold, sample, 0)[1] if p.kind == "text"]
+    assert text[0].start >= reference[0].start and text[-1].end <= reference[-1].end
+    assert all(any(min(p.end, q.end) > max(p.start, q.start) for q in reference) for p in text)  # same words
+    _, error = dtw_match(reference, text)
+    assert error < 0.6
+
+
 # ---------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("other", ["tiny-llama-m", "tiny-qwen2-s"])
 def test_alignment_improves_latent_agreement_and_keeps_a_orthonormal(aligned, other: str) -> None:  # type: ignore[no-untyped-def]

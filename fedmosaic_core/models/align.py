@@ -68,7 +68,7 @@ from fedmosaic_core.pqlora.orthonormal import orthonormal_bases
 from fedmosaic_core.pqlora.state import shared_key
 from fedmosaic_core.storage import atomic_write_text, atomic_write_with
 
-from .collate import SampleLike, collate, image_token_count
+from .collate import SampleLike, collate, image_token_count, uses_own_chat_template
 from .fingerprint import ArchitectureFingerprint
 from .loading import LoadedModel
 from .tokenizer import ASSISTANT_PREFIX, USER_PREFIX, answer_text
@@ -162,6 +162,8 @@ def token_positions(processor: Any, sample: SampleLike, tokens_per_image: int) -
     answer, identical for every tokenizer, so spans of two models are comparable.
     """
     tokenizer = getattr(processor, "tokenizer", processor)
+    if uses_own_chat_template(tokenizer):
+        return _template_positions(tokenizer, sample)
     image_token = str(getattr(processor, "image_token", None) or "<image>")
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     expanded = sample.prompt.replace(image_token, image_token * tokens_per_image)
@@ -190,6 +192,34 @@ def token_positions(processor: Any, sample: SampleLike, tokens_per_image: int) -
             else:
                 positions.append(Position("text", offset + start - removed, offset + end - removed))
         offset += len(segment.replace(image_token, ""))
+    return ids, positions
+
+
+def _template_positions(tokenizer: Any, sample: SampleLike) -> tuple[list[int], list[Position]]:
+    """:func:`token_positions` for a model that prompts in its own chat template (text only): the
+    ids as :func:`.collate._own_template_ids` makes them; tokens of the prompt and the answer get
+    the char spans those texts have in the fixed scaffold's string, the template's own tokens are
+    special. So spans compare across models whatever template each uses."""
+    if sample.images:
+        raise AlignmentError(f"sample {sample.id!r}: aligning a chat-template model on image samples is not supported")
+    prompt_start = len(USER_PREFIX)  # "USER:" + " " + prompt + "\nASSISTANT:" + " " + answer + eos
+    answer_start = prompt_start + len(sample.prompt) + len(ASSISTANT_PREFIX) + 1
+    user = [{"role": "user", "content": sample.prompt}]
+    prompt_text = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": sample.answer}], tokenize=False)
+    ids: list[int] = []
+    positions: list[Position] = []
+    for text, content, canonical in ((prompt_text, sample.prompt, prompt_start),
+                                     (full[len(prompt_text):], sample.answer.strip(), answer_start)):
+        at = text.find(content)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        for token_id, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            ids.append(int(token_id))
+            lo, hi = max(start, at), min(end, at + len(content))
+            if at < 0 or hi <= lo:
+                positions.append(Position("special"))
+            else:
+                positions.append(Position("text", canonical + lo - at, canonical + hi - at))
     return ids, positions
 
 

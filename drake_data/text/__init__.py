@@ -1,0 +1,1 @@
+"""DRAKE-text: a text-only benchmark for federations of real pretrained LLMs (see builder)."""
