@@ -35,5 +35,10 @@ def test_drake_text_builds_the_same_bytes_and_a_scenario_of_two_families(tmp_pat
                 texts.setdefault(f"{ref.dataset}-{ref.subset_id}", set()).update(
                     r["conversations"][0]["value"].split("\n")[1] for r in records if ref.dataset == "Dialogue")
     assert not texts["Dialogue-0"] & texts["Dialogue-2"] and not texts["Dialogue-1"] & texts["Dialogue-3"]  # disjoint halves
+    from fedmosaic_cli.comparison import client_chance_and_groups
+
+    own, _, groups = client_chance_and_groups(root, root / "scenario-real-two-families.json")
+    assert groups == {"0": "arithmetic", "1": "arithmetic", "2": "chit-chat+trivia", "3": "chit-chat+trivia"}
+    assert set(own.values()) == {0.25}
     public = {r["conversations"][0]["value"] for r in load_task(root, "public", 0, "train")}
     assert len(public) > 100 and not public & set().union(*texts.values())

@@ -192,6 +192,7 @@ def build_drake_text(out: Path | str, seed: int = 0) -> Path:
         write_scenario(tmp / "scenario-real-two-families.json", scenario)
         atomic_write_text(tmp / "manifest.json", dump_json({"format": FORMAT, "version": VERSION, "seed": seed,
                                                            "tasks": manifest_tasks}))
+        atomic_write_text(tmp / "tasks.json", dump_json(manifest_tasks))  # each task's skill group
 
     return atomic_build_dir(out, write)
 
