@@ -131,8 +131,6 @@ def _task_vector_problem(vector: np.ndarray | None, expected: tuple[int, ...] | 
 # -- mixing ------------------------------------------------------------------------------------
 #: floats per gathered tile (all clients × a run of keys): small enough to stay in cache
 TILE_FLOATS = 1 << 18
-#: states already stacked as rows are mixed in one product while its result has at most this many floats
-WHOLE_FLOATS = 1 << 24
 
 
 def _key_runs(spec: Spec, width: int) -> list[list[tuple[str, tuple[int, ...]]]]:
@@ -154,31 +152,21 @@ def _mix_states(
     """``out[i][key] = Σ_j weights[i, j] · states[j][key]`` for every key of ``spec``, and the
     indices j of states holding NaN/Inf (whose results must not be used).
 
-    States that already are the rows of one matrix (:func:`_as_rows`) are mixed in one product
-    (or, when its result would be large, a column block at a time). Others are gathered a run of
-    keys at a time into one tile (clients × floats) that stays in cache and mixed with one
-    product per tile. Each product carries one more row of weights, all ones: its output, the
-    column sums, is finite exactly when no client holds NaN/Inf (or values near float32's
-    limit), so the states are read once; only when that fails are they checked client by
-    client. Every output tensor is a view into a product's result."""
+    The states are mixed a run of keys at a time: a tile of clients × the run's floats, small
+    enough to stay in cache, one product per tile. States that already are the rows of one
+    matrix (:func:`_as_rows`) give their tiles as column blocks of it; others are gathered into a
+    reused tile first. (One product over the whole matrix was slower: its large fresh result
+    costs page faults on every call.) Each product carries one more row of weights, all ones: its
+    output, the column sums, is finite exactly when no client holds NaN/Inf (or values near
+    float32's limit), so the states are read once; only when that fails are they checked client
+    by client. Every output tensor is a view into a product's result."""
     n_out = int(weights.shape[0])
     w = torch.from_numpy(np.ascontiguousarray(np.vstack([weights, np.ones((1, len(states)))]), dtype=np.float32))
     w = w.to(device)
     outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
     column_sums: list[torch.Tensor] = []  # one scalar per product: NaN/Inf in any client propagate into it
     stacked = _as_rows(states, spec)
-    if stacked is not None and (n_out + 1) * stacked.shape[1] <= WHOLE_FLOATS:
-        # one product for everything; each client's tensors are views of its row of the result
-        mixed = _product(w, stacked, device)
-        column_sums.append(mixed[n_out].sum())
-        keys, shapes = list(spec), list(spec.values())
-        sizes = [math.prod(shape) for shape in shapes]
-        for output, row in zip(outputs, mixed[:n_out], strict=True):
-            for key, shape, part in zip(keys, shapes, torch.split(row, sizes), strict=True):
-                output[key] = part if len(shape) == 1 else part.view(shape)
-        runs = []
-    else:
-        runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
+    runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
     widths = [sum(math.prod(shape) for _, shape in run) for run in runs]
     buffer = torch.empty(0 if stacked is not None else len(states) * max(widths, default=0), dtype=torch.float32)
     start = 0
