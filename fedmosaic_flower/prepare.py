@@ -131,7 +131,8 @@ def model_size(model_id: str) -> float:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     hidden, layers = text.hidden_size, text.num_hidden_layers
     inter = getattr(text, "intermediate_size", 4 * hidden)
-    return float(layers * (4 * hidden * hidden + 3 * hidden * inter))
+    embeddings = text.vocab_size * hidden * (1 if getattr(text, "tie_word_embeddings", False) else 2)
+    return float(layers * (4 * hidden * hidden + 3 * hidden * inter) + embeddings)
 
 
 def smallest_model(model_ids: list[str]) -> str:

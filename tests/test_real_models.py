@@ -121,3 +121,17 @@ def test_an_assembled_packaged_gguf_is_written_once_and_a_missing_chunk_is_one_c
     assert sorted(p.name for p in (cache / "gguf-files").iterdir()) == [".model.gguf.lock"]  # nothing half-written
     with pytest.raises(ModelNotAvailableError, match=r"ships in the package 'fake_absent', which is not installed"):
         load_model("fake-absent", cache_dir=cache)
+
+
+def test_the_smallest_model_counts_its_embeddings(tmp_path: Path) -> None:
+    """The probe and the alignment anchor are the smallest model. Gemma-3-270M has a smaller
+    decoder than SmolLM2-135M but a 262k-token embedding: counted whole, it is the larger one."""
+    from transformers import LlamaConfig
+
+    from fedmosaic_flower.prepare import model_size, smallest_model
+
+    for name, vocab, layers in (("wide-vocab", 262_144, 18), ("deep-body", 49_152, 30)):
+        LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                    num_attention_heads=4).save_pretrained(tmp_path / name)
+    wide, deep = str(tmp_path / "wide-vocab"), str(tmp_path / "deep-body")
+    assert model_size(wide) > model_size(deep) and smallest_model([wide, deep]) == deep
