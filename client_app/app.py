@@ -56,8 +56,8 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: load G_i, train, probe, evaluate, save state; reply with the local states. A
-    round already trained from the same G_i (the server asks again after a lost reply) is answered
-    from the saved state."""
+    round this run already trained from the same G_i (the server asks again after a lost reply) is
+    answered from the saved state."""
     config, client = build_client(context)
     round_cfg = msg.content.config_records[proto.CONFIG]
     records = msg.content.array_records
@@ -65,7 +65,7 @@ def train(msg: Message, context: Context) -> Message:
     global_same = proto.decode_state(records[proto.GLOBAL_SAME_ARCH], proto.GLOBAL_SAME_ARCH) if proto.GLOBAL_SAME_ARCH in records else None
     server_round = int(str(round_cfg["server-round"]))
     run_name = str(round_cfg.get("run-name", config.resolved_run_name))
-    result = client.saved_result(server_round, run_name, global_shared, global_same) or client.run_round(
+    result = client.saved_result(server_round, run_name, global_shared, global_same, context.run_id) or client.run_round(
         server_round,
         global_shared,
         global_same,
@@ -73,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         eval_unseen=bool(round_cfg.get("eval-unseen", False)),
         run_name=run_name,
         last_round=int(str(round_cfg.get("last-round", 0))),
+        run_id=context.run_id,
     )
     content = RecordDict(
         {

@@ -134,8 +134,10 @@ def restore_adapter(model: PQLoRAModel, tensors: dict[str, torch.Tensor]) -> Non
 @dataclass
 class SavedReply:
     """What a client answered for a round (:data:`REPLY`): ``upload`` names the adapter branch it
-    sent; ``received`` is :func:`received_digest` of the global state the round started from."""
+    sent; ``received`` is :func:`received_digest` of the global state the round started from;
+    ``run_id`` the Flower run it answered (a new run of the same name does not reuse it)."""
 
+    run_id: int
     upload: str
     task_vector: np.ndarray | None
     metrics: dict[str, float]
@@ -174,7 +176,7 @@ def capture_state(
     if reply is not None:
         if reply.task_vector is not None:
             tensors[REPLY + "task-vector"] = torch.from_numpy(np.ascontiguousarray(reply.task_vector, np.float32))
-        meta["reply"] = {"upload": reply.upload, "metrics": reply.metrics, "scores": reply.scores,
+        meta["reply"] = {"run-id": reply.run_id, "upload": reply.upload, "metrics": reply.metrics, "scores": reply.scores,
                          "arch": reply.arch, "model-id": reply.model_id, "received": reply.received}
     return ClientSnapshot(tensors, meta)
 
@@ -186,7 +188,7 @@ def saved_reply(snapshot: ClientSnapshot) -> tuple[SavedReply, dict[str, torch.T
     if not isinstance(meta, dict):
         return None
     vector = snapshot.tensors.get(REPLY + "task-vector")
-    reply = SavedReply(str(meta["upload"]), None if vector is None else vector.numpy(),
+    reply = SavedReply(int(meta["run-id"]), str(meta["upload"]), None if vector is None else vector.numpy(),
                        {k: float(v) for k, v in meta["metrics"].items()}, meta["scores"],
                        str(meta["arch"]), str(meta["model-id"]), str(meta["received"]))
     branch = _part(snapshot.tensors, ADAPTER + (LOCAL if reply.upload == "local" else GLOBAL))

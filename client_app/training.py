@@ -188,9 +188,10 @@ class FedMosaicClient:
         eval_unseen: bool,
         run_name: str,
         last_round: int = 0,
+        run_id: int = 0,
     ) -> RoundResult:
         """One round; ``last_round`` is the server's record of the last round this client completed
-        (0: none or unknown), which its saved state must reach."""
+        (0: none or unknown), which its saved state must reach; ``run_id``: the Flower run."""
         started = time.monotonic()
         received = received_digest(global_shared, global_same_arch)
         state = self.restore(server_round, run_name, last_round)
@@ -215,7 +216,7 @@ class FedMosaicClient:
         if unparsable is not None:
             metrics["unparsable-rate"] = unparsable
         arch, model_id = state.adapted.arch, self.entry.model_id
-        self.save(state, server_round, SavedReply(upload, task_vector, metrics, scores, arch, model_id, received))
+        self.save(state, server_round, SavedReply(run_id, upload, task_vector, metrics, scores, arch, model_id, received))
         log.info("client %s round %d: loss %.3f, self %s, %.1fs", self.client_id, server_round,
                  metrics["train-loss"], _mean_str(scores["self"]), metrics["round-time-s"])
         return RoundResult(uploaded[0], uploaded[1], task_vector, metrics, scores, arch, model_id)
@@ -223,13 +224,15 @@ class FedMosaicClient:
     def saved_result(
         self, server_round: int, run_name: str,
         global_shared: dict[str, torch.Tensor] | None, global_same_arch: dict[str, torch.Tensor] | None,
+        run_id: int = 0,
     ) -> RoundResult | None:
-        """The result this client already saved for ``server_round`` from the same global state,
-        or None. The server asks again when a reply was lost on the way (Flower's SuperNode does
+        """The result this client already saved for ``server_round`` of Flower run ``run_id`` from
+        the same global state, or None. The server asks again when a reply was lost on the way (Flower's SuperNode does
         not retry a failed push): the answer comes from disk, the round is not trained twice."""
         snapshot = ClientStateStore(self.state_root, run_name, self.client_id).load_round(server_round)
         found = saved_reply(snapshot) if snapshot is not None else None
-        if found is None or found[0].received != received_digest(global_shared, global_same_arch):
+        if (found is None or found[0].run_id != run_id
+                or found[0].received != received_digest(global_shared, global_same_arch)):
             return None
         reply, shared, same_arch = found
         log.info("client %s round %d: asked again; answering from the state saved after training it",

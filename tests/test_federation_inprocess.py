@@ -342,6 +342,8 @@ def test_a_saved_round_is_answered_again_only_for_the_same_global_state(data_roo
     config = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "min-clients": 1})
     run_federation(InProcessGrid({100: Recorder(0, config.to_flat())}), config)
     client = FedMosaicClient(config, get_resources(config), "0", config.run_dir / "clients")
-    assert client.saved_result(1, config.resolved_run_name, None, None) is not None  # round 1 had no global
-    assert client.saved_result(1, config.resolved_run_name, {"pq.0.q_proj.Q": torch.zeros(4)}, {}) is None
-    assert client.saved_result(2, config.resolved_run_name, None, None) is None  # never trained
+    name = config.resolved_run_name
+    assert client.saved_result(1, name, None, None, run_id=1) is not None  # round 1 had no global
+    assert client.saved_result(1, name, {"pq.0.q_proj.Q": torch.zeros(4)}, {}, run_id=1) is None
+    assert client.saved_result(1, name, None, None, run_id=2) is None  # a new run of the same name trains
+    assert client.saved_result(2, name, None, None, run_id=1) is None  # never trained
