@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import transformers as hf
-from test_pqlora import tiny_llava
 from torch import nn
 
 from fedmosaic_core.models.fingerprint import ArchitectureFingerprint
+from fedmosaic_core.models.presets import build_preset
 from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
 from fedmosaic_core.pqlora.layer import _GatedDualAdapter
 
@@ -135,7 +135,7 @@ def test_pqlora_trains_the_language_model_of_each_vlm_family(family: str, tmp_pa
         assert torch.equal(fresh(**batch).logits, expected)
 
     # the state every architecture shares is the LLaVA preset's, key for key and shape for shape
-    llava = inject_pqlora(tiny_llava(hf.LlamaConfig, 48, 8), PQLoRAConfig(r=R, alpha=8.0, dropout=0.0))
+    llava = inject_pqlora(build_preset("tiny-llama-m")[0], PQLoRAConfig(r=R, alpha=8.0, dropout=0.0))
     shapes = {k: tuple(v.shape) for k, v in wrapped.shared_state().items()}
     assert shapes == {k: tuple(v.shape) for k, v in llava.shared_state().items()}
 
