@@ -15,7 +15,6 @@ are only the current address of a client and may change when a SuperNode restart
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import random
@@ -93,6 +92,20 @@ HANDSHAKE_FIRST_WAIT = 300.0
 TRAIN_FIRST_WAIT = 300.0
 
 
+def _waits(first: float, timeout: float) -> list[float]:
+    """How long each attempt of a question waits for its answers: ``first`` seconds, then twice as
+    long each time, the last cut so that all of them add up to ``timeout`` (e.g. 300 + 600 for
+    900). A fixed schedule, so that a grid that returns before the time is up (an answer that will
+    not come) is not asked again and again."""
+    waits: list[float] = []
+    wait, left = first, timeout
+    while left > 0:
+        waits.append(min(wait, left))
+        left -= waits[-1]
+        wait *= 2
+    return waits or [0.0]
+
+
 class FedMosaicStrategy(Strategy):
     """RELA per-client aggregation (and the baselines on the same code path).
 
@@ -130,13 +143,10 @@ class FedMosaicStrategy(Strategy):
         cheap and safe to repeat. A node that answered, even unusably, is not asked again."""
         nodes = list(node_ids)
         answered: set[int] = set()
-        deadline = time.monotonic() + timeout
-        wait = HANDSHAKE_FIRST_WAIT
-        for attempt in itertools.count():
+        for attempt, wait in enumerate(_waits(HANDSHAKE_FIRST_WAIT, timeout)):
             known_nodes = set(self.node_of.values())
             pending = [n for n in nodes if n not in known_nodes and n not in answered]
-            left = deadline - time.monotonic()
-            if not pending or left <= 0:
+            if not pending:
                 return
             if attempt:
                 log.warning("handshake: no answer yet from node(s) %s; asking again", ", ".join(map(str, pending)))
@@ -145,10 +155,9 @@ class FedMosaicStrategy(Strategy):
                         dst_node_id=node_id, message_type=MessageType.QUERY, group_id="handshake")
                 for node_id in pending
             ]
-            for reply in grid.send_and_receive(messages, timeout=min(wait, left)):
+            for reply in grid.send_and_receive(messages, timeout=wait):
                 answered.add(reply.metadata.src_node_id)
                 self.register_reply(reply)
-            wait *= 2
 
     def register_reply(self, reply: Message) -> str | None:
         """Record one handshake reply; the client id, or None when the reply is unusable."""
@@ -222,16 +231,14 @@ class FedMosaicStrategy(Strategy):
         then twice as long each time: Flower's SuperNode drops a reply whose push fails (e.g.
         HTTP 500 while the SuperLink's database is busy). The client answers a repeated question
         from the state it saved after training the round, so no round is trained twice."""
-        deadline = time.monotonic() + timeout
-        wait = TRAIN_FIRST_WAIT
         replies: list[Message] = []
         pending = list(messages)
-        while True:
-            replies += grid.send_and_receive(pending, timeout=max(0.0, min(wait, deadline - time.monotonic())))
+        for wait in _waits(TRAIN_FIRST_WAIT, timeout):
+            replies += grid.send_and_receive(pending, timeout=wait)
             answered = set(self._reply_clients(replies))
             waiting = [c for c in self._sent_messages if c not in answered]
-            if not waiting or deadline - time.monotonic() <= 0:
-                return replies
+            if not waiting:
+                break
             log.warning("round %s: no reply yet from client(s) %s; asking again",
                         messages[0].metadata.group_id, ", ".join(waiting))
             pending = []
@@ -242,7 +249,7 @@ class FedMosaicStrategy(Strategy):
                 self._sent_messages[client] = again
                 self._round_messages.append((client, again))
                 pending.append(again)
-            wait *= 2
+        return replies
 
     def _client_of_reply(self, reply: Message) -> str:
         """The client a reply is about. An error reply that the SuperLink makes for a lost node

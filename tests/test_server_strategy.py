@@ -490,3 +490,14 @@ def test_a_node_whose_handshake_reply_was_lost_is_asked_again(
     assert result.strategy.node_of["c1"] == 101
     assert result.strategy.last_outcome is not None and "c1" in result.strategy.last_outcome.replied
     assert any("no answer yet from node(s) 101; asking again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_question_is_asked_again_on_a_fixed_doubling_schedule_within_the_timeout() -> None:
+    """First wait, then twice as long, the last cut to the timeout: a grid that returns early
+    (an answer that will not come) is asked a bounded number of times, not in a busy loop."""
+    from server_app.strategy import _waits
+
+    assert _waits(300.0, 900.0) == [300.0, 600.0]
+    assert _waits(300.0, 2000.0) == [300.0, 600.0, 1100.0]
+    assert _waits(300.0, 100.0) == [100.0]
+    assert _waits(300.0, 0.0) == [0.0]
