@@ -16,34 +16,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import typer
 
 from drake_data.mini.sources import load_chat_corpus
+from drake_data.prompts import RenderedSample
 from fedmosaic_core.models import load_model
 from fedmosaic_core.models.align import AlignConfig, align_bases, alignment_summary
 
 app = typer.Typer(add_completion=False)
 
 
-@dataclass(frozen=True)
-class TextSample:
-    id: str
-    prompt: str
-    answer: str
-    images: list[Any] = field(default_factory=list)
-
-
-def conversation_samples(limit: int) -> list[TextSample]:
+def conversation_samples(limit: int) -> list[RenderedSample]:
     """Question → reply pairs of the corpus's conversations, in category order."""
     samples = []
     for category, conversations in load_chat_corpus().items():
         for i, conversation in enumerate(conversations):
             if len(conversation) >= 2:
-                samples.append(TextSample(f"{category}-{i}", conversation[0], conversation[1]))
+                samples.append(RenderedSample(f"{category}-{i}", conversation[0], conversation[1], [], None, "open-ended"))
     return samples[:limit]
 
 
