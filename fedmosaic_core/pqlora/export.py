@@ -64,7 +64,8 @@ def dense_checkpoint_config(merged: nn.Module) -> Any:
         projections = ", ".join(sorted({name.split(".", 1)[1] for name in lost}))
         raise NotDescribableError(
             f"the merged biases of {len(lost)} projection(s) ({projections}) are not described by a "
-            f"{text.model_type} config: a merged checkpoint would lose them; use the peft adapter instead"
+            f"{text.model_type} config: a merged checkpoint would lose them, so it cannot be exported; serve "
+            "the client with its unmerged PQ-LoRA adapter"
         )
     from transformers import LlamaConfig
 
