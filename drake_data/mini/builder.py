@@ -161,13 +161,13 @@ def _task_specs() -> tuple[TaskSpec, ...]:
 TASKS: tuple[TaskSpec, ...] = _task_specs()
 
 
-def _mc(n_images: int, question: str, choices: Sequence[str]) -> str:
+def mc_prompt(n_images: int, question: str, choices: Sequence[str]) -> str:
     """DRAKE's multiple-choice prompt style (as in its VSR / IRFL / Bongard files)."""
     head = IMAGE_TOKEN * n_images + "\n" if n_images else ""
     return f"{head}{question}\nChoice list:[{', '.join(choices)}]. Your answer is:"
 
 
-def _record(rid: str, images: list[str], question: str, answer: str) -> dict[str, Any]:
+def drake_record(rid: str, images: list[str], question: str, answer: str) -> dict[str, Any]:
     rec: dict[str, Any] = {"id": rid}
     if images:
         rec["image"] = images[0] if len(images) == 1 else images
@@ -292,7 +292,7 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
             v = targets[i]
             others = [x for x in rng.permutation([x for x in values if x != v])[: n_options - 1]]
             choices = [str(x) for x in rng.permutation([v, *others])]
-            return _record(rid(i), [image(v)], _mc(1, name_question[kind], choices), str(v))
+            return drake_record(rid(i), [image(v)], mc_prompt(1, name_question[kind], choices), str(v))
     elif kind in same_question:
         targets = _balanced(rng, n, YES_NO)
 
@@ -304,7 +304,7 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
             else:
                 v1, v2 = (values[int(t)] for t in rng.choice(len(values), 2, replace=False))
                 imgs = [image(v1), image(v2)]
-            return _record(rid(i), imgs, _mc(2, same_question[kind], YES_NO), targets[i])
+            return drake_record(rid(i), imgs, mc_prompt(2, same_question[kind], YES_NO), targets[i])
     elif kind in which_question:
         targets = _balanced(rng, n, [1, 2, 3])
 
@@ -312,7 +312,7 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
             shown = [values[int(t)] for t in rng.choice(len(values), 3, replace=False)]
             target = shown[targets[i] - 1]
             imgs = [image(v) for v in shown]
-            return _record(rid(i), imgs, _mc(3, which_question[kind].format(target), images_k), f"Image {targets[i]}")
+            return drake_record(rid(i), imgs, mc_prompt(3, which_question[kind].format(target), images_k), f"Image {targets[i]}")
     elif kind in ("digit-parity", "digit-big", "colour-warm", "animal-wild", "animal-farm"):
         question, holds = {
             "digit-parity": ("Is the digit in the image even?", lambda v: int(v) % 2 == 0),
@@ -327,7 +327,7 @@ def _make_task(b: _Build, spec: TaskSpec, split: str, n: int) -> list[dict[str, 
         def make(i: int) -> dict[str, Any]:
             want = targets[i] == "Yes"
             v = [x for x in eligible if holds(x) == want][int(rng.integers(len([x for x in eligible if holds(x) == want])))]
-            return _record(rid(i), [image(v)], _mc(1, question, YES_NO), targets[i])
+            return drake_record(rid(i), [image(v)], mc_prompt(1, question, YES_NO), targets[i])
     else:
         raise AssertionError(kind)
     return _distinct(rng, n, make, _key, limit=50 * n + 100)
@@ -357,10 +357,10 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
         for img in chosen:
             attrs = b.attr(source, img)
             path = b.image(source, int(img))
-            recs.append(_record("", [path], IMAGE_TOKEN + "\nWhat is in the image? Your answer is:", _CAPTION[source](attrs)))
+            recs.append(drake_record("", [path], IMAGE_TOKEN + "\nWhat is in the image? Your answer is:", _CAPTION[source](attrs)))
             if rng.random() < 1 / 3:
                 choices = [str(x) for x in rng.permutation(list(_KIND.values()))]
-                recs.append(_record("", [path], _mc(1, "What kind of picture is this?", choices), _KIND[source]))
+                recs.append(drake_record("", [path], mc_prompt(1, "What kind of picture is this?", choices), _KIND[source]))
     # Answer-format drill: text-only "pick the named option" questions over the client tasks'
     # answer words. They teach the output vocabulary and the choice format, not a visual skill
     # (no image, and the question names the answer).
@@ -370,7 +370,7 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
         answer = str(rng.choice(vocab))
         others = [str(x) for x in rng.choice([v for v in vocab if v != answer], 3, replace=False)]
         choices = [str(x) for x in rng.permutation([answer, *others])]
-        recs.append(_record("", [], _mc(0, f"Choose the option '{answer}'.", choices), answer))
+        recs.append(drake_record("", [], mc_prompt(0, f"Choose the option '{answer}'.", choices), answer))
     pairs: list[tuple[str, str]] = []
     for cat in sorted(b.chat):
         for conv in b.chat[cat]:
@@ -381,7 +381,7 @@ def _public(b: _Build) -> dict[str, list[dict[str, Any]]]:
     rng = b.rng("public", "chat")
     for j in rng.permutation(len(pairs))[: b.cfg["public_chat"]]:
         q, a = pairs[j]
-        recs.append(_record("", [], f"{q} Your answer is:", a))
+        recs.append(drake_record("", [], f"{q} Your answer is:", a))
     order = b.rng("public", "order").permutation(len(recs))
     recs = [recs[j] for j in order]
     n_test = max(1, len(recs) // 20)

@@ -32,6 +32,7 @@ from typing import Any
 
 from drake_data.errors import DrakeDataError
 from drake_data.layout import dump_json, write_scenario, write_task
+from drake_data.mini.builder import drake_record, mc_prompt
 from drake_data.mini.sources import load_chat_corpus
 from fedmosaic_core.storage import atomic_build_dir, atomic_write_text
 
@@ -48,10 +49,6 @@ SCENARIO: list[tuple[int, str, list[tuple[str, int]]]] = [
 ]
 
 Item = tuple[str, list[str], str]  # question, options, answer
-
-
-def _prompt(question: str, options: list[str]) -> str:
-    return f"{question}\nChoice list:[{', '.join(options)}]. Your answer is:"
 
 
 def _with_near_options(rng: random.Random, answer: int) -> list[str]:
@@ -119,8 +116,7 @@ def _dialogue_items(pairs: list[tuple[str, str]], rng: random.Random) -> list[It
 
 
 def _records(key: str, split: str, items: list[Item]) -> list[dict[str, Any]]:
-    return [{"id": f"{key}-{split}-{i:05d}",
-             "conversations": [{"from": "human", "value": _prompt(q, options)}, {"from": "gpt", "value": answer}]}
+    return [drake_record(f"{key}-{split}-{i:05d}", [], mc_prompt(0, q, options), answer)
             for i, (q, options, answer) in enumerate(items)]
 
 
@@ -164,9 +160,7 @@ def _public(seed: int) -> list[dict[str, Any]]:
     for pool, shuffled in _shuffled_pools(seed).items():
         used = sum(1 for p in POOL_OF_SUBSET.values() if p == pool) * (TRAIN + TEST)
         pairs += shuffled[used:]
-    return [{"id": f"public-train-{i:05d}", "conversations": [{"from": "human", "value": message},
-                                                             {"from": "gpt", "value": reply}]}
-            for i, (message, reply) in enumerate(pairs)]
+    return [drake_record(f"public-train-{i:05d}", [], message, reply) for i, (message, reply) in enumerate(pairs)]
 
 
 def build_drake_text(out: Path | str, seed: int = 0) -> Path:
