@@ -163,7 +163,7 @@ def _mix_states(
     n_out = int(weights.shape[0])
     w = torch.from_numpy(np.ascontiguousarray(np.vstack([weights, np.ones((1, len(states)))]), dtype=np.float32))
     w = w.to(device)
-    outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(n_out)]
+    mixed_keys: list[tuple[torch.Tensor, ...]] = []  # per key of spec: its n_out results
     column_sums: list[torch.Tensor] = []  # one scalar per product: NaN/Inf in any client propagate into it
     stacked = _as_rows(states, spec)
     runs = _key_runs(spec, max(1, TILE_FLOATS // max(1, len(states))))
@@ -181,9 +181,10 @@ def _mix_states(
         mixed = _product(w, tile, device)
         column_sums.append(mixed[n_out].sum())
         sizes = [math.prod(shape) for _, shape in run]
-        for (key, shape), block in zip(run, torch.split(mixed[:n_out], sizes, dim=1), strict=True):
-            for output, value in zip(outputs, block.unflatten(1, shape).unbind(0), strict=True):
-                output[key] = value
+        for (_, shape), block in zip(run, torch.split(mixed[:n_out], sizes, dim=1), strict=True):
+            mixed_keys.append(block.unflatten(1, shape).unbind(0))
+    outputs = ([dict(zip(spec, results, strict=True)) for results in zip(*mixed_keys, strict=True)]
+               if mixed_keys else [{} for _ in range(n_out)])
     if not column_sums or bool(torch.isfinite(torch.stack(column_sums)).all()):
         return outputs, []
     # some client holds NaN/Inf: find which, key by key (rare)
@@ -201,27 +202,27 @@ def _product(w: torch.Tensor, tile: torch.Tensor, device: torch.device) -> torch
 
 def _as_rows(states: Sequence[Mapping[str, torch.Tensor]], spec: Spec) -> torch.Tensor | None:
     """The states as the rows of one float32 CPU matrix (M × D, keys in ``spec`` order) when
-    every state's tensors already are views laid out so in one storage; else None. (Shapes are
-    checked before: every tensor holds its key's numel.)"""
+    every state's tensors already are views laid out so in one storage; else None. (Keys and
+    shapes are checked before: every value is a tensor holding its key's numel.)"""
     if not states or not spec:
         return None
     keys = list(spec)
     first = states[0].get(keys[0])
     if not isinstance(first, torch.Tensor) or first.dtype != torch.float32 or first.device.type != "cpu":
         return None
-    width = sum(math.prod(shape) for shape in spec.values())
+    nbytes = [math.prod(shape) * 4 for shape in spec.values()]
+    width = sum(nbytes) // 4
     storage, base = first.untyped_storage(), first.storage_offset()
     if storage.nbytes() < (base + len(states) * width) * 4:
         return None
     # allocations do not overlap: a tensor that starts at its place inside this storage is in it
     address = storage.data_ptr() + base * 4
+    float32 = torch.float32
     for state in states:
-        for key in keys:
-            tensor = state.get(key)
-            if (not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.float32
-                    or tensor.data_ptr() != address or not tensor.is_contiguous()):
+        for tensor, size in zip(map(state.__getitem__, keys), nbytes, strict=True):
+            if tensor.data_ptr() != address or tensor.dtype is not float32 or not tensor.is_contiguous():
                 return None
-            address += tensor.numel() * 4
+            address += size
     return first.new_empty(0).set_(storage, base, (len(states), width), (width, 1))
 
 

@@ -42,20 +42,18 @@ def task_similarity(vectors: Sequence[Any] | np.ndarray) -> np.ndarray:
     rows, cols = first.shape
     if rows == 0 or cols == 0:
         raise ValueError(f"task_similarity: task vectors have an empty shape {first.shape}")
-    stack = np.empty((len(vectors), rows, cols), dtype=np.float32)
+    stack = np.empty((len(vectors), rows, cols), dtype=np.float32)  # each vector, its columns scaled to norm 1
     for index, vector in enumerate(vectors):
         matrix = first if index == 0 else _as_matrix(vector, index)
         if matrix.shape != first.shape:
             raise ValueError(
                 f"task_similarity: vector {index} has shape {matrix.shape}, expected {first.shape}"
             )
-        stack[index] = matrix
-    norms = np.sqrt(np.einsum("nrc,nrc->nc", stack, stack))  # column norms
-    finite = np.isfinite(norms).all(axis=1)  # NaN/Inf propagate into a column's norm
-    if not finite.all():
-        raise ValueError(f"task_similarity: vector {int(np.argmin(finite))} has NaN or Inf values")
-    scale = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
-    stack *= scale[:, None, :]
+        np.copyto(stack[index], matrix)  # float32, as the products below
+        norms = np.sqrt(np.einsum("rc,rc->c", stack[index], stack[index]))  # column norms
+        if not np.isfinite(norms).all():  # NaN/Inf propagate into a column's norm
+            raise ValueError(f"task_similarity: vector {index} has NaN or Inf values")
+        stack[index] *= np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
     flat = torch.from_numpy(stack.reshape(len(vectors), rows * cols))
     gram = (flat @ flat.T).numpy().astype(np.float64) / cols  # torch's GEMM: numpy's is ~15× slower here
     gram = (gram + gram.T) / 2.0
