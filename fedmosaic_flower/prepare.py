@@ -44,18 +44,10 @@ class DrakePublicSplit:
         self.root = Path(root)
 
     def digest(self) -> str:
-        """sha256 over the records (canonical JSON) and the bytes of every image they reference."""
-        digest = hashlib.sha256()
-        for record in load_public(self.root):
-            digest.update(json.dumps(record, sort_keys=True).encode("utf-8"))
-            images = record.get("image") or []
-            for image in [images] if isinstance(images, str) else images:
-                found = resolve_image_path(self.root, image)
-                if found is None:
-                    raise FileNotFoundError(f"public split image {image!r} not found under {self.root}")
-                digest.update(found.read_bytes())
-            digest.update(b"\1")
-        return digest.hexdigest()
+        """sha256 over the records (canonical JSON) and the bytes of every image they reference
+        (computed once per folder and manifest time in a process)."""
+        manifest = self.root / "manifest.json"
+        return _digest_of(self.root.resolve(), manifest.stat().st_mtime if manifest.exists() else 0.0)
 
     def samples(self) -> list[SampleLike]:
         items = list(load_public(self.root))
@@ -66,15 +58,24 @@ class DrakePublicSplit:
 
 @functools.lru_cache(maxsize=8)
 def _digest_of(root: Path, stamp: float) -> str:
-    return DrakePublicSplit(root).digest()
+    digest = hashlib.sha256()
+    for record in load_public(root):
+        digest.update(json.dumps(record, sort_keys=True).encode("utf-8"))
+        images = record.get("image") or []
+        for image in [images] if isinstance(images, str) else images:
+            found = resolve_image_path(root, image)
+            if found is None:
+                raise FileNotFoundError(f"public split image {image!r} not found under {root}")
+            digest.update(found.read_bytes())
+        digest.update(b"\1")
+    return digest.hexdigest()
 
 
 def public_digest(data_root: Path) -> str:
     """The public split's digest (cached per folder and manifest time); "none" without a split."""
-    manifest = data_root / "manifest.json"
     if not (data_root / "public").is_dir():
         return "none"
-    return _digest_of(data_root.resolve(), manifest.stat().st_mtime if manifest.exists() else 0.0)
+    return DrakePublicSplit(data_root).digest()
 
 
 def cached_drake_mini(seed: int, cache_dir: Path | None = None) -> Path:
@@ -113,8 +114,10 @@ def load_run_scenario(config: FederationConfig, data_root: Path) -> Scenario:
     return load_scenario(scenario_path(config, data_root), data_root)
 
 
+@functools.lru_cache(maxsize=64)
 def model_size(model_id: str) -> float:
-    """Parameter count of a preset or an estimate for another model (to find the smallest)."""
+    """Parameter count of a preset or an estimate for another model (to find the smallest);
+    computed once per model id in a process (every client round asks for the probe model)."""
     from fedmosaic_core.models.presets import PRESETS, preset_config
 
     if model_id in PRESETS:

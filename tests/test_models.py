@@ -176,6 +176,23 @@ def test_a_tokenizer_with_its_own_chat_template_gets_its_prompts_in_it() -> None
     assert torch.equal(collate(tok, text_samples, max_length=128)["input_ids"], plain["input_ids"])
 
 
+def test_token_ids_are_computed_once_per_tokenizer_and_follow_added_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same sample collated again reuses its ids (no tokenizer call) and gets the same batch;
+    a token added to the tokenizer afterwards is used, not a stale cached split."""
+    tok = load_model("tiny-llama-s", random_init=True).tokenizer
+    sample = LooseSample("s-cache", "Is the zorbleflax red?", "Yes", [])
+    first = collate(tok, [sample], max_length=128)
+    calls: list[str] = []
+    encode = tok.encode
+    monkeypatch.setattr(tok, "encode", lambda text, **kw: calls.append(text) or encode(text, **kw))
+    again = collate(tok, [sample], max_length=128)
+    assert calls == [] and all(torch.equal(first[k], again[k]) for k in first)
+    tok.add_tokens(["zorbleflax"])
+    new_id = tok.convert_tokens_to_ids("zorbleflax")
+    after = collate(tok, [sample], max_length=128)
+    assert calls and new_id in after["input_ids"][0].tolist() and new_id not in first["input_ids"][0].tolist()
+
+
 def test_collate_never_cuts_a_prompt_and_names_the_lengths_when_it_cannot_fit() -> None:
     loaded = load_model("tiny-llama-s", random_init=True)
     two_images = next(s for s in SAMPLES if len(s.images) == 2)

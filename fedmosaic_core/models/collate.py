@@ -13,6 +13,7 @@ which names the sample and its lengths (cutting prompt text would silently drop 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -117,20 +118,7 @@ def tokenize_sample(
     image_token = _image_token(processor)
     _check_images(sample, image_token, hasattr(processor, "image_processor"))
     expanded = sample.prompt.replace(image_token, image_token * tokens_per_image)
-    if uses_own_chat_template(tokenizer):
-        prompt_ids, answer_ids = _own_template_ids(tokenizer, expanded, sample, with_answer)
-    else:
-        # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        prompt_ids = bos + [
-            token for part in (USER_PREFIX.rstrip(), " " + expanded, ASSISTANT_PREFIX)
-            for token in tokenizer.encode(part, add_special_tokens=False)
-        ]
-        answer_ids = (
-            tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
-            if with_answer
-            else []
-        )
+    prompt_ids, answer_ids = _sample_ids(tokenizer, expanded, sample, with_answer)
     total = len(prompt_ids) + len(answer_ids)
     if total > max_length:
         n_images = len(sample.images)
@@ -141,6 +129,44 @@ def tokenize_sample(
             "(nothing is cut, so that no question text is lost)"
         )
     return TokenizedSample(prompt_ids + answer_ids, len(prompt_ids), list(sample.images))
+
+
+#: tokenizer → {(vocabulary size, chat template, expanded prompt, answer or None): (prompt ids,
+#: answer ids)}. The same questions are scored every round and the same samples trained on for
+#: several; their ids are computed once per tokenizer (it lives as long as the cached model that
+#: uses it). Tokens added or a template set later miss the cache.
+_IDS_CACHE: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[int, ...]]]]
+_IDS_CACHE = weakref.WeakKeyDictionary()
+_IDS_CACHE_ENTRIES = 1 << 17  # per tokenizer; emptied when full
+
+
+def _sample_ids(tokenizer: Any, expanded: str, sample: SampleLike, with_answer: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, answer ids) of a sample whose prompt has its image tokens expanded."""
+    try:
+        cache = _IDS_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
+        cache = {}
+    key = (len(tokenizer), getattr(tokenizer, "chat_template", None), expanded, sample.answer if with_answer else None)
+    found = cache.get(key)
+    if found is None:
+        if uses_own_chat_template(tokenizer):
+            prompt_ids, answer_ids = _own_template_ids(tokenizer, expanded, sample, with_answer)
+        else:
+            # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
+            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            prompt_ids = bos + [
+                token for part in (USER_PREFIX.rstrip(), " " + expanded, ASSISTANT_PREFIX)
+                for token in tokenizer.encode(part, add_special_tokens=False)
+            ]
+            answer_ids = (
+                tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
+                if with_answer
+                else []
+            )
+        if len(cache) >= _IDS_CACHE_ENTRIES:
+            cache.clear()
+        found = cache[key] = (tuple(prompt_ids), tuple(answer_ids))
+    return list(found[0]), list(found[1])
 
 
 def uses_own_chat_template(tokenizer: Any) -> bool:
