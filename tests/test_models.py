@@ -304,6 +304,38 @@ def test_prepare_is_cached_deterministic_and_loadable(tmp_path: Path) -> None:
     assert changed  # the prepared weights, not the random initialisation
 
 
+def test_pretraining_collates_the_next_batch_ahead_and_trains_on_the_seeded_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next batch is collated in a second thread while a step trains; the steps still see
+    the seeded batch order, each batch once, exactly as collated in turn (same weights)."""
+    import threading
+
+    from fedmosaic_core.models import pretrain as pretrain_module
+
+    seen: list[tuple[str, list[str]]] = []
+    real_collate = pretrain_module.collate
+
+    def recording_collate(processor: Any, samples: Any, max_length: int) -> dict[str, torch.Tensor]:
+        seen.append((threading.current_thread().name, [s.id for s in samples]))
+        return real_collate(processor, samples, max_length)
+
+    trained: list[torch.Tensor] = []
+    real_loss = pretrain_module.pretrain_loss
+    monkeypatch.setattr(pretrain_module, "collate", recording_collate)
+    monkeypatch.setattr(pretrain_module, "pretrain_loss",
+                        lambda model, batch: trained.append(batch["input_ids"]) or real_loss(model, batch))
+    loaded = load_model("tiny-llama-s", random_init=True)
+    config = PretrainConfig(steps=5, batch_size=3, max_length=128)
+    pretrain_module.pretrain(loaded.model, loaded.processor, SAMPLES, config, seed=3)
+
+    order = pretrain_module._batches(len(SAMPLES), 3, torch.Generator().manual_seed(3))
+    expected = [[SAMPLES[i].id for i in next(order)] for _ in range(5)]
+    assert [ids for _, ids in seen] == expected
+    assert all(name.startswith("collate") for name, _ in seen)
+    for ids, batch in zip(expected, trained, strict=True):
+        again = real_collate(loaded.processor, [next(s for s in SAMPLES if s.id == i) for i in ids], 128)
+        assert torch.equal(batch, again["input_ids"])
+
+
 def test_pretraining_lowers_held_out_answer_loss(tmp_path: Path) -> None:
     samples = standin_public_samples(200, seed=2)
     train, held = samples[:170], samples[170:]

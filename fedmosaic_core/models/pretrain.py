@@ -28,6 +28,7 @@ import os
 import random
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -179,18 +180,27 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     generator = torch.Generator().manual_seed(seed)
     batches = _batches(len(train_samples), min(config.batch_size, len(train_samples)), generator)
+
+    def collated(indices: list[int]) -> dict[str, torch.Tensor]:
+        return collate(processor, [train_samples[i] for i in indices], config.max_length)
+
     start = time.perf_counter()
     recent: list[float] = []
-    for _step in range(config.steps):
-        indices = next(batches)
-        batch = collate(processor, [train_samples[i] for i in indices], config.max_length)
-        loss = pretrain_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        recent = (recent + [loss.item()])[-20:]
+    # the next batch is collated in a second thread while this one trains (torch releases the
+    # GIL in its kernels); the batches, and so the weights, are the same as collated in turn
+    with ThreadPoolExecutor(1, thread_name_prefix="collate") as prefetch:
+        upcoming = prefetch.submit(collated, next(batches))
+        for step in range(config.steps):
+            batch = upcoming.result()
+            if step + 1 < config.steps:
+                upcoming = prefetch.submit(collated, next(batches))
+            loss = pretrain_loss(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            recent = (recent + [loss.item()])[-20:]
     model.eval()
     seconds = time.perf_counter() - start
     return {"train_seconds": seconds, "seconds_per_step": seconds / config.steps,
