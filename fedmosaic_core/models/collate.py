@@ -141,7 +141,7 @@ _IDS_CACHE_ENTRIES = 1 << 17  # per tokenizer; emptied when full
 
 
 def _sample_ids(tokenizer: Any, expanded: str, sample: SampleLike, with_answer: bool) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids) of a sample whose prompt has its image tokens expanded."""
+    """(prompt ids, answer ids) of a sample whose prompt has its image tokens expanded (cached)."""
     try:
         cache = _IDS_CACHE.setdefault(tokenizer, {})
     except TypeError:  # a tokenizer that cannot be weakly referenced: no cache
@@ -149,24 +149,28 @@ def _sample_ids(tokenizer: Any, expanded: str, sample: SampleLike, with_answer: 
     key = (len(tokenizer), getattr(tokenizer, "chat_template", None), expanded, sample.answer if with_answer else None)
     found = cache.get(key)
     if found is None:
-        if uses_own_chat_template(tokenizer):
-            prompt_ids, answer_ids = _own_template_ids(tokenizer, expanded, sample, with_answer)
-        else:
-            # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
-            bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-            prompt_ids = bos + [
-                token for part in (USER_PREFIX.rstrip(), " " + expanded, ASSISTANT_PREFIX)
-                for token in tokenizer.encode(part, add_special_tokens=False)
-            ]
-            answer_ids = (
-                tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
-                if with_answer
-                else []
-            )
+        prompt_ids, answer_ids = _tokenized_ids(tokenizer, expanded, sample, with_answer)
         if len(cache) >= _IDS_CACHE_ENTRIES:
             cache.clear()
         found = cache[key] = (tuple(prompt_ids), tuple(answer_ids))
     return list(found[0]), list(found[1])
+
+
+def _tokenized_ids(tokenizer: Any, expanded: str, sample: SampleLike, with_answer: bool) -> tuple[list[int], list[int]]:
+    if uses_own_chat_template(tokenizer):
+        return _own_template_ids(tokenizer, expanded, sample, with_answer)
+    # "USER:" | " {prompt}" | "\nASSISTANT:" tokenised separately so the split is exact.
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    prompt_ids = bos + [
+        token for part in (USER_PREFIX.rstrip(), " " + expanded, ASSISTANT_PREFIX)
+        for token in tokenizer.encode(part, add_special_tokens=False)
+    ]
+    answer_ids = (
+        tokenizer.encode(answer_text(sample.answer, tokenizer.eos_token), add_special_tokens=False)
+        if with_answer
+        else []
+    )
+    return prompt_ids, answer_ids
 
 
 def uses_own_chat_template(tokenizer: Any) -> bool:
