@@ -1,87 +1,43 @@
-"""The FedMosaic ClientApp (thin: the logic lives in ``client_app.training``).
+"""The FedMosaic ClientApp (thin: what it does with a message is in ``client_app.handlers``).
 
-The client is identified by a **stable client id**: ``client-id`` from ``--node-config`` in a
-deployment, the partition id in simulation. Its state lives under ``state-dir`` (node config) or
-``<run dir>/clients``; its data under ``data-root`` (node config) or the run's data root.
+With ``worker-socket`` in the SuperNode's ``--node-config``, each message goes to the node's warm
+worker (``client_app.worker``), and this process imports only Flower; without it, or when no
+worker answers there, the message is answered here. The client is identified by a **stable
+client id**: ``client-id`` from ``--node-config`` in a deployment, the partition id in
+simulation.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from fedmosaic_flower.logs import quiet_libraries
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
-quiet_libraries()  # before the libraries are imported
-
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
-
-from client_app.resources import get_resources  # noqa: E402
-from client_app.training import FedMosaicClient  # noqa: E402
-from fedmosaic_flower import records as proto  # noqa: E402
-from fedmosaic_flower.config import FederationConfig, parse_run_config  # noqa: E402
+from client_app.worker import SOCKET_KEY, answer_with_worker
 
 app = ClientApp()
-log = logging.getLogger("fedmosaic.client")
 
 
-def client_id_of(node_config: dict) -> str:  # type: ignore[type-arg]
-    for key in ("client-id", "partition-id"):
-        if key in node_config:
-            return str(node_config[key])
-    raise ValueError("node config has neither 'client-id' nor 'partition-id'; start the SuperNode "
-                     "with --node-config \"client-id=<n>\"")
+def _answer(handler: str, msg: Message, context: Context) -> Message:
+    socket_path = context.node_config.get(SOCKET_KEY)
+    if socket_path:
+        content = answer_with_worker(Path(str(socket_path)), handler, msg, context)
+        if content is not None:
+            return Message(content, reply_to=msg)
+    from client_app import handlers  # torch and transformers: only when this process answers
 
-
-def build_client(context: Context) -> tuple[FederationConfig, FedMosaicClient]:
-    """The client for this message: the config of the run it belongs to, cached data and models."""
-    config = parse_run_config(context.run_config)
-    node = dict(context.node_config)
-    data_root = str(node["data-root"]) if node.get("data-root") else None
-    resources = get_resources(config, data_root)
-    state_root = Path(str(node["state-dir"])) if node.get("state-dir") else config.run_dir / "clients"
-    return config, FedMosaicClient(config, resources, client_id_of(node), state_root)
+    answer: Message = getattr(handlers, handler)(msg, context)
+    return answer
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Handshake: who am I (stable id), which architecture, which adapter schema."""
-    _, client = build_client(context)
-    info = client.info()
-    record = proto.make_client_info(client.client_id, info["arch"], info["model-id"], schema=info["schema"])
-    return Message(RecordDict({proto.CLIENT_INFO: record}), reply_to=msg)
+    return _answer("query", msg, context)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round: load G_i, train, probe, evaluate, save state; reply with the local states. A
-    round this run already trained from the same G_i (the server asks again after a lost reply) is
-    answered from the saved state."""
-    config, client = build_client(context)
-    round_cfg = msg.content.config_records[proto.CONFIG]
-    records = msg.content.array_records
-    global_shared = proto.decode_state(records[proto.GLOBAL_SHARED], proto.GLOBAL_SHARED) if proto.GLOBAL_SHARED in records else None
-    global_same = proto.decode_state(records[proto.GLOBAL_SAME_ARCH], proto.GLOBAL_SAME_ARCH) if proto.GLOBAL_SAME_ARCH in records else None
-    server_round = int(str(round_cfg["server-round"]))
-    run_name = str(round_cfg.get("run-name", config.resolved_run_name))
-    result = client.saved_result(server_round, run_name, global_shared, global_same, context.run_id) or client.run_round(
-        server_round,
-        global_shared,
-        global_same,
-        eval_others=bool(round_cfg.get("eval-others", False)),
-        eval_unseen=bool(round_cfg.get("eval-unseen", False)),
-        run_name=run_name,
-        last_round=int(str(round_cfg.get("last-round", 0))),
-        run_id=context.run_id,
-    )
-    content = RecordDict(
-        {
-            proto.LOCAL_SHARED: proto.encode_state(result.local_shared),
-            proto.LOCAL_SAME_ARCH: proto.encode_state(result.local_same_arch),
-            proto.TASK_VECTOR: proto.encode_task_vector(result.task_vector),
-            proto.METRICS: proto.metrics_record(result.metrics),
-            proto.CLIENT_INFO: proto.make_client_info(client.client_id, result.arch, result.model_id, scores=result.scores),
-        }
-    )
-    return Message(content, reply_to=msg)
+    """One round: load G_i, train, probe, evaluate, save state; reply with the local states."""
+    return _answer("train", msg, context)

@@ -133,3 +133,8 @@ def get_resources(config: FederationConfig, data_root_override: str | None = Non
     if key not in _RESOURCES:
         _RESOURCES[key] = Resources(data_root, load_run_scenario(config, data_root))
     return _RESOURCES[key]
+
+
+def clear_resources() -> None:
+    """Drop every cached scenario, sample and model (a long-lived worker does at a new run)."""
+    _RESOURCES.clear()

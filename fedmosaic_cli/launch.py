@@ -11,12 +11,16 @@ and the SuperLink's process group is stopped by pid, also on failure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -232,6 +236,87 @@ def node_config_arg(values: Mapping[str, Any]) -> str:
     return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
+def tree_rss_bytes(root_pid: int) -> int:
+    """Resident memory of ``root_pid`` and all its descendants (from /proc; 0 where there is none)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+        rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, todo = 0, [root_pid]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(children.get(pid, []))
+    return total
+
+
+@contextmanager
+def peak_memory(every: float = 0.5) -> Iterator[list[int]]:
+    """Samples the resident memory of this process and everything it started, every ``every``
+    seconds; the yielded list holds the peak in bytes when the block ends."""
+    peak = [tree_rss_bytes(os.getpid())]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every):
+            peak[0] = max(peak[0], tree_rss_bytes(os.getpid()))
+
+    sampler = threading.Thread(target=sample, name="peak-memory", daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        stop.set()
+        sampler.join()
+
+
+def worker_socket(flwr_home: Path, index: int) -> Path:
+    """Where a local deployment's warm ClientApp worker ``index`` listens: a short path (a Unix
+    socket's may not exceed 107 bytes) in a private folder named after ``flwr_home``."""
+    tag = hashlib.sha256(str(flwr_home.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"fedmosaic-workers-{tag}" / f"worker-{index}.sock"
+
+
+def start_client_worker(socket_path: Path, env: Mapping[str, str], log_file: Path, host: Host = LOCAL,
+                        niceness: int = 0) -> subprocess.Popen[bytes]:
+    """``fedmosaic client-worker --socket socket_path``: the SuperNode's warm ClientApp worker."""
+    socket_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    command = [*host.prefix, *(["nice", "-n", str(niceness)] if niceness else []),
+               _bin("fedmosaic"), "client-worker", "--socket", str(socket_path)]
+    with open(log_file, "ab") as sink:
+        return subprocess.Popen(command, env=dict(env), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_workers(workers: Sequence[tuple[Path, subprocess.Popen[bytes], Path]], timeout: float = 600.0) -> None:
+    """Wait until every worker (socket, process, log) accepts connections: it has loaded torch
+    and the app; a worker that exits first fails with its log's name."""
+    deadline = time.monotonic() + timeout
+    waiting = list(workers)
+    while waiting:
+        socket_path, process, log_file = waiting[0]
+        if process.poll() is not None:
+            raise LaunchError(f"the ClientApp worker for {socket_path.name} exited with code {process.returncode}; "
+                              f"see {log_file}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(socket_path))
+                waiting.pop(0)
+                continue
+            except OSError:
+                pass
+        if time.monotonic() > deadline:
+            raise LaunchError(f"the ClientApp worker for {socket_path.name} was not ready within {timeout:.0f}s; "
+                              f"see {log_file}")
+        time.sleep(0.2)
+
+
 @contextmanager
 def local_deployment(
     flwr_home: Path,
@@ -240,6 +325,7 @@ def local_deployment(
     tls: TlsFiles | None = None,
     supernode_keys: Sequence[SupernodeKey] | None = None,
     superexec_secret: Path | None = None,
+    warm_workers: int = 0,
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
@@ -255,7 +341,13 @@ def local_deployment(
     The SuperLink keeps its state in memory: this deployment lives and ends with the block, so
     there is nothing to keep, and with many SuperNodes on one host the SQLite state file fails
     pushes with "database is locked" past Flower's 5 s busy timeout, and Flower drops those
-    replies (seen here: 20 SuperNodes on 2 cores lost one reply in its handshake)."""
+    replies (seen here: 20 SuperNodes on 2 cores lost one reply in its handshake).
+
+    With ``warm_workers`` = K > 0, K warm ClientApp workers (``fedmosaic client-worker``) are
+    started, and waited for, before the SuperNodes, and node config i gets worker i mod K's
+    ``worker-socket``: the ClientApp processes Flower starts per message hand their messages to
+    it. K = the number of nodes is what separate hosts have; fewer share a worker (and its cached
+    base models) between nodes, as a simulation's actors do."""
     if supernode_keys is not None and (tls is None or len(supernode_keys) != len(node_configs)):
         raise LaunchError("SuperNode authentication needs TLS and one key per SuperNode")
     link = _start_superlink(flwr_home, extra_env, simulation=False, tls=tls, supernode_auth=supernode_keys is not None,
@@ -267,6 +359,16 @@ def local_deployment(
                                              superexec_secret, tls.ca_certificate if tls else None))
         for key in supernode_keys or []:
             register_supernode(link, key)
+        if warm_workers > 0:
+            workers = []
+            for index in range(min(warm_workers, len(node_configs))):
+                socket_path, log_file = worker_socket(flwr_home, index), flwr_home / f"client-worker-{index}.log"
+                workers.append((socket_path, start_client_worker(socket_path, link.env, log_file,
+                                                                 niceness=CLIENTAPP_NICENESS), log_file))
+                processes.append(workers[-1][1])
+            node_configs = [{**values, "worker-socket": str(workers[i % len(workers)][0])}
+                            for i, values in enumerate(node_configs)]
+            wait_for_workers(workers)
         nodes: list[subprocess.Popen[bytes]] = []
         for index, values in enumerate(node_configs):
             started = start_supernode(link, index, values, tls=tls,
@@ -278,6 +380,8 @@ def local_deployment(
     finally:
         for process in reversed(processes):
             stop_process_group(process)
+        if warm_workers > 0:
+            shutil.rmtree(worker_socket(flwr_home, 0).parent, ignore_errors=True)
 
 
 def start_supernode(

@@ -171,12 +171,14 @@ def _run_one(
     deployment_clients: list[str] | None = None,
     tls: bool = False,
     auth: bool = False,
+    warm_workers: int = 0,
 ) -> dict[str, Any]:
     """Prepare, run one federation through Flower, check its status; returns the summary.
 
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
-    (a SuperLink and one SuperNode process per client id; an empty list: every scenario client)."""
-    from fedmosaic_cli.launch import flwr_run, local_deployment, simulation_superlink
+    (a SuperLink and one SuperNode process per client id, sharing ``warm_workers`` warm ClientApp
+    workers, -1: one each; an empty list: every scenario client)."""
+    from fedmosaic_cli.launch import flwr_run, local_deployment, peak_memory, simulation_superlink
     from fedmosaic_flower.prepare import (
         load_run_scenario,
         prepare_data,
@@ -210,7 +212,7 @@ def _run_one(
     typer.secho(f"Running {config.strategy} on {config.scenario} via `flwr run`; Flower's log: {log_path}",
                 fg=typer.colors.BLUE)
     if deployment_clients is None:
-        with simulation_superlink(flwr_home) as link, progress:
+        with peak_memory() as peak, simulation_superlink(flwr_home) as link, progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(scenario.clients))
             run_id, status = flwr_run(
@@ -235,8 +237,10 @@ def _run_one(
         # fresh keys every run: a key registered once cannot be registered again
         keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
         secret = write_superexec_secret(flwr_home / "superexec.secret")
-        with local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
-                              superexec_secret=secret) as (link, _nodes), progress:
+        with peak_memory() as peak, local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
+                                                     superexec_secret=secret,
+                                                     warm_workers=len(deployment_clients) if warm_workers < 0
+                                                     else warm_workers) as (link, _nodes), progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(deployment_clients))
             run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
@@ -244,7 +248,9 @@ def _run_one(
     if status != "finished:completed":
         raise RunFailed(f"Flower run {run_id} ended with status {status!r}; log: {log_path}")
     summary = json.loads((config.run_dir / "report" / "summary.json").read_text())
-    summary["timing"] = {"prepare_s": round(prepared_s, 1), "total_s": round(elapsed, 1)}
+    # peak: resident memory of this command and every process it started (Flower's, the apps')
+    summary["timing"] = {"prepare_s": round(prepared_s, 1), "total_s": round(elapsed, 1),
+                         "peak_rss_gib": round(peak[0] / 2**30, 2)}
     summary["run_dir"] = str(config.run_dir)
     summary["strategy"] = config.strategy
     summary["seed"] = config.seed
@@ -294,6 +300,9 @@ def local_deployment_command(
     tls: bool = typer.Option(True, "--tls/--insecure", help="TLS with a fresh self-signed CA (default) or none"),
     auth: bool | None = typer.Option(None, "--auth/--no-auth",
                                      help="SuperNode authentication: registered keys only (default with TLS)"),
+    workers: int = typer.Option(-1, help="warm ClientApp workers: -1 one per SuperNode (default, as on separate "
+                                         "hosts), K > 0 shared by the SuperNodes in turn, 0 none (every message "
+                                         "answered in the fresh process Flower starts for it)"),
 ) -> None:
     """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
     per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
@@ -305,9 +314,30 @@ def local_deployment_command(
         raise typer.Exit(2)
     with expected_errors():
         summary = _run_one(_app_dir(app_dir), parse_overrides(run_config),
-                           cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls, auth=auth)
+                           cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls, auth=auth,
+                           warm_workers=workers)
     typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
+
+
+@app.command("client-worker")
+def client_worker(
+    socket_path: Path = typer.Option(..., "--socket", help="the Unix socket named by the SuperNode's "
+                                                           "--node-config worker-socket"),
+    idle_timeout: float = typer.Option(0.0, help="stop after this many seconds without a message (0: never)"),
+) -> None:
+    """A warm worker for one SuperNode's ClientApp: it keeps torch, the data and the model loaded
+    and answers the messages its ClientApp processes hand it (see client_app/worker.py). Start it
+    on the SuperNode's host, from the same app version, before the SuperNode."""
+    from client_app.worker import serve
+    from fedmosaic_flower.logs import setup_logging
+
+    setup_logging()
+    try:
+        serve(socket_path, idle_timeout)
+    except (RuntimeError, OSError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -658,3 +658,25 @@ def verify_build(root: Path | str) -> dict[str, Any]:
         raise DrakeDataError(f"{root}: files differ from manifest.json, e.g. {changed[0][0]}")
     check_leakage(root)
     return manifest
+
+
+def write_scaled_scenario(root: Path | str, clients: int, name: str = "load") -> str:
+    """``scenario-NAME.json``: ``clients`` clients of one task each, models as in two-families, for
+    load tests; beyond DRAKE-mini's client tasks, copies of them under new subset ids (a task
+    belongs to one client). Returns the scenario's name (the run config's ``scenario``)."""
+    root = Path(root)
+    base = json.loads((root / "scenario-two-families.json").read_text())
+    refs = [ref for entry in base for ref in entry["datasets"]]
+    models = [entry["model_id"] for entry in base]
+    entries = []
+    for c in range(clients):
+        ref = dict(refs[c % len(refs)])
+        if c >= len(refs):
+            copy = 100 + c
+            for split in ("train", "test"):
+                folder = root / ref["dataset"] / split
+                shutil.copy(folder / f"dataset-{ref['subset_id']}.json", folder / f"dataset-{copy}.json")
+            ref["subset_id"] = copy
+        entries.append({"client_id": c, "model_id": models[c % len(models)], "datasets": [ref]})
+    atomic_write_text(root / f"scenario-{name}.json", json.dumps(entries, indent=1))
+    return name
