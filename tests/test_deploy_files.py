@@ -110,9 +110,17 @@ def test_compose_validates_and_runs_secure_process_isolated_services(files: tupl
         assert service["depends_on"]["register"]["condition"] == "service_completed_successfully"
         assert "healthcheck" in service and "/health" in " ".join(service["healthcheck"]["test"])
         clientapps = runtimes[f"{name}:9094"]  # ... and one per SuperNode, for its ClientApps
-        gpus = clientapps.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
-        assert (bool(gpus) and gpus[0]["capabilities"] == ["gpu"]) == (len(files) == 1)  # the CPU file drops them
-        assert clientapps["cpu_shares"] < services["superlink"].get("cpu_shares", 1024)  # apps yield to Flower
+        # its warm worker listens where the node config says, on a volume it shares with the ClientApps
+        socket_path = dict(item.split("=", 1) for item in shlex.split(_flag(command, "--node-config")))["worker-socket"]
+        worker = services[f"client-worker-{name.removeprefix('supernode-')}"]
+        assert worker["command"][:2] == ["fedmosaic", "client-worker"] and _flag(worker["command"], "--socket") == socket_path
+        shared = {v["source"] for v in worker["volumes"] if v["target"] == str(Path(socket_path).parent)}
+        assert shared and shared == {v["source"] for v in clientapps["volumes"] if v["target"] == str(Path(socket_path).parent)}
+        assert socket_path in " ".join(worker["healthcheck"]["test"])
+        for runner in (clientapps, worker):
+            gpus = runner.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+            assert (bool(gpus) and gpus[0]["capabilities"] == ["gpu"]) == (len(files) == 1)  # the CPU file drops them
+            assert runner["cpu_shares"] < services["superlink"].get("cpu_shares", 1024)  # apps yield to Flower
     assert len(runtimes) == len(nodes) + 1
     assert "/health" in " ".join(services["superlink"]["healthcheck"]["test"])
     assert all(s.get("restart") in ("unless-stopped", "no") for s in services.values())

@@ -17,34 +17,55 @@ from pathlib import Path
 import pytest
 from cli_process import run_fedmosaic
 
+from drake_data.mini.builder import build_drake_mini, write_scaled_scenario
+from fedmosaic_cli.launch import worker_socket
+
 
 @pytest.mark.slow
-def test_supernodes_with_stable_client_ids_run_the_federation(tmp_path: Path) -> None:
-    args = [
-        "local-deployment", "--clients", "4,0",
-        "-c", "num-server-rounds=2", "-c", "local-steps=2", "-c", "eval-max-samples=2", "-c", "eval-others-max-samples=2",
-        "-c", "rounds-per-task=1", "-c", "pretrained=false", "-c", "align-bases=false",
-        "-c", "eval-unseen=false", "-c", "run-name='deploy'",
-    ]
-    result = run_fedmosaic(args, tmp_path / "cache", timeout=900)
+def test_twenty_supernodes_run_three_rounds_and_lose_no_message(tmp_path: Path) -> None:
+    """Load: 20 SuperNodes × 3 rounds on loopback, each a separate process with its own stable
+    client id and state directory, TLS, SuperNode authentication, process isolation and a warm
+    ClientApp worker per SuperNode. Every client answers every round; the wall time and the peak
+    memory of the whole process tree are printed (figures in BENCHMARKS.md)."""
+    clients = 20
+    data_root = build_drake_mini(tmp_path / "mini", seed=0, size="tiny")
+    scenario = write_scaled_scenario(data_root, clients)
+    settings = [f"data-root='{data_root}'", f"scenario='{scenario}'", "num-server-rounds=3", "local-steps=2",
+                "eval-max-samples=2", "eval-others-max-samples=2", "rounds-per-task=1", "pretrained=false",
+                "align-bases=false", "eval-unseen=false", "batch-size=4", "run-name='load'"]
+    started = time.monotonic()
+    result = run_fedmosaic(["local-deployment", *(a for item in settings for a in ("-c", item))],
+                           tmp_path / "cache", timeout=1500)
+    wall = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-4000:]
-    run_dir = tmp_path / "cache" / "runs" / "deploy"
+    run_dir = tmp_path / "cache" / "runs" / "load"
     rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text().splitlines()]
-    assert sorted((r["round"], str(r["client"])) for r in rows) == [(1, "0"), (1, "4"), (2, "0"), (2, "4")]
+    expected = sorted((r, str(c)) for r in (1, 2, 3) for c in range(clients))
+    assert sorted((r["round"], str(r["client"])) for r in rows) == expected  # no reply lost
     # each SuperNode kept its client's state where its --node-config said, keyed by the client id
-    for cid in ("0", "4"):
+    for cid in range(clients):
         state = run_dir / "supernode-state" / f"client-{cid}"
         assert list(state.rglob("*.safetensors")), f"no adapter state for client {cid}"
     assert not (run_dir / "clients").exists()
     home = tmp_path / "cache" / "flwr-home-deployment"
-    assert (home / "superlink.log").is_file() and (home / "supernode-1.log").is_file()
+    # every message went to its SuperNode's warm worker, none was answered cold
+    for index in range(clients):
+        text = (home / f"client-worker-{index}.log").read_text()
+        assert text.count("answered query") == 1 and text.count("answered train") == 3, index
     # TLS by default: the CLI connection verified the SuperLink against the fresh CA
     assert "root-certificates" in (home / "config.toml").read_text()
     assert (home / "certificates" / "ca.crt").is_file()
     # and SuperNode authentication: each node started with its own key, registered first
-    assert all((home / "keys" / f"client-{cid}.pub").is_file() for cid in ("0", "4"))
-    # the SuperLink and SuperNodes the launcher started are gone (their command lines name tmp_path)
+    assert all((home / "keys" / f"client-{cid}.pub").is_file() for cid in range(clients))
+    timing = json.loads((run_dir / "report" / "timing.json").read_text())
+    print(f"\n{clients} SuperNodes x 3 rounds: wall {wall:.1f} s, rounds {[rows[i * clients]['round_time_s'] for i in range(3)]} s, "
+          f"peak RSS {timing['peak_rss_gib']} GiB")
+    assert 0 < timing["peak_rss_gib"] < 24
+    # the SuperLink, SuperNodes, SuperExecs and workers the launcher started are gone, and the
+    # workers' socket folder with them
     assert not _processes_mentioning(str(tmp_path))
+    assert not _processes_mentioning(str(worker_socket(home, 0).parent))
+    assert not worker_socket(home, 0).parent.exists()
 
 
 def _processes_mentioning(text: str) -> list[int]:
