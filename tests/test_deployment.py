@@ -281,8 +281,15 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
                                                 secret, tls.ca_certificate, host=launch.Host.netns(link_ns)))
         for key in keys:
             launch.register_supernode(link, key)
-        values = [{"client-id": str(i), "state-dir": str(tmp_path / "state" / f"client-{i}"), "data-root": str(data_root)}
-                  for i in range(3)]
+        # each host's warm ClientApp worker, in its namespace; it outlives its SuperNode's SIGKILL below
+        sockets = [launch.worker_socket(home, i) for i in range(3)]
+        workers = [(sockets[i], launch.start_client_worker(sockets[i], link.env, home / f"client-worker-{i}.log",
+                                                           host=launch.Host.netns(peers[i + 1])),
+                    home / f"client-worker-{i}.log") for i in range(3)]
+        processes += [process for _, process, _ in workers]
+        launch.wait_for_workers(workers)
+        values = [{"client-id": str(i), "state-dir": str(tmp_path / "state" / f"client-{i}"), "data-root": str(data_root),
+                   "worker-socket": str(sockets[i])} for i in range(3)]
 
         def start_node(i: int) -> list[subprocess.Popen[bytes]]:
             return launch.start_supernode(link, i, values[i], tls=tls, key=keys[i], superexec_secret=secret,
@@ -340,6 +347,7 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
     finally:
         for process in reversed(processes):
             launch.stop_process_group(process)
+        shutil.rmtree(launch.worker_socket(tmp_path / "flwr-home", 0).parent, ignore_errors=True)
         for name in made:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
     print(f"\nSuperLink outage {outage:.1f} s; killed node excluded after {excluded_after:.1f} s; "
@@ -356,6 +364,9 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
         files = [p for p in (tmp_path / "state" / f"client-{i}").rglob("*") if p.is_file()]
         assert any(p.suffix == ".safetensors" for p in files), f"no state for client {i}"
         assert {p.suffix for p in files} <= {".safetensors", ".json"}  # no pickle in client state
+    # the workers answered every message: 4 rounds (3 for client 1) and a handshake in each run
+    trained = [(tmp_path / "flwr-home" / f"client-worker-{i}.log").read_text().count("answered train") for i in range(3)]
+    assert trained[0] == trained[2] == 4 and trained[1] >= 3, trained
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30).stdout
     assert tag not in listed  # every namespace (and with it every veth) is gone
     assert not _processes_mentioning(str(tmp_path))
