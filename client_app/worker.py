@@ -239,6 +239,9 @@ def serve(socket_path: Path, idle_timeout: float = 0.0) -> None:
             started = time.perf_counter()
             with conn:
                 try:
+                    conn.settimeout(REQUEST_TIMEOUT_S)
+                    if not conn.recv(1, socket.MSG_PEEK):
+                        continue  # connected and closed without a request: a readiness probe
                     outcome = _handle(conn, code, table, on_run)
                 except (OSError, ValueError) as err:  # a peer that vanished or sent garbage
                     outcome = f"dropped a request: {err}"

@@ -196,7 +196,9 @@ def test_the_worker_drops_malformed_requests_and_keeps_serving(worker: tuple[Pat
     empty = b"\0" * 8
     answer = _raw(socket_path, len(header).to_bytes(8, "big"), header, empty, empty)
     assert b"unknown handler 'shutdown'" in answer
+    assert _raw(socket_path) == b""  # connected, sent nothing: a readiness probe, not logged as a request
     text = log_file.read_text()
+    assert "connection closed after 0 of" not in text
     assert "dropped a request: frame of 1099511627776 bytes announced; the limit is" in text
     assert "dropped a request: frame header is list, not a JSON object" in text
     assert "dropped a request: connection closed after 3 of 10 bytes" in text
