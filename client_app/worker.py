@@ -200,7 +200,7 @@ def _claim_socket(socket_path: Path) -> socket.socket:
         server.bind(str(socket_path))
     finally:
         os.umask(old_umask)
-    server.listen(8)
+    server.listen(64)  # a worker shared by many SuperNodes may have many ClientApps waiting
     return server
 
 
