@@ -150,22 +150,23 @@ def answer_with_worker(socket_path: Path, handler: str, msg: Message, context: C
 
 
 # ---------------------------------------------------------------------------- the worker's side
+def _error(status: str, text: str) -> list[bytes]:
+    return [json.dumps({"status": status, "error": text}).encode()]
+
+
 def _handle(conn: socket.socket, code: str, handlers: dict[str, Callable[[Message, Context], Message]],
-            on_run: Callable[[int], None]) -> str:
-    """Read one request, answer it; returns what to log."""
-    conn.settimeout(REQUEST_TIMEOUT_S)
+            on_run: Callable[[int], None]) -> tuple[str, list[bytes]]:
+    """Read one request and compute its answer: (what to log, the reply's frames)."""
     header = _recv_header(conn)
     message_bytes = _recv_frame(conn)
     context_bytes = _recv_frame(conn)
     conn.settimeout(None)
-    handler = header.get("handler")
-    if header.get("code") != code:
-        reply = {"status": "code-mismatch", "error": f"worker code {code[:12]}, ClientApp code {str(header.get('code'))[:12]}"}
-        _send_frame(conn, json.dumps(reply).encode())
-        return f"refused {handler}: code {str(header.get('code'))[:12]} is not this worker's {code[:12]}"
+    handler, theirs = header.get("handler"), str(header.get("code"))
+    if theirs != code:
+        return (f"refused {handler}: code {theirs[:12]} is not this worker's {code[:12]}",
+                _error("code-mismatch", f"worker code {code[:12]}, ClientApp code {theirs[:12]}"))
     if handler not in handlers:
-        _send_frame(conn, json.dumps({"status": "error", "error": f"unknown handler {handler!r}; known: {HANDLERS}"}).encode())
-        return f"refused unknown handler {handler!r}"
+        return f"refused unknown handler {handler!r}", _error("error", f"unknown handler {handler!r}; known: {HANDLERS}")
     try:
         msg = message_from_proto(ProtoMessage.FromString(message_bytes))
         context = context_from_proto(ProtoContext.FromString(context_bytes))
@@ -174,11 +175,8 @@ def _handle(conn: socket.socket, code: str, handlers: dict[str, Callable[[Messag
     except Exception as err:  # the message's failure, reported to the ClientApp, not the worker's
         log.exception("%s failed", handler)
         text = "".join(traceback.format_exception_only(err)).strip()
-        _send_frame(conn, json.dumps({"status": "error", "error": text}).encode())
-        return f"{handler} failed: {text}"
-    _send_frame(conn, json.dumps({"status": "ok"}).encode())
-    _send_frame(conn, content)
-    return f"answered {handler} ({len(content)} bytes)"
+        return f"{handler} failed: {text}", _error("error", text)
+    return f"answered {handler} ({len(content)} bytes)", [json.dumps({"status": "ok"}).encode(), content]
 
 
 def _claim_socket(socket_path: Path) -> socket.socket:
@@ -242,10 +240,17 @@ def serve(socket_path: Path, idle_timeout: float = 0.0) -> None:
                     conn.settimeout(REQUEST_TIMEOUT_S)
                     if not conn.recv(1, socket.MSG_PEEK):
                         continue  # connected and closed without a request: a readiness probe
-                    outcome = _handle(conn, code, table, on_run)
+                    outcome, frames = _handle(conn, code, table, on_run)
                 except (OSError, ValueError) as err:  # a peer that vanished or sent garbage
-                    outcome = f"dropped a request: {err}"
-            log.info("%s in %.2f s", outcome, time.perf_counter() - started)
+                    log.info("dropped a request: %s in %.2f s", err, time.perf_counter() - started)
+                    continue
+                # logged before the answer leaves: whoever got the answer finds it in the log
+                log.info("%s in %.2f s", outcome, time.perf_counter() - started)
+                try:
+                    for frame in frames:
+                        _send_frame(conn, frame)
+                except OSError as err:  # the ClientApp is gone (its SuperNode was stopped, say)
+                    log.info("could not deliver that answer: %s", err)
     finally:
         server.close()
         try:

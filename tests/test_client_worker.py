@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from flower_fakes import InProcessGrid, run_federation
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from client_app import worker as worker_module
 from client_app.app import app as client_app
@@ -134,6 +135,7 @@ def test_a_worker_answers_exactly_what_the_clientapp_would(worker: tuple[Path, P
 
 
 def _query(extra: dict[str, Any], run_config: dict[str, Any]) -> Message:
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0  # as a ServerApp's grid has them
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, **extra}, state=RecordDict(),
                       run_config=run_config)
     msg = Message(RecordDict({proto.CONFIG: ConfigRecord({"server-round": 0})}), dst_node_id=1, message_type="query")
@@ -170,6 +172,7 @@ def test_a_failure_in_the_worker_is_the_messages_failure(worker: tuple[Path, Pat
     run_config = _config(data_root, tmp_path / "runs").to_flat()
     context = Context(run_id=7, node_id=1, node_config={"partition-id": 0, SOCKET_KEY: str(socket_path)},
                       state=RecordDict(), run_config=run_config)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 0
     no_config = Message(RecordDict(), dst_node_id=1, message_type="train")
     with pytest.raises(WorkerError, match=f"worker at {socket_path} failed on train: KeyError"):
         client_app(no_config, context)
@@ -181,7 +184,10 @@ def _raw(socket_path: Path, *frames: bytes) -> bytes:
         for frame in frames:
             sock.sendall(frame)
         sock.shutdown(socket.SHUT_WR)
-        return sock.recv(1 << 16)
+        answer = b""
+        while chunk := sock.recv(1 << 16):  # until the worker closes: a reply comes in several writes
+            answer += chunk
+        return answer
 
 
 @pytest.mark.slow
