@@ -179,19 +179,24 @@ def _handle(conn: socket.socket, code: str, handlers: dict[str, Callable[[Messag
     return f"answered {handler} ({len(content)} bytes)", [json.dumps({"status": "ok"}).encode(), content]
 
 
+def listens(socket_path: Path) -> bool:
+    """Whether a worker accepts connections on ``socket_path`` (a connection without a request
+    is a probe, which the worker does not count as one)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(socket_path))
+        except OSError:
+            return False
+    return True
+
+
 def _claim_socket(socket_path: Path) -> socket.socket:
     """Bind ``socket_path`` (mode 0600, folder 0700); a stale file is replaced, a live worker is not."""
     socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if socket_path.exists() or socket_path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(socket_path))
-        except OSError:
-            socket_path.unlink()  # nobody listens: a worker that died
-        else:
+        if listens(socket_path):
             raise RuntimeError(f"a ClientApp worker already listens on {socket_path}")
-        finally:
-            probe.close()
+        socket_path.unlink()  # nobody listens: a worker that died
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     try:

@@ -297,6 +297,8 @@ def start_client_worker(socket_path: Path, env: Mapping[str, str], log_file: Pat
 def wait_for_workers(workers: Sequence[tuple[Path, subprocess.Popen[bytes], Path]], timeout: float = 600.0) -> None:
     """Wait until every worker (socket, process, log) accepts connections: it has loaded torch
     and the app; a worker that exits first fails with its log's name."""
+    from client_app.worker import listens
+
     deadline = time.monotonic() + timeout
     waiting = list(workers)
     while waiting:
@@ -304,13 +306,9 @@ def wait_for_workers(workers: Sequence[tuple[Path, subprocess.Popen[bytes], Path
         if process.poll() is not None:
             raise LaunchError(f"the ClientApp worker for {socket_path.name} exited with code {process.returncode}; "
                               f"see {log_file}")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(str(socket_path))
-                waiting.pop(0)
-                continue
-            except OSError:
-                pass
+        if listens(socket_path):
+            waiting.pop(0)
+            continue
         if time.monotonic() > deadline:
             raise LaunchError(f"the ClientApp worker for {socket_path.name} was not ready within {timeout:.0f}s; "
                               f"see {log_file}")

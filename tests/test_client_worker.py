@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,18 +24,13 @@ from client_app import worker as worker_module
 from client_app.app import app as client_app
 from client_app.worker import SOCKET_KEY, WorkerError
 from drake_data.mini.builder import build_drake_mini
-from fedmosaic_cli.launch import wait_for_workers
+from fedmosaic_cli.launch import start_client_worker, wait_for_workers
 from fedmosaic_flower import records as proto
 from fedmosaic_flower.config import parse_run_config
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def start_worker(socket_path: Path, log_file: Path, cache: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, FEDMOSAIC_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    with open(log_file, "ab") as sink:
-        return subprocess.Popen([sys.executable, "-m", "fedmosaic_cli.main", "client-worker", "--socket", str(socket_path)],
-                                env=env, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    return start_client_worker(socket_path, dict(os.environ, FEDMOSAIC_CACHE=str(cache), HF_HUB_OFFLINE="1"), log_file)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
