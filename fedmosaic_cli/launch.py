@@ -11,7 +11,9 @@ and the SuperLink's process group is stopped by pid, also on failure.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -37,10 +39,22 @@ class LaunchError(RuntimeError):
     """The Flower run could not be started, or did not finish successfully."""
 
 
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free TCP port on 127.0.0.1 that this process has not handed out before: the kernel may
+    give a port that was just released again before its first user binds it (seen here: two of 20
+    SuperNodes started at once got the same port, and one exited)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        with _HANDED_OUT_LOCK:
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def _bin(name: str) -> str:
@@ -110,6 +124,27 @@ def _wait_for_port(host: str, port: int, process: subprocess.Popen[bytes], timeo
     raise LaunchError(f"flower-superlink did not open {host}:{port} within {timeout:.0f}s; see {log_file}")
 
 
+def _wait_until_healthy(port: int, process: subprocess.Popen[bytes], name: str, log_file: Path,
+                        timeout: float = 180.0) -> None:
+    """Until ``process`` answers ``GET /health`` on 127.0.0.1:``port`` (Flower's HTTP APIs do; a
+    port merely open may be another process's); LaunchError naming it if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LaunchError(f"{name} exited with code {process.returncode}; see {log_file}")
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)  # no proxy, unlike urllib
+        try:
+            connection.request("GET", "/health")
+            if connection.getresponse().status == 200:
+                return
+        except (OSError, http.client.HTTPException):
+            pass
+        finally:
+            connection.close()
+        time.sleep(0.3)
+    raise LaunchError(f"{name} did not answer on 127.0.0.1:{port}/health within {timeout:.0f}s; see {log_file}")
+
+
 def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM the process group of ``process`` (started with a new session), then SIGKILL."""
     if process.poll() is not None:
@@ -126,6 +161,27 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
         except ProcessLookupError:
             pass
         process.wait(timeout=grace)
+
+
+def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
+    """:func:`stop_process_group` for many at once: SIGTERM them all, then wait for each until a
+    common deadline, then SIGKILL what is left. Many SuperNodes stop in the time of one."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait(timeout=grace)
 
 
 def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> None:
@@ -355,29 +411,35 @@ def local_deployment(
         if superexec_secret is not None:
             processes.append(start_superexec(link.control_address, link.env, flwr_home / "superexec-serverapp.log",
                                              superexec_secret, tls.ca_certificate if tls else None))
-        for key in supernode_keys or []:
-            register_supernode(link, key)
-        if warm_workers > 0:
-            workers = []
-            for index in range(min(warm_workers, len(node_configs))):
-                socket_path, log_file = worker_socket(flwr_home, index), flwr_home / f"client-worker-{index}.log"
-                workers.append((socket_path, start_client_worker(socket_path, link.env, log_file,
-                                                                 niceness=CLIENTAPP_NICENESS), log_file))
-                processes.append(workers[-1][1])
+        workers = []
+        for index in range(min(warm_workers, len(node_configs))):
+            socket_path, log_file = worker_socket(flwr_home, index), flwr_home / f"client-worker-{index}.log"
+            workers.append((socket_path, start_client_worker(socket_path, link.env, log_file,
+                                                             niceness=CLIENTAPP_NICENESS), log_file))
+            processes.append(workers[-1][1])
+        # while the workers load torch: each key registered by its own `flwr` call, a few at once
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda key: register_supernode(link, key), supernode_keys or []))
+        if workers:
             node_configs = [{**values, "worker-socket": str(workers[i % len(workers)][0])}
                             for i, values in enumerate(node_configs)]
             wait_for_workers(workers)
         nodes: list[subprocess.Popen[bytes]] = []
+        runtime_ports = [free_port() for _ in node_configs]
         for index, values in enumerate(node_configs):
             started = start_supernode(link, index, values, tls=tls,
                                       key=supernode_keys[index] if supernode_keys else None,
-                                      superexec_secret=superexec_secret)
+                                      superexec_secret=superexec_secret, runtime_port=runtime_ports[index])
             processes.extend(started)
             nodes.append(started[0])
+        # a node that could not start (its port taken, a bad flag) fails the launch, not the run
+        for index, (node, port) in enumerate(zip(nodes, runtime_ports, strict=True)):
+            _wait_until_healthy(port, node, f"flower-supernode {index}", link.flwr_home / f"supernode-{index}.log")
         yield link, nodes
     finally:
-        for process in reversed(processes):
-            stop_process_group(process)
+        # the nodes, their SuperExecs and the workers together, then the SuperLink they talk to
+        stop_process_groups(processes[1:])
+        stop_process_group(link.process)
         if warm_workers > 0:
             shutil.rmtree(worker_socket(flwr_home, 0).parent, ignore_errors=True)
 
@@ -392,12 +454,14 @@ def start_supernode(
     superexec_secret: Path | None = None,
     host: Host = LOCAL,
     superlink_address: str | None = None,
+    runtime_port: int | None = None,
 ) -> list[subprocess.Popen[bytes]]:
     """One ``flower-supernode`` (logging to ``supernode-{index}.log``) with ``--node-config
     values``, and under process isolation its ``flower-superexec`` for the ClientApps: [node,
     superexec?]. Starting it again with the same key and values is a restart of the same client.
-    On a separate ``host`` it dials the SuperLink at ``superlink_address`` (host:port)."""
-    runtime_port = free_port()
+    On a separate ``host`` it dials the SuperLink at ``superlink_address`` (host:port). Its
+    ClientApp API listens on ``runtime_port`` (default: a free port)."""
+    runtime_port = runtime_port or free_port()
     command = [
         *host.prefix, _bin("flower-supernode"), *(tls.client_args() if tls else ["--insecure"]),
         *(key.supernode_args() if key else []),

@@ -9,14 +9,15 @@ Messages (``RecordDict`` keys):
   them, ``global-shared`` / ``global-same-arch``. Reply: ``local-shared``, ``local-same-arch``,
   ``task-vector``, ``metrics`` and ``client-info`` (with per-task ``scores`` as JSON).
 
-Adapter states travel as float32 ``ArrayRecord``\\ s built from and read back to torch state
-dicts by Flower itself (bfloat16 cannot go into an ``ArrayRecord``). Everything received is
+An adapter state travels as one ``ArrayRecord`` of two arrays: its float32 values in one flat
+array and its key → shape schema as JSON (:func:`encode_state`). Everything received is
 checked before it is decoded: anything else raises :class:`ProtocolError` with the reason.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import re
@@ -38,6 +39,8 @@ GLOBAL_SAME_ARCH = "global-same-arch"
 LOCAL_SHARED = "local-shared"
 LOCAL_SAME_ARCH = "local-same-arch"
 TASK_VECTOR = "task-vector"
+STATE_SCHEMA = "schema"  # the two arrays of an adapter state record (encode_state)
+STATE_VALUES = "values"
 METRICS = "metrics"
 
 MAX_ARRAYS = 4096
@@ -66,66 +69,124 @@ def client_sort_key(client_id: str) -> tuple[int, int, str]:
 
 # -- adapter states ------------------------------------------------------------------------------
 def encode_state(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """Tensors → ArrayRecord (float32, contiguous, on CPU), through Flower's torch conversion."""
-    return ArrayRecord({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
+    """Tensors → an ArrayRecord of two arrays: ``values``, every tensor as float32 (bfloat16
+    cannot go into an ``ArrayRecord``), flattened and concatenated in the state's key order, and
+    ``schema``, the UTF-8 JSON of key → shape in that order.
+
+    Two arrays, not one per tensor: Flower moves every array as its own object, one request per
+    hop, so a state of 112 tensors cost ~600 requests per client and round on a deployment. An
+    empty state is an empty record."""
+    if not state:
+        return ArrayRecord()
+    schema = json.dumps({key: list(value.shape) for key, value in state.items()}, separators=(",", ":"))
+    values = torch.cat([v.detach().to("cpu", torch.float32).reshape(-1) for v in state.values()])
+    return ArrayRecord({
+        STATE_SCHEMA: Array(np.frombuffer(schema.encode(), dtype=np.uint8).copy()),
+        STATE_VALUES: Array(values.numpy()),
+    })
 
 
-def _check_array(array: Array, what: str) -> int:
-    """The array is a float32 npy buffer whose header agrees with its metadata and its size;
-    returns where its data start in ``array.data``."""
+def _check_array(array: Array, what: str, dtype: str = "float32") -> int:
+    """The array is a little-endian ``dtype`` npy buffer whose header agrees with its metadata and
+    its size; returns where its data start in ``array.data``."""
     if array.stype != "numpy.ndarray":
         raise ProtocolError(f"{what}: unsupported array type {array.stype!r}")
-    if array.dtype != "float32":
-        raise ProtocolError(f"{what}: dtype {array.dtype}, expected float32")
+    if array.dtype != dtype:
+        raise ProtocolError(f"{what}: dtype {array.dtype}, expected {dtype}")
     buffer = io.BytesIO(array.data)
     try:
         version = npy_format.read_magic(buffer)
         read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
-        shape, fortran, dtype = read_header(buffer)
+        shape, fortran, found = read_header(buffer)
     except Exception as err:  # noqa: BLE001 - any malformed header is a bad message
         raise ProtocolError(f"{what}: not a numpy array buffer ({err})") from None
-    if dtype != np.dtype("<f4") or fortran or list(shape) != list(array.shape):
-        raise ProtocolError(f"{what}: buffer holds {dtype} {shape}, metadata says float32 {tuple(array.shape)}")
-    if math.prod(shape) * 4 != len(array.data) - buffer.tell():
+    want = np.dtype(dtype).newbyteorder("<")
+    if found != want or fortran or list(shape) != list(array.shape):
+        raise ProtocolError(f"{what}: buffer holds {found} {shape}, metadata says {dtype} {tuple(array.shape)}")
+    if math.prod(shape) * want.itemsize != len(array.data) - buffer.tell():
         raise ProtocolError(f"{what}: buffer size does not match its shape {tuple(shape)}")
     return buffer.tell()
+
+
+def _state_schema(record: ArrayRecord, what: str) -> dict[str, tuple[int, ...]]:
+    """The ``schema`` array of a state record → key → shape, in order; ProtocolError if malformed."""
+    array = record[STATE_SCHEMA]
+    start = _check_array(array, f"{what}[{STATE_SCHEMA!r}]", dtype="uint8")
+    if len(array.shape) != 1 or array.shape[0] > MAX_JSON_CHARS:
+        raise ProtocolError(f"{what}[{STATE_SCHEMA!r}]: expected at most {MAX_JSON_CHARS} bytes of JSON, "
+                            f"got shape {tuple(array.shape)}")
+    try:
+        raw = json.loads(array.data[start:].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ProtocolError(f"{what}[{STATE_SCHEMA!r}]: not UTF-8 JSON ({type(err).__name__})") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"{what}[{STATE_SCHEMA!r}]: expected an object of key → shape, got {type(raw).__name__}")
+    if len(raw) > MAX_ARRAYS:
+        raise ProtocolError(f"{what}: {len(raw)} tensors (at most {MAX_ARRAYS})")
+    schema: dict[str, tuple[int, ...]] = {}
+    for key, shape in raw.items():
+        if (not isinstance(shape, list) or len(shape) > 4
+                or not all(type(size) is int and 0 <= size <= 1 << 31 for size in shape)):
+            raise ProtocolError(f"{what}[{key!r}]: shape must be a list of at most 4 sizes, got {shape!r:.80}")
+        schema[key] = tuple(shape)
+    return schema
 
 
 def decode_state(
     record: Any, what: str, into: torch.Tensor | None = None, spec: Spec | None = None
 ) -> dict[str, torch.Tensor]:
-    """ArrayRecord → float32 tensors, every array checked first.
+    """An ArrayRecord from :func:`encode_state` → float32 tensors, everything checked first.
 
     With ``into`` (a 1-D float32 CPU tensor of ``spec``'s total size) and a record that holds
-    exactly ``spec``'s keys and shapes, the arrays are copied straight from the message's bytes
+    exactly ``spec``'s keys and shapes, the values are copied straight from the message's bytes
     into ``into``, in ``spec``'s key order, and the tensors returned are views of it: the server
     decodes a round's replies into the rows of one matrix that the aggregation mixes in place. A
     record that does not fit ``spec`` is decoded on its own (the aggregation names what is wrong)."""
     if not isinstance(record, ArrayRecord):
         raise ProtocolError(f"{what}: expected an ArrayRecord, got {type(record).__name__}")
-    if len(record) > MAX_ARRAYS:
-        raise ProtocolError(f"{what}: {len(record)} arrays (at most {MAX_ARRAYS})")
-    starts = {key: _check_array(array, f"{what}[{key!r}]") for key, array in record.items()}
-    if into is not None and spec is not None and _fits(record, spec, into):
+    if len(record) == 0:
+        return {}
+    if set(record.keys()) != {STATE_SCHEMA, STATE_VALUES}:
+        raise ProtocolError(f"{what}: expected the arrays {STATE_SCHEMA!r} and {STATE_VALUES!r}, "
+                            f"got {sorted(record.keys())[:8]}")
+    schema = _state_schema(record, what)
+    values = record[STATE_VALUES]
+    start = _check_array(values, f"{what}[{STATE_VALUES!r}]")
+    sizes = [math.prod(shape) for shape in schema.values()]
+    if len(values.shape) != 1 or values.shape[0] != sum(sizes):
+        raise ProtocolError(f"{what}: the schema's shapes hold {sum(sizes)} values, "
+                            f"{STATE_VALUES!r} has shape {tuple(values.shape)}")
+    flat = np.frombuffer(values.data, dtype="<f4", count=sum(sizes), offset=start)
+    if into is not None and spec is not None and _fits(schema, spec, into):
         target = into.numpy()
-        out: dict[str, torch.Tensor] = {}
-        offset = 0
-        for key, shape in spec.items():
-            size = math.prod(shape)
-            target[offset : offset + size] = np.frombuffer(record[key].data, dtype="<f4", count=size, offset=starts[key])
-            out[key] = into[offset : offset + size].view(shape)
-            offset += size
-        return out
-    try:
-        return dict(record.to_torch_state_dict())
-    except Exception as err:  # noqa: BLE001 - checked above; anything left is still a bad message
-        raise ProtocolError(f"{what}: cannot decode ({err})") from None
+        if list(schema) == list(spec):
+            target[:] = flat
+        else:  # the same tensors in another order
+            offsets = dict(zip(schema, itertools.accumulate(sizes, initial=0), strict=False))
+            position = 0
+            for key, shape in spec.items():
+                size = math.prod(shape)
+                target[position : position + size] = flat[offsets[key] : offsets[key] + size]
+                position += size
+        return _views(into, spec)
+    return _views(torch.from_numpy(flat.copy()), schema)
 
 
-def _fits(record: ArrayRecord, spec: Spec, into: torch.Tensor) -> bool:
+def _views(flat: torch.Tensor, schema: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """Tensors of ``schema``'s shapes that are consecutive views of ``flat``, in its key order."""
+    out: dict[str, torch.Tensor] = {}
+    position = 0
+    for key, shape in schema.items():
+        size = math.prod(shape)
+        out[key] = flat[position : position + size].view(shape)
+        position += size
+    return out
+
+
+def _fits(schema: Mapping[str, tuple[int, ...]], spec: Spec, into: torch.Tensor) -> bool:
     return (
-        set(record.keys()) == set(spec)
-        and all(tuple(record[key].shape) == tuple(shape) for key, shape in spec.items())
+        schema.keys() == spec.keys()
+        and all(schema[key] == tuple(shape) for key, shape in spec.items())
         and into.dtype == torch.float32 and into.device.type == "cpu" and into.ndim == 1 and into.is_contiguous()
         and into.numel() == sum(math.prod(shape) for shape in spec.values())
     )

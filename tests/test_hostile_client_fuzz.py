@@ -71,13 +71,6 @@ def raw_array(dtype: str, shape: tuple[int, ...], data: bytes, stype: str = "num
     return Array(dtype=dtype, shape=shape, stype=stype, data=data)
 
 
-def set_array(record_name: str, key: str, make: Callable[[Array], Array]) -> Mutation:
-    def mutate(content: RecordDict) -> None:
-        record = content.array_records[record_name]
-        record[key] = make(record[key])
-    return mutate
-
-
 def values(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Array], Array]:
     return lambda a: Array(np.ascontiguousarray(fn(a.numpy().copy())))
 
@@ -109,12 +102,48 @@ ARRAY_MUTATIONS: dict[str, Callable[[Array], Array]] = {
     "pickled-object": lambda a: raw_array("object", a.shape, b"\x80\x04\x95pickle"),
     "torch-stype": lambda a: raw_array("float32", a.shape, a.data, stype="torch.Tensor"),
 }
-ARRAY_TARGETS = {
+# an adapter state is one record of two arrays (values, schema): the mutations above hit the
+# whole values array, and these hit one named tensor inside it
+TENSOR_MUTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "nan": lambda t: t.flatten().index_fill(0, torch.tensor([0]), float("nan")).view(t.shape),
+    "inf": lambda t: torch.full_like(t, float("inf")),
+    "neg-inf": lambda t: t.flatten().index_fill(0, torch.tensor([t.numel() - 1]), float("-inf")).view(t.shape),
+    "reshaped": lambda t: t.reshape(-1) if t.ndim > 1 else t.reshape(1, -1),
+    "extra-row": lambda t: torch.cat([t, t[:1]]),
+}
+TENSOR_TARGETS = {
     "shared-P": (proto.LOCAL_SHARED, "pq.0.q_proj.P"),
     "shared-Q": (proto.LOCAL_SHARED, "pq.1.q_proj.Q"),
     "same-arch-A": (proto.LOCAL_SAME_ARCH, "lora.0.q_proj.A"),
-    "task-vector": (proto.TASK_VECTOR, proto.TASK_VECTOR),
 }
+SCHEMA_MUTATIONS: dict[str, Callable[[Array], Array]] = {
+    "garbage-bytes": lambda a: Array(np.frombuffer(b"\xff{not json", dtype=np.uint8).copy()),
+    "json-list": lambda a: Array(np.frombuffer(b"[1, 2]", dtype=np.uint8).copy()),
+    "float32": lambda a: Array(a.numpy().astype(np.float32)),
+    "one-value-more": lambda a: Array(np.frombuffer(json.dumps({**json.loads(bytes(a.numpy())), "pq.9.q_proj.Q": [1]})
+                                                    .encode(), dtype=np.uint8).copy()),
+    "pickled-object": lambda a: raw_array("object", a.shape, b"\x80\x04\x95pickle"),
+}
+
+
+def set_array(record_name: str, key: str, make: Callable[[Array], Array]) -> Mutation:
+    def mutate(content: RecordDict) -> None:
+        record = content.array_records[record_name]
+        record[key] = make(record[key])
+    return mutate
+
+
+def edit_state(record_name: str, edit: Callable[[dict[str, torch.Tensor]], object]) -> Mutation:
+    """Decode an adapter state record, edit its tensors, encode it again."""
+    def mutate(content: RecordDict) -> None:
+        state = {k: v.clone() for k, v in proto.decode_state(content.array_records[record_name], record_name).items()}
+        edit(state)
+        content[record_name] = proto.encode_state(state)
+    return mutate
+
+
+def set_tensor(record_name: str, key: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Mutation:
+    return edit_state(record_name, lambda state: state.__setitem__(key, make(state[key])))
 
 
 def drop(kind: str, name: str) -> Mutation:
@@ -185,9 +214,17 @@ def _rank8_same_arch(d: dict) -> dict:
 
 
 CASES: dict[str, tuple[dict, str]] = {}  # name → (HostileClient kwargs, "excluded" | "accepted")
-for target, (record_name, key) in ARRAY_TARGETS.items():
+for target, (record_name, key) in TENSOR_TARGETS.items():
+    for name, change in TENSOR_MUTATIONS.items():
+        CASES[f"{target}/{name}"] = ({"reply": set_tensor(record_name, key, change)}, "excluded")
+for target, (record_name, key) in {"shared-values": (proto.LOCAL_SHARED, proto.STATE_VALUES),
+                                   "same-arch-values": (proto.LOCAL_SAME_ARCH, proto.STATE_VALUES),
+                                   "task-vector": (proto.TASK_VECTOR, proto.TASK_VECTOR)}.items():
     for name, make in ARRAY_MUTATIONS.items():
         CASES[f"{target}/{name}"] = ({"reply": set_array(record_name, key, make)}, "excluded")
+for target, record_name in {"shared-schema": proto.LOCAL_SHARED, "same-arch-schema": proto.LOCAL_SAME_ARCH}.items():
+    for name, make in SCHEMA_MUTATIONS.items():
+        CASES[f"{target}/{name}"] = ({"reply": set_array(record_name, proto.STATE_SCHEMA, make)}, "excluded")
 for record_name in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH, proto.TASK_VECTOR):
     CASES[f"missing-record/{record_name}"] = ({"reply": drop("array_records", record_name)}, "excluded")
     CASES[f"record-of-wrong-type/{record_name}"] = ({"reply": replace_with_config(record_name)}, "excluded")
@@ -196,14 +233,18 @@ CASES["missing-record/metrics"] = ({"reply": drop("metric_records", proto.METRIC
 for record_name, part in ((proto.LOCAL_SHARED, "shared"), (proto.LOCAL_SAME_ARCH, "same-arch")):
     first = "pq.0.q_proj.P" if part == "shared" else "lora.0.q_proj.A"
     CASES[f"{part}-keys/unknown-key"] = (
-        {"reply": edit_record(record_name, lambda r, f=first: r.__setitem__(f.replace("q_proj", "v_proj"), r[f]))}, "excluded")
-    CASES[f"{part}-keys/missing-key"] = ({"reply": edit_record(record_name, lambda r, f=first: r.__delitem__(f))}, "excluded")
+        {"reply": edit_state(record_name, lambda s, f=first: s.__setitem__(f.replace("q_proj", "v_proj"), s[f]))}, "excluded")
+    CASES[f"{part}-keys/missing-key"] = ({"reply": edit_state(record_name, lambda s, f=first: s.__delitem__(f))}, "excluded")
     for bad_key in ("pq.x.q_proj.P", "../../escape", "", "lora.0.q_proj.A/../P", "pq.0.q_proj.P " * 3):
         CASES[f"{part}-keys/malformed {bad_key!r}"] = (
-            {"reply": edit_record(record_name, lambda r, f=first, k=bad_key: r.__setitem__(k, r.pop(f)))}, "excluded")
-    CASES[f"{part}-keys/5000-arrays"] = (
-        {"reply": edit_record(record_name, lambda r: [r.__setitem__(f"pq.9.x{i}.P", Array(np.zeros(1, np.float32)))
-                                                     for i in range(5000)])}, "excluded")
+            {"reply": edit_state(record_name, lambda s, f=first, k=bad_key: s.__setitem__(k, s.pop(f)))}, "excluded")
+    CASES[f"{part}-keys/5000-tensors"] = (
+        {"reply": edit_state(record_name, lambda s: [s.__setitem__(f"pq.9.x{i}.P", torch.zeros(1)) for i in range(5000)])},
+        "excluded")
+    CASES[f"{part}-keys/per-tensor-arrays"] = (  # the layout of before: one array per tensor
+        {"reply": lambda c, n=record_name: c.__setitem__(n, ArrayRecord({k: Array(v.numpy()) for k, v in
+                                                                      proto.decode_state(c.array_records[n], n).items()}))},
+        "excluded")
 CASES["task-vector/extra-key"] = (
     {"reply": edit_record(proto.TASK_VECTOR, lambda r: r.__setitem__("x", r[proto.TASK_VECTOR]))}, "excluded")
 CASES["task-vector/1-d"] = ({"reply": set_array(proto.TASK_VECTOR, proto.TASK_VECTOR, values(lambda x: x[0]))}, "excluded")

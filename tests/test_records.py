@@ -39,7 +39,7 @@ def _reply(**change: object) -> RecordDict:
 
 def test_state_round_trip_is_exact_and_float32() -> None:
     decoded = records.decode_state(records.encode_state({**STATE, "half": torch.ones(2, dtype=torch.bfloat16)}), "s")
-    assert decoded.keys() == {*STATE, "half"}
+    assert list(decoded) == [*STATE, "half"]
     for key, value in STATE.items():
         assert decoded[key].dtype == torch.float32 and torch.equal(decoded[key], value)
 
@@ -52,6 +52,10 @@ def test_state_decodes_into_a_row_of_a_round_matrix_when_it_fits_the_schema() ->
     for key, value in STATE.items():  # views of the row, in the schema's key order
         assert torch.equal(decoded[key], value) and decoded[key].untyped_storage().data_ptr() == rows.untyped_storage().data_ptr()
     assert bool(rows[0].isnan().all())  # the other row is untouched
+    # the same tensors in another key order land in the schema's order
+    rows[1] = float("nan")
+    decoded = records.decode_state(records.encode_state(dict(reversed(STATE.items()))), "s", into=rows[1], spec=spec)
+    assert torch.equal(rows[1], torch.cat([STATE["pq.0.q_proj.P"].reshape(-1), STATE["pq.0.q_proj.Q"]]))
     # a record that does not fit (a key missing, a shape different) is decoded on its own
     for state in ({"pq.0.q_proj.P": STATE["pq.0.q_proj.P"]}, {**STATE, "pq.0.q_proj.Q": torch.ones(5)}):
         alone = records.decode_state(records.encode_state(state), "s", into=rows[0], spec=spec)
@@ -99,17 +103,57 @@ def test_handshake_round_trip() -> None:
 )
 def test_malformed_arrays_are_refused(array: Array, reason: str) -> None:
     with pytest.raises(ProtocolError, match=reason):
-        records.decode_state(ArrayRecord({"pq.0.q_proj.Q": array}), "local-shared")
+        records.decode_state(_with(records.STATE_VALUES, array), "local-shared")
     with pytest.raises(ProtocolError, match=reason):
         records.decode_task_vector(ArrayRecord({records.TASK_VECTOR: array}))
 
 
-def test_not_an_array_record_and_too_many_arrays() -> None:
+def _with(key: str, array: Array) -> ArrayRecord:
+    """``STATE``'s record with one of its two arrays replaced."""
+    record = records.encode_state({"pq.0.q_proj.Q": torch.ones(4)})
+    record[key] = array
+    return record
+
+
+def _schema(text: str) -> Array:
+    return Array(np.frombuffer(text.encode(), dtype=np.uint8).copy())
+
+
+@pytest.mark.parametrize(
+    ("schema", "reason"),
+    [
+        (_schema('{"pq.0.q_proj.Q": [5]}'), "the schema's shapes hold 5 values"),
+        (_schema('{"pq.0.q_proj.Q": [2, 2], "pq.0.q_proj.P": [1]}'), "the schema's shapes hold 5 values"),
+        (_schema('{"pq.0.q_proj.Q": [-4]}'), "shape must be a list of at most 4 sizes"),
+        (_schema('{"pq.0.q_proj.Q": "4"}'), "shape must be a list"),
+        (_schema('{"pq.0.q_proj.Q": [1, 1, 1, 1, 4]}'), "at most 4 sizes"),
+        (_schema('["pq.0.q_proj.Q"]'), "expected an object of key"),
+        (_schema('{"pq.0.q_proj.Q": [4]'), "not UTF-8 JSON"),
+        (_schema("[" * 100_000 + "]" * 100_000), "not UTF-8 JSON|expected at most"),
+        (Array(np.frombuffer(b"\xff\xfe{}", dtype=np.uint8).copy()), "not UTF-8 JSON"),
+        (Array(np.zeros(4, np.float32)), "dtype float32, expected uint8"),
+        (Array(np.zeros((2, 2), np.uint8)), "expected at most .* bytes of JSON"),
+        (_schema(json.dumps({f"k{i}": [0] for i in range(records.MAX_ARRAYS + 1)})), "tensors \\(at most 4096\\)"),
+    ],
+    ids=["too-many-values", "other-keys-too-many", "negative", "string-shape", "5-d", "list", "cut-off", "deep",
+         "not-utf8", "float-schema", "2-d-schema", "too-many-keys"],
+)
+def test_malformed_state_schemas_are_refused(schema: Array, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        records.decode_state(_with(records.STATE_SCHEMA, schema), "local-shared")
+
+
+def test_state_records_hold_their_two_arrays_and_nothing_else() -> None:
     with pytest.raises(ProtocolError, match="expected an ArrayRecord, got ConfigRecord"):
         records.decode_state(ConfigRecord({"a": 1}), "local-shared")
-    many = ArrayRecord({f"k{i}": Array(np.zeros(1, np.float32)) for i in range(records.MAX_ARRAYS + 1)})
-    with pytest.raises(ProtocolError, match="arrays \\(at most"):
-        records.decode_state(many, "local-shared")
+    record = records.encode_state(STATE)
+    assert sorted(record.keys()) == [records.STATE_SCHEMA, records.STATE_VALUES]
+    assert json.loads(bytes(record[records.STATE_SCHEMA].numpy())) == {"pq.0.q_proj.P": [4, 4], "pq.0.q_proj.Q": [4]}
+    record["pq.0.q_proj.P"] = Array(np.zeros((4, 4), np.float32))  # the per-tensor layout of before
+    with pytest.raises(ProtocolError, match="expected the arrays 'schema' and 'values', got"):
+        records.decode_state(record, "local-shared")
+    # an empty state is an empty record (no arrays to move)
+    assert len(records.encode_state({})) == 0 and records.decode_state(ArrayRecord(), "s") == {}
 
 
 def test_task_vector_shape_and_keys() -> None:
