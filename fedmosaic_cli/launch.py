@@ -380,6 +380,7 @@ def local_deployment(
     supernode_keys: Sequence[SupernodeKey] | None = None,
     superexec_secret: Path | None = None,
     warm_workers: int = 0,
+    clientapp_isolation: str = "process",
 ) -> Iterator[tuple[SuperLinkHandle, list[subprocess.Popen[bytes]]]]:
     """A real deployment on loopback: a SuperLink (deployment runtime, not simulation) and one
     ``flower-supernode`` process per node config, each with its own ``--node-config`` (stable
@@ -390,7 +391,9 @@ def local_deployment(
     key is registered with ``flwr supernode register`` before its SuperNode starts with it. With
     ``superexec_secret``, process isolation: the SuperLink and every SuperNode run
     ``--isolation process`` and one ``flower-superexec`` each starts their apps, as Flower's compose
-    files do. All processes are stopped by pid on exit, also on failure.
+    files do; ``clientapp_isolation="subprocess"`` leaves the SuperNodes without one: each starts
+    its ClientApp processes itself (Flower's default for a SuperNode, one process less per node).
+    All processes are stopped by pid on exit, also on failure.
 
     The SuperLink keeps its state in memory: this deployment lives and ends with the block, so
     there is nothing to keep, and with many SuperNodes on one host the SQLite state file fails
@@ -429,7 +432,8 @@ def local_deployment(
         for index, values in enumerate(node_configs):
             started = start_supernode(link, index, values, tls=tls,
                                       key=supernode_keys[index] if supernode_keys else None,
-                                      superexec_secret=superexec_secret, runtime_port=runtime_ports[index])
+                                      superexec_secret=superexec_secret if clientapp_isolation == "process" else None,
+                                      runtime_port=runtime_ports[index])
             processes.extend(started)
             nodes.append(started[0])
         # a node that could not start (its port taken, a bad flag) fails the launch, not the run

@@ -172,6 +172,7 @@ def _run_one(
     tls: bool = False,
     auth: bool = False,
     warm_workers: int = 0,
+    clientapp_isolation: str = "process",
 ) -> dict[str, Any]:
     """Prepare, run one federation through Flower, check its status; returns the summary.
 
@@ -238,7 +239,7 @@ def _run_one(
         keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
         secret = write_superexec_secret(flwr_home / "superexec.secret")
         with peak_memory() as peak, local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
-                                                     superexec_secret=secret,
+                                                     superexec_secret=secret, clientapp_isolation=clientapp_isolation,
                                                      warm_workers=len(deployment_clients) if warm_workers < 0
                                                      else warm_workers) as (link, _nodes), progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
@@ -303,6 +304,10 @@ def local_deployment_command(
     workers: int = typer.Option(-1, help="warm ClientApp workers: -1 one per SuperNode (default, as on separate "
                                          "hosts), K > 0 shared by the SuperNodes in turn, 0 none (every message "
                                          "answered in the fresh process Flower starts for it)"),
+    clientapp_isolation: str = typer.Option(
+        "process", click_type=click.Choice(["process", "subprocess"]),
+        help="how each SuperNode starts its ClientApps: process (its own flower-superexec, as in "
+             "docker-compose.yml) or subprocess (the SuperNode itself; one process less per node)"),
 ) -> None:
     """The app on a real Flower deployment on this host: a SuperLink and one SuperNode process
     per client (``--node-config client-id=… state-dir=… data-root=…``), as on separate hosts."""
@@ -315,7 +320,7 @@ def local_deployment_command(
     with expected_errors():
         summary = _run_one(_app_dir(app_dir), parse_overrides(run_config),
                            cache_home() / "flwr-home-deployment", deployment_clients=ids, tls=tls, auth=auth,
-                           warm_workers=workers)
+                           warm_workers=workers, clientapp_isolation=clientapp_isolation)
     typer.echo((Path(summary["run_dir"]) / "report" / "table.md").read_text())
     typer.echo(f"Report: {Path(summary['run_dir']) / 'report'}  (total {summary['timing']['total_s']} s)")
 
