@@ -147,41 +147,30 @@ def _wait_until_healthy(port: int, process: subprocess.Popen[bytes], name: str, 
 
 def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM the process group of ``process`` (started with a new session), then SIGKILL."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait(timeout=grace)
+    stop_process_groups([process], grace)
 
 
 def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
     """:func:`stop_process_group` for many at once: SIGTERM them all, then wait for each until a
-    common deadline, then SIGKILL what is left. Many SuperNodes stop in the time of one."""
+    common deadline, then SIGKILL the group of any still running. Many SuperNodes stop in the time
+    of one."""
     running = [p for p in processes if p.poll() is None]
     for process in running:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        _signal_group(process, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for process in running:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(process, signal.SIGKILL)
             process.wait(timeout=grace)
+
+
+def _signal_group(process: subprocess.Popen[Any], signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def write_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None) -> None:

@@ -48,6 +48,26 @@ def test_a_supernode_that_cannot_start_fails_the_launch_naming_it(tmp_path: Path
     assert not _processes_mentioning(str(tmp_path))
 
 
+def test_clientapp_isolation_subprocess_starts_no_superexec_per_node(tmp_path: Path) -> None:
+    """``--clientapp-isolation subprocess``: the SuperLink keeps process isolation (its ServerApp
+    SuperExec), each SuperNode runs ``--isolation subprocess`` and has no SuperExec of its own."""
+    from fedmosaic_cli.tls import write_superexec_secret
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    secret = write_superexec_secret(home / "superexec.secret")
+    with launch.local_deployment(home, [{"client-id": "0"}, {"client-id": "1"}], superexec_secret=secret,
+                                 clientapp_isolation="subprocess") as (link, nodes):
+        assert all(node.poll() is None for node in nodes)
+        for node in nodes:
+            assert "--isolation subprocess" in _cmdline(node.pid)
+        assert "--isolation process" in _cmdline(link.process.pid)
+        superexecs = [pid for pid in _processes_mentioning(str(home)) if "flower-superexec" in _cmdline(pid)]
+        assert len(superexecs) == 1 and "--runtime-api-address " + link.control_address in _cmdline(superexecs[0])
+    assert not (home / "superexec-clientapp-0.log").exists()
+    assert not _processes_mentioning(str(tmp_path))
+
+
 def _supernode_pids(home: Path) -> list[int]:
     return [pid for pid in _processes_mentioning(str(home)) if "flower-supernode" in _cmdline(pid)]
 
