@@ -256,6 +256,8 @@ IN_MEMORY_STATE = ":flwr-in-memory:"
 #: niceness of the ClientApps a local deployment starts: on a shared host they yield the CPU to
 #: the SuperLink and SuperNodes (a starved SuperLink fails pushes; see :func:`local_deployment`)
 CLIENTAPP_NICENESS = 10
+#: starts of a SuperNode whose ClientApp API port was taken by another process before it bound it
+SUPERNODE_START_ATTEMPTS = 3
 
 
 def start_superexec(
@@ -416,18 +418,37 @@ def local_deployment(
             node_configs = [{**values, "worker-socket": str(workers[i % len(workers)][0])}
                             for i, values in enumerate(node_configs)]
             wait_for_workers(workers)
-        nodes: list[subprocess.Popen[bytes]] = []
-        runtime_ports = [free_port() for _ in node_configs]
-        for index, values in enumerate(node_configs):
-            started = start_supernode(link, index, values, tls=tls,
+        def start(index: int) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+            """Start node ``index`` on a fresh port: (its processes, the port, where its log starts)."""
+            log_file = link.flwr_home / f"supernode-{index}.log"
+            log_start = log_file.stat().st_size if log_file.exists() else 0
+            port = free_port()
+            started = start_supernode(link, index, node_configs[index], tls=tls,
                                       key=supernode_keys[index] if supernode_keys else None,
                                       superexec_secret=superexec_secret if clientapp_isolation == "process" else None,
-                                      runtime_port=runtime_ports[index])
+                                      runtime_port=port)
             processes.extend(started)
-            nodes.append(started[0])
-        # a node that could not start (its port taken, a bad flag) fails the launch, not the run
-        for index, (node, port) in enumerate(zip(nodes, runtime_ports, strict=True)):
-            _wait_until_healthy(port, node, f"flower-supernode {index}", link.flwr_home / f"supernode-{index}.log")
+            return started, port, log_start
+
+        launched = [start(index) for index in range(len(node_configs))]
+        # a node that could not start fails the launch, not the run; one that lost its port to
+        # another process (between free_port and its bind) is started again on another port
+        for index in range(len(node_configs)):
+            log_file = link.flwr_home / f"supernode-{index}.log"
+            for attempt in range(1, SUPERNODE_START_ATTEMPTS + 1):
+                started, port, log_start = launched[index]
+                try:
+                    _wait_until_healthy(port, started[0], f"flower-supernode {index}", log_file)
+                    break
+                except LaunchError:
+                    with open(log_file, "rb") as log:
+                        log.seek(log_start)
+                        port_taken = b"address already in use" in log.read()
+                    if attempt == SUPERNODE_START_ATTEMPTS or not port_taken:
+                        raise
+                    stop_process_groups(started)
+                    launched[index] = start(index)
+        nodes = [started[0] for started, _, _ in launched]
         yield link, nodes
     finally:
         # the nodes, their SuperExecs and the workers together, then the SuperLink they talk to

@@ -29,20 +29,30 @@ def test_free_ports_are_never_handed_out_twice() -> None:
     assert len(set(ports)) == len(ports)
 
 
-def test_a_supernode_that_cannot_start_fails_the_launch_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A SuperNode whose port is taken exits at once: the launch fails with its name and log
-    instead of a run that waits for it until the round timeout."""
+@pytest.mark.parametrize("taken_times", [1, launch.SUPERNODE_START_ATTEMPTS])
+def test_a_supernode_whose_port_is_taken_is_started_again_or_fails_the_launch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_times: int
+) -> None:
+    """A SuperNode whose port another process took exits at once (``address already in use``):
+    it is started again on another port, and after the last attempt the launch fails naming the
+    node and its log, instead of a run that waits for it until the round timeout."""
     taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    ports = iter([launch.free_port(), launch.free_port(), taken.getsockname()[1]])  # SuperLink: API, health; node
-    monkeypatch.setattr(launch, "free_port", lambda: next(ports))
+    real_free_port = launch.free_port
+    ports = iter([real_free_port(), real_free_port(), *[taken.getsockname()[1]] * taken_times])  # SuperLink: API, health
+    monkeypatch.setattr(launch, "free_port", lambda: next(ports, None) or real_free_port())
     home = tmp_path / "flwr-home"
     try:
-        with pytest.raises(launch.LaunchError, match=r"flower-supernode 0 exited with code \d+; see .*supernode-0.log"):
-            with launch.local_deployment(home, [{"client-id": "0"}]):
-                pass
-        assert "address already in use" in (home / "supernode-0.log").read_text()
+        if taken_times < launch.SUPERNODE_START_ATTEMPTS:
+            with launch.local_deployment(home, [{"client-id": "0"}]) as (_link, nodes):
+                assert nodes[0].poll() is None
+                assert f"--port {taken.getsockname()[1]} " not in _cmdline(nodes[0].pid)
+        else:
+            with pytest.raises(launch.LaunchError, match=r"flower-supernode 0 exited with code \d+; see .*supernode-0.log"):
+                with launch.local_deployment(home, [{"client-id": "0"}]):
+                    pass
+        assert (home / "supernode-0.log").read_text().count("address already in use") == taken_times
     finally:
         taken.close()
     assert not _processes_mentioning(str(tmp_path))
