@@ -1,6 +1,6 @@
-"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback. In a file
-of its own so that ``make test`` (pytest-xdist, ``--dist loadfile``) runs it beside the other
-files, not after test_deployment.py's fault tests."""
+"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback
+(``make load-test``; marker ``load``, outside ``make test``: see BENCHMARKS.md, issue 13, fourth
+pass)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 from cli_process import run_fedmosaic
 from test_deployment import _processes_mentioning
 
@@ -15,9 +16,10 @@ from drake_data.mini.builder import build_drake_mini, write_scaled_scenario
 from fedmosaic_cli.launch import worker_socket
 
 
+@pytest.mark.load
 def test_twenty_supernodes_run_three_rounds_and_lose_no_message(tmp_path: Path) -> None:
     """Load: 20 SuperNodes × 3 rounds on loopback through ``fedmosaic local-deployment``, the
-    cheapest way that is still a real deployment (the suite shares 2 cores with it): no TLS or
+    cheapest way that is still a real deployment: no TLS or
     authentication (the SIGTERM and separate-hosts tests run those), each SuperNode starting a
     fresh ClientApp process for each of the 80 messages itself (``--clientapp-isolation
     subprocess``), two warm workers shared by the nodes. Every client answers every round; the
