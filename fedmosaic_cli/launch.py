@@ -418,6 +418,7 @@ def local_deployment(
             node_configs = [{**values, "worker-socket": str(workers[i % len(workers)][0])}
                             for i, values in enumerate(node_configs)]
             wait_for_workers(workers)
+
         def start(index: int) -> tuple[list[subprocess.Popen[bytes]], int, int]:
             """Start node ``index`` on a fresh port: (its processes, the port, where its log starts)."""
             log_file = link.flwr_home / f"supernode-{index}.log"
