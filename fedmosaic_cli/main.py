@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,15 +29,10 @@ import typer  # noqa: E402
 from flwr.common.config import parse_config_args  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: E402
 
-from drake_data.errors import DrakeDataError  # noqa: E402
-from fedmosaic_core.models.align import AlignmentError  # noqa: E402
-from fedmosaic_core.models.loading import ModelNotAvailableError  # noqa: E402
-from fedmosaic_core.pqlora import AdapterStateError  # noqa: E402
 from fedmosaic_core.storage import atomic_write_json, cache_home  # noqa: E402
 from fedmosaic_flower.config import (  # noqa: E402
     ABLATIONS,
     STRATEGIES,
-    ConfigError,
     FederationConfig,
     parse_run_config,
 )
@@ -61,11 +57,23 @@ def _stop_cleanly() -> None:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     signal.signal(signal.SIGHUP, _exit_on_signal)
 
-#: errors a user can cause and fix: one red line, exit status 2 (LaunchError: the run failed, 1)
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, DrakeDataError, ModelNotAvailableError, AlignmentError, AdapterStateError,
-    FileNotFoundError, NotADirectoryError, PermissionError,
+#: errors a user can cause and fix: one red line, exit status 2. Named by module: an error of a
+#: class can only be raised once its module is loaded, so none is imported here, and ``--help`` or
+#: a bad config answers without loading torch.
+USER_ERRORS: tuple[tuple[str, str], ...] = (
+    ("fedmosaic_flower.config", "ConfigError"), ("drake_data.errors", "DrakeDataError"),
+    ("fedmosaic_core.models.loading", "ModelNotAvailableError"), ("fedmosaic_core.models.align", "AlignmentError"),
+    ("fedmosaic_core.pqlora.state", "AdapterStateError"), ("server_app.run_store", "RunStateError"),
+    ("builtins", "FileNotFoundError"), ("builtins", "NotADirectoryError"), ("builtins", "PermissionError"),
 )
+#: the run failed: one red line, exit status 1
+RUN_ERRORS: tuple[tuple[str, str], ...] = (("fedmosaic_cli.launch", "LaunchError"), (__name__, "RunFailed"))
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> tuple[type[BaseException], ...]:
+    """The classes of ``names`` whose modules are loaded (the others cannot have been raised)."""
+    return tuple(getattr(sys.modules[module], name) for module, name in names if module in sys.modules)
+
 
 RUN_CONFIG_HELP = "run-config overrides in Flower's syntax: \"key=value key2='text'\" (repeatable)"
 
@@ -77,18 +85,14 @@ class RunFailed(RuntimeError):
 @contextlib.contextmanager
 def expected_errors() -> Iterator[None]:
     """Turn the errors a user can fix into one line on stderr and a non-zero exit."""
-    from fedmosaic_cli.launch import LaunchError
-    from server_app.run_store import RunStateError
-
-    user_errors: tuple[type[Exception], ...] = (*EXPECTED_ERRORS, RunStateError)
     try:
         yield
-    except user_errors as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-    except (LaunchError, RunFailed) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    except Exception as err:
+        for classes, status in ((_loaded(USER_ERRORS), 2), (_loaded(RUN_ERRORS), 1)):
+            if isinstance(err, classes):
+                typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(status) from None
+        raise
 
 
 def _app_dir(app_dir: Path | None) -> Path:
@@ -179,15 +183,19 @@ def _run_one(
     By default on a simulation SuperLink; with ``deployment_clients`` on a local deployment
     (a SuperLink and one SuperNode process per client id, sharing ``warm_workers`` warm ClientApp
     workers, -1: one each; an empty list: every scenario client)."""
+    config = _config(app_dir, overrides)
+    if Path(config.scenario).is_absolute():  # a missing or malformed file fails before anything is built
+        from drake_data.layout import load_scenario
+
+        load_scenario(config.scenario)
     from fedmosaic_cli.launch import flwr_run, local_deployment, peak_memory, simulation_superlink
-    from fedmosaic_flower.prepare import (
+    from fedmosaic_flower.prepare import (  # torch: once the config is good
         load_run_scenario,
         prepare_data,
         prepare_models,
         scenario_path,
     )
 
-    config = _config(app_dir, overrides)
     started = time.monotonic()
     typer.secho("Preparing DRAKE-mini, tiny models and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
     data_root = prepare_data(config)
@@ -515,11 +523,11 @@ def prepare(
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
 ) -> None:
     """Build DRAKE-mini, prepare the tiny models and align A/B (what the first run does)."""
-    from fedmosaic_flower.prepare import prepare_federation
-
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with expected_errors():
         config = _config(_app_dir(app_dir), parse_overrides(run_config))
+        from fedmosaic_flower.prepare import prepare_federation  # torch: once the config is good
+
         typer.echo(f"Prepared; data at {prepare_federation(config)}")
 
 

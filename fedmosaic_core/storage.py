@@ -18,10 +18,10 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+if TYPE_CHECKING:  # torch only where tensors are written or read: paths and JSON stay light
+    import torch
 
 
 class SnapshotError(RuntimeError):
@@ -118,6 +118,8 @@ def write_snapshot(final: Path, name: str, tensors: dict[str, torch.Tensor], met
     """Write ``final/{name}.safetensors`` and ``final/{name}.json`` atomically (replacing ``final``)."""
 
     def build(tmp: Path) -> None:
+        from safetensors.torch import save_file
+
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         (tmp / f"{name}.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
 
@@ -128,6 +130,8 @@ def read_snapshot(folder: Path, name: str) -> tuple[dict[str, torch.Tensor], dic
     """(tensors, meta) of a snapshot written by :func:`write_snapshot` (no pickle)."""
     try:
         meta = json.loads((folder / f"{name}.json").read_text())
+        from safetensors.torch import load_file
+
         tensors = load_file(str(folder / f"{name}.safetensors"))
     except (OSError, ValueError) as err:
         raise SnapshotError(f"snapshot {folder} is unreadable: {err}") from None

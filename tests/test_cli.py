@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
-from cli_process import run_fedmosaic
+from cli_process import ROOT, run_fedmosaic
 
 from fedmosaic_cli.main import parse_overrides
 
@@ -34,6 +36,32 @@ def test_expected_errors_print_one_line_and_exit_2(tmp_path: Path, args: list[st
     errors = [x for x in result.stdout.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and line in errors[0], result.stdout[-3000:]
     assert "Traceback" not in result.stdout
+
+
+def test_help_and_a_bad_config_answer_without_loading_torch() -> None:
+    """The command line loads torch only for work that needs it: ``--help`` and a config error
+    answer in about a second, not after the several seconds torch and transformers take."""
+    probe = ("import sys; from typer.testing import CliRunner; from fedmosaic_cli.main import app; "
+             "runner = CliRunner(); assert runner.invoke(app, ['certificates', '--help']).exit_code == 0; "
+             "result = runner.invoke(app, ['main-job', '-c', 'local-steps=0']); "
+             "assert result.exit_code == 2, result.output; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_user_errors_exit_2_run_failures_1_and_bugs_keep_their_traceback() -> None:
+    from fedmosaic_cli.launch import LaunchError
+    from fedmosaic_cli.main import RunFailed, expected_errors
+    from fedmosaic_core.models.align import AlignmentError
+    from fedmosaic_flower.config import ConfigError
+
+    for error, status in ((ConfigError("x"), 2), (AlignmentError("x"), 2), (FileNotFoundError("x"), 2),
+                          (LaunchError("x"), 1), (RunFailed("x"), 1)):
+        with pytest.raises(typer.Exit) as exited, expected_errors():
+            raise error
+        assert exited.value.exit_code == status, error
+    with pytest.raises(KeyError), expected_errors():
+        raise KeyError("a bug")
 
 
 def test_compare_reuses_only_a_run_finished_under_the_same_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

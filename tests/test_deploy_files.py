@@ -36,7 +36,7 @@ def test_every_flag_exists_in_the_pinned_tools() -> None:
         command = service["command"]
         binary = command[0]
         sub = command[1] if binary == "fedmosaic" else None
-        if (binary, sub) not in helps:  # one --help per tool (each run imports torch)
+        if (binary, sub) not in helps:  # one --help per tool
             helps[(binary, sub)] = _help(binary, sub)
         text = helps[(binary, sub)]
         for flag in (c for c in command if c.startswith("--")):

@@ -309,8 +309,8 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
         port = int(link.control_address.rsplit(":", 1)[1])
         processes.append(launch.start_superexec(f"127.0.0.1:{port}", link.env, home / "superexec-serverapp.log",
                                                 secret, tls.ca_certificate, host=launch.Host.netns(link_ns)))
-        for key in keys:
-            launch.register_supernode(link, key)
+        with ThreadPoolExecutor(len(keys)) as pool:
+            list(pool.map(lambda key: launch.register_supernode(link, key), keys))
         # each host's warm ClientApp worker, in its namespace; it outlives its SuperNode's SIGKILL below
         sockets = [launch.worker_socket(home, i) for i in range(3)]
         workers = [(sockets[i], launch.start_client_worker(sockets[i], link.env, home / f"client-worker-{i}.log",
@@ -375,8 +375,7 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
         for i in range(3):  # round 4 started from these: none was rewritten or lost
             assert _file_digests(tmp_path / "state" / f"client-{i}", "round-0003") == round_3_states[i]
     finally:
-        for process in reversed(processes):
-            launch.stop_process_group(process)
+        launch.stop_process_groups(processes[::-1])
         shutil.rmtree(launch.worker_socket(tmp_path / "flwr-home", 0).parent, ignore_errors=True)
         for name in made:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)

@@ -1,6 +1,5 @@
-"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback
-(``make load-test``; marker ``load``, outside ``make test``: see BENCHMARKS.md, issue 13, fourth
-pass)."""
+"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback (part of
+``make test``; marker ``load``: ``make load-test`` runs it alone; figures in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
