@@ -23,7 +23,7 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q -ra
 
-# only the 20-SuperNode x 3-round load test of `make test` (about 4 minutes on 2 cores, 10 GiB)
+# 20 SuperNodes x 3 rounds on loopback (about 4-5 minutes on 2 cores, 10 GiB): outside `make test`
 load-test: install
 	$(BIN)/python -m pytest -q -ra -s -m load
 

@@ -1,5 +1,6 @@
-"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback (part of
-``make test``; marker ``load``: ``make load-test`` runs it alone; figures in BENCHMARKS.md)."""
+"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback
+(``make load-test``; marker ``load``, outside ``make test``: it does not fit CI's 15 minutes, see
+BENCHMARKS.md, issue 13, fifth pass)."""
 
 from __future__ import annotations
 
