@@ -8,7 +8,10 @@ Input: for each method, one run summary per seed (``server_app.report.summarise`
   the same seed's data and models under both methods, mean and 95 % t-interval;
 * per client, Self A_last (mean over seeds) per method beside the chance level of its tasks;
 * for runs with task vectors (``fedmosaic``), the relevance quality: the AUROC of the task
-  similarity s_ij of the last checkpoint, same-skill-group pairs against the rest.
+  similarity s_ij of the last checkpoint, same-skill-group pairs against the rest;
+* with task skills (DRAKE-mini), Others A_last split into the other clients' tasks of a skill
+  the client trains itself and those of skills it does not (with paired differences): where
+  sharing helps, if anywhere.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ from server_app.report import percent
 METRICS = ("self_last", "self_auc", "others_last", "unseen_last")
 LABELS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last",
           "unseen_last": "Unseen A_last"}
+#: Others A_last on tasks of the client's own skills / of the other skills (with task skills)
+SPLIT_METRICS = ("others_own_skill", "others_other_skills")
+SPLIT_LABELS = {"others_own_skill": "Others, own skill", "others_other_skills": "Others, other skills"}
 
 
 def mean_interval(values: Sequence[float]) -> dict[str, float]:
@@ -80,6 +86,26 @@ def relevance_auroc(run_dir: Path, group_of: Mapping[str, str]) -> float:
     return roc_auc(scores, same)
 
 
+def others_by_skill(run_dir: Path, skill_of: Mapping[str, str]) -> dict[str, float]:
+    """The last round's Others accuracy split by skill (:data:`SPLIT_METRICS`): per client, the
+    mean over the other clients' tasks whose skill is one of its own tasks' skills, and over the
+    rest; then the mean over clients (nan where no client has such tasks)."""
+    rows = [json.loads(line) for line in (run_dir / "rounds.jsonl").read_text(encoding="utf-8").splitlines()]
+    scored = [r for r in rows if isinstance(r.get("scores"), dict)]
+    last = max((int(r["round"]) for r in scored), default=0)
+    per_client: dict[str, list[float]] = {name: [] for name in SPLIT_METRICS}
+    for row in (r for r in scored if int(r["round"]) == last):
+        own = {skill_of[t] for t in row["scores"].get("self", {}) if t in skill_of}
+        split: dict[str, list[float]] = {name: [] for name in SPLIT_METRICS}
+        for task, score in row["scores"].get("others", {}).items():
+            if task in skill_of:
+                split["others_own_skill" if skill_of[task] in own else "others_other_skills"].append(float(score))
+        for name, values in split.items():
+            if values:
+                per_client[name].append(float(np.mean(values)))
+    return {name: float(np.mean(v)) if v else math.nan for name, v in per_client.items()}
+
+
 def _round_losses(run_dir: Path) -> dict[str, list[float]]:
     """Each client's per-round mean training loss, from the run's ``rounds.jsonl``."""
     out: dict[str, list[float]] = {}
@@ -98,9 +124,13 @@ def build_comparison(
     chance: Mapping[str, float] | None = None,
     group_of: Mapping[str, str] | None = None,
     others_chance: Mapping[str, float] | None = None,
+    skill_of: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The comparison (see the module docstring) from run summaries keyed by method, in seed order."""
+    """The comparison (see the module docstring) from run summaries keyed by method, in seed
+    order; ``skill_of`` (task key → skill) adds the Others split by skill."""
     methods: dict[str, Any] = {}
+    split = {name: [others_by_skill(Path(r["run_dir"]), skill_of) for r in runs]
+             for name, runs in per_seed.items()} if skill_of else {}
     seeds = {name: [int(r["seed"]) for r in runs] for name, runs in per_seed.items()}
     for name, runs in per_seed.items():
         entry: dict[str, Any] = {"seeds": seeds[name], "runs": [str(r["run_dir"]) for r in runs]}
@@ -114,6 +144,13 @@ def build_comparison(
                 diffs = [float(r["overall"][metric]) - float(ref_by_seed[int(r["seed"])]["overall"][metric])
                          for r in runs if int(r["seed"]) in ref_by_seed]
                 entry["vs_reference"][metric] = mean_interval(diffs)
+        if split:
+            reference_split = dict(zip(seeds.get(reference, []), split.get(reference, []), strict=True))
+            entry["others_by_skill"] = {metric: mean_interval([v[metric] for v in split[name]]) for metric in SPLIT_METRICS}
+            if reference in per_seed and name != reference:
+                entry["others_by_skill_vs_reference"] = {metric: mean_interval(
+                    [v[metric] - reference_split[seed][metric] for seed, v in zip(seeds[name], split[name], strict=True)
+                     if seed in reference_split]) for metric in SPLIT_METRICS}
         entry["bytes_per_client_round"] = {
             side: float(np.mean([float(r["overall"][f"bytes_{side}_per_round"]) for r in runs]))
             if all(f"bytes_{side}_per_round" in r["overall"] for r in runs) else math.nan
@@ -179,6 +216,17 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     for name, m in methods.items():
         if "vs_reference" in m:
             lines.append(f"| {name} | " + " | ".join(_cell(m["vs_reference"][k], signed=True) for k in METRICS) + " |")
+    if any("others_by_skill" in m for m in methods.values()):
+        lines += ["", "Others A_last split: other clients' tasks of a skill the client trains itself, and of the "
+                  "skills it does not (mean over clients); paired difference to "
+                  f"`{reference}`:", "",
+                  "| method | " + " | ".join(SPLIT_LABELS.values()) + " | "
+                  + " | ".join(f"paired {v}" for v in SPLIT_LABELS.values()) + " |", "|---|---|---|---|---|"]
+        for name, m in methods.items():
+            if "others_by_skill" in m:
+                paired = m.get("others_by_skill_vs_reference")
+                lines.append(f"| {name} | " + " | ".join(_cell(m["others_by_skill"][k]) for k in SPLIT_METRICS) + " | "
+                             + " | ".join(_cell(paired[k], signed=True) if paired else "—" for k in SPLIT_METRICS) + " |")
     clients = sorted({c for m in methods.values() for c in m["clients"]}, key=lambda c: (len(c), c))
     chance = comparison.get("chance", {})
     groups = comparison.get("groups", {})
@@ -230,16 +278,21 @@ def write_comparison(comparison: Mapping[str, Any], target: Path) -> str:
     return table
 
 
+def task_skills(data_root: Path) -> dict[str, str]:
+    """Task key → skill, from DRAKE-mini's ``tasks.json`` (empty for data without one)."""
+    meta = data_root / "tasks.json"
+    if not meta.is_file():
+        return {}
+    return {t["key"]: t["skill"] for t in json.loads(meta.read_text(encoding="utf-8"))}
+
+
 def client_chance_and_groups(
     data_root: Path, scenario_file: Path
 ) -> tuple[dict[str, float], dict[str, float], dict[str, str]]:
     """Per client: the chance level of its own tasks' test questions and of every other client's
     tasks (each the mean over tasks of the mean of 1/|options|) and, on DRAKE-mini (whose
     ``tasks.json`` names each task's skill), its skill group."""
-    skills: dict[str, str] = {}
-    meta = data_root / "tasks.json"
-    if meta.is_file():
-        skills = {t["key"]: t["skill"] for t in json.loads(meta.read_text(encoding="utf-8"))}
+    skills = task_skills(data_root)
     scenario = load_scenario(scenario_file)
     task_chance = {ref.key: chance_level([parse_choices(r["conversations"][0]["value"])
                                           for r in load_task(data_root, ref.dataset, ref.subset_id, "test")])

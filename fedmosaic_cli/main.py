@@ -373,6 +373,7 @@ def compare(
     from fedmosaic_cli.comparison import (
         build_comparison,
         client_chance_and_groups,
+        task_skills,
         write_comparison,
     )
 
@@ -399,6 +400,7 @@ def compare(
     first = next(iter(per_seed.values()))[0]
     chance, others_chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))
     comparison = build_comparison(per_seed, reference=reference, chance=chance, group_of=groups,
+                                  skill_of=task_skills(Path(first["data_root"])),
                                   others_chance=others_chance)
     target = out or (cache_home() / "comparisons" / time.strftime("%Y%m%d-%H%M%S"))
     table = write_comparison(comparison, target)

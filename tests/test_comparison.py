@@ -99,3 +99,38 @@ def test_chance_levels_and_groups_of_drake_mini(tmp_path: Path) -> None:
     assert own["0"] == pytest.approx((0.25 + 0.5) / 2)  # name the digit (4 options), then parity (yes/no)
     assert groups == {str(c): ("digits", "colours", "animals")[c // 3] for c in range(9)}
     assert all(0.25 < v < 0.5 for v in others.values())
+
+
+def _scored_run(tmp: Path, name: str, seed: int, own: float, other: float) -> dict:  # type: ignore[type-arg]
+    """Two clients (skills a and b), two rounds; in the last, every other-client task of the
+    client's own skill scores ``own`` and every task of the other skill ``other``."""
+    tasks = {"0": ["A-0"], "1": ["B-0"]}
+    others = {"0": {"A-1": own, "B-0": other, "B-1": other}, "1": {"B-1": own, "A-0": other}}
+    run_dir = tmp / f"{name}-{seed}"
+    run_dir.mkdir()
+    rows = [{"round": r, "client": c, "scores": {"self": {t: 0.5 for t in tasks[c]},
+                                                 "others": others[c] if r == 2 else {t: 0.0 for t in others[c]}}}
+            for r in (1, 2) for c in tasks]
+    (run_dir / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    clients = {c: {"model_id": "m", "self_last": 0.5} for c in tasks}
+    overall = {"self_last": 0.5, "self_auc": 0.5, "others_last": 0.5, "unseen_last": float("nan")}
+    return {"seed": seed, "run_dir": str(run_dir), "clients": clients, "overall": overall}
+
+
+def test_others_are_split_into_the_clients_own_skills_and_the_rest(tmp_path: Path) -> None:
+    skills = {"A-0": "a", "A-1": "a", "B-0": "b", "B-1": "b"}
+    per_seed = {
+        "local": [_scored_run(tmp_path, "local", s, own=0.6, other=0.25 + 0.01 * s) for s in range(3)],
+        # the same on its own skill's tasks, 10 points better on the other skill's in every seed
+        "fedavg": [_scored_run(tmp_path, "fedavg", s, own=0.6, other=0.35 + 0.01 * s) for s in range(3)],
+    }
+    comparison = build_comparison(per_seed, reference="local", skill_of=skills)
+    fedavg = comparison["methods"]["fedavg"]
+    assert math.isclose(fedavg["others_by_skill"]["others_own_skill"]["mean"], 0.6)
+    assert math.isclose(fedavg["others_by_skill"]["others_other_skills"]["mean"], 0.36)
+    paired = fedavg["others_by_skill_vs_reference"]
+    assert math.isclose(paired["others_other_skills"]["mean"], 0.10) and paired["others_other_skills"]["ci95"] < 1e-9
+    assert math.isclose(paired["others_own_skill"]["mean"], 0.0, abs_tol=1e-12)
+    table = write_comparison(comparison, tmp_path / "out")
+    assert "| fedavg | 60.0 ± 0.0 | 36.0 ± 2.5 | +0.0 ± 0.0 | +10.0 ± 0.0 |" in table, table
+    assert "others_by_skill" not in build_comparison(per_seed, reference="local")["methods"]["fedavg"]
