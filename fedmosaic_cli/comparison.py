@@ -118,6 +118,21 @@ def _round_losses(run_dir: Path) -> dict[str, list[float]]:
     return out
 
 
+def _loss_curves(runs: Sequence[Mapping[str, Any]], losses: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per base model, the mean training loss of each round over its clients and the seeds."""
+    by_model: dict[str, list[list[float]]] = {}
+    for run, curves in zip(runs, losses, strict=True):
+        for client, curve in curves.items():
+            model = run["clients"].get(client, {}).get("model_id")
+            if model is None:
+                continue
+            rounds = by_model.setdefault(model, [])
+            rounds.extend([] for _ in range(len(curve) - len(rounds)))
+            for index, value in enumerate(curve):
+                rounds[index].append(value)
+    return {model: [float(np.mean(v)) for v in rounds] for model, rounds in sorted(by_model.items())}
+
+
 def build_comparison(
     per_seed: Mapping[str, Sequence[Mapping[str, Any]]],
     reference: str = "local",
@@ -168,6 +183,7 @@ def build_comparison(
         entry["train_loss"] = {
             "max": max((v for run in losses for curve in run.values() for v in curve), default=math.nan),
             "max_by_client": {c: max(v for run in losses for v in run.get(c, [])) for c in sorted({c for run in losses for c in run})},
+            "by_model_round": _loss_curves(runs, losses),
         }
         if group_of:
             aurocs = [relevance_auroc(Path(r["run_dir"]), group_of) for r in runs]
@@ -239,6 +255,16 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     lines += ["", "Largest per-round mean training loss of any client in any seed (bounded = no collapse): "
               + ", ".join(f"{name} {m['train_loss']['max']:.2f}" for name, m in methods.items()
                           if math.isfinite(m["train_loss"]["max"])) + "."]
+    curves = {name: m["train_loss"].get("by_model_round", {}) for name, m in methods.items()}
+    longest = max((len(c) for per_model in curves.values() for c in per_model.values()), default=0)
+    if longest:
+        lines += ["", "Mean training loss per round (a client's local steps in that round; clients of the base "
+                  "model × seeds):", "", "| method | model | " + " | ".join(str(r) for r in range(1, longest + 1)) + " |",
+                  "|---|---|" + "---|" * longest]
+        for name, per_model in curves.items():
+            for model, curve in per_model.items():
+                cells = [f"{v:.2f}" for v in curve] + ["—"] * (longest - len(curve))
+                lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
     models = sorted({k for m in methods.values() for k in m["models"]})
     lines += ["", "Self A_last per base model (clients × seeds):", "",
               "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]

@@ -64,6 +64,10 @@ def test_paired_differences_are_per_seed(tmp_path: Path) -> None:
     assert "| 0 | a | m-a | 25.0 |" in table
     assert comparison["methods"]["local"]["train_loss"]["max"] == pytest.approx(2.7)  # seed 2, round 2
     assert "local 2.70" in table
+    # per base model and round, over its clients and the seeds: 0.5 + 0.1·round + mean seed (1)
+    assert comparison["methods"]["local"]["train_loss"]["by_model_round"] == {"m-a": pytest.approx([1.6, 1.7]),
+                                                                              "m-b": pytest.approx([1.6, 1.7])}
+    assert "| local | m-a | 1.60 | 1.70 |" in table
     assert "local ↑ 4 KiB ↓ 1 KiB" in table  # (2 + 4 + 6) KiB / 3 seeds up
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())  # strict JSON: NaN → null
     assert saved["methods"]["local"]["unseen_last"]["mean"] is None
