@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,22 +106,38 @@ def others_by_skill(run_dir: Path, skill_of: Mapping[str, str]) -> dict[str, flo
     return {name: float(np.mean(v)) if v else math.nan for name, v in per_client.items()}
 
 
-def _round_losses(run_dir: Path) -> dict[str, list[float]]:
-    """Each client's per-round mean training loss, from the run's ``rounds.jsonl``."""
+def _round_values(run_dir: Path, value: Callable[[dict[str, Any]], float | None]) -> dict[str, list[float]]:
+    """Each client's per-round ``value(row)`` from the run's ``rounds.jsonl`` (rows without one skipped)."""
     out: dict[str, list[float]] = {}
     path = run_dir / "rounds.jsonl"
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
-            if isinstance(row.get("train_loss"), (int, float)):
-                out.setdefault(str(row["client"]), []).append(float(row["train_loss"]))
+            found = value(row)
+            if found is not None:
+                out.setdefault(str(row["client"]), []).append(found)
     return out
 
 
-def _loss_curves(runs: Sequence[Mapping[str, Any]], losses: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Per base model, the mean training loss of each round over its clients and the seeds."""
+def _round_losses(run_dir: Path) -> dict[str, list[float]]:
+    """Each client's per-round mean training loss."""
+    return _round_values(run_dir, lambda row: float(row["train_loss"])
+                         if isinstance(row.get("train_loss"), (int, float)) else None)
+
+
+def _round_gates(run_dir: Path) -> dict[str, list[float]]:
+    """Each client's per-round gate β, the mean over its layer blocks (``beta_block_k``)."""
+    def mean_beta(row: dict[str, Any]) -> float | None:
+        betas = [float(v) for k, v in row.items() if k.startswith("beta_block_") and isinstance(v, (int, float))]
+        return float(np.mean(betas)) if betas else None
+
+    return _round_values(run_dir, mean_beta)
+
+
+def _model_curves(runs: Sequence[Mapping[str, Any]], curves_of_runs: Sequence[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Per base model, the mean of each round's value over its clients and the seeds."""
     by_model: dict[str, list[list[float]]] = {}
-    for run, curves in zip(runs, losses, strict=True):
+    for run, curves in zip(runs, curves_of_runs, strict=True):
         for client, curve in curves.items():
             model = run["clients"].get(client, {}).get("model_id")
             if model is None:
@@ -183,8 +199,11 @@ def build_comparison(
         entry["train_loss"] = {
             "max": max((v for run in losses for curve in run.values() for v in curve), default=math.nan),
             "max_by_client": {c: max(v for run in losses for v in run.get(c, [])) for c in sorted({c for run in losses for c in run})},
-            "by_model_round": _loss_curves(runs, losses),
+            "by_model_round": _model_curves(runs, losses),
         }
+        gates = _model_curves(runs, [_round_gates(Path(r["run_dir"])) for r in runs])
+        if gates:
+            entry["gate_beta_by_model_round"] = gates
         if group_of:
             aurocs = [relevance_auroc(Path(r["run_dir"]), group_of) for r in runs]
             if any(math.isfinite(a) for a in aurocs):
@@ -255,22 +274,30 @@ def comparison_markdown(comparison: Mapping[str, Any]) -> str:
     lines += ["", "Largest per-round mean training loss of any client in any seed (bounded = no collapse): "
               + ", ".join(f"{name} {m['train_loss']['max']:.2f}" for name, m in methods.items()
                           if math.isfinite(m["train_loss"]["max"])) + "."]
-    curves = {name: m["train_loss"].get("by_model_round", {}) for name, m in methods.items()}
-    longest = max((len(c) for per_model in curves.values() for c in per_model.values()), default=0)
-    if longest:
-        lines += ["", "Mean training loss per round (a client's local steps in that round; clients of the base "
-                  "model × seeds):", "", "| method | model | " + " | ".join(str(r) for r in range(1, longest + 1)) + " |",
-                  "|---|---|" + "---|" * longest]
-        for name, per_model in curves.items():
-            for model, curve in per_model.items():
-                cells = [f"{v:.2f}" for v in curve] + ["—"] * (longest - len(curve))
-                lines.append(f"| {name} | {model} | " + " | ".join(cells) + " |")
+    lines += _curve_table("Mean training loss per round (a client's local steps in that round; clients of the base "
+                          "model × seeds):", {name: m["train_loss"].get("by_model_round", {}) for name, m in methods.items()})
+    lines += _curve_table("Mean gate β per round (1: the global branch only; the mean over layer blocks, clients of "
+                          "the base model × seeds):", {name: m["gate_beta_by_model_round"] for name, m in methods.items()
+                                                       if "gate_beta_by_model_round" in m})
     models = sorted({k for m in methods.values() for k in m["models"]})
     lines += ["", "Self A_last per base model (clients × seeds):", "",
               "| method | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for name, m in methods.items():
         lines.append(f"| {name} | " + " | ".join(_cell(m["models"][k]) if k in m["models"] else "—" for k in models) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _curve_table(title: str, curves: Mapping[str, Mapping[str, Sequence[float]]]) -> list[str]:
+    """Markdown lines of per-round values, a row per method and base model (none if no values)."""
+    longest = max((len(c) for per_model in curves.values() for c in per_model.values()), default=0)
+    if not longest:
+        return []
+    lines = ["", title, "", "| method | model | " + " | ".join(str(r) for r in range(1, longest + 1)) + " |",
+             "|---|---|" + "---|" * longest]
+    for name, per_model in curves.items():
+        for model, curve in per_model.items():
+            lines.append(f"| {name} | {model} | " + " | ".join([f"{v:.2f}" for v in curve] + ["—"] * (longest - len(curve))) + " |")
+    return lines
 
 
 def comparison_figure(comparison: Mapping[str, Any], path: Path) -> None:

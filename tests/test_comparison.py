@@ -138,3 +138,24 @@ def test_others_are_split_into_the_clients_own_skills_and_the_rest(tmp_path: Pat
     table = write_comparison(comparison, tmp_path / "out")
     assert "| fedavg | 60.0 ± 0.0 | 36.0 ± 2.5 | +0.0 ± 0.0 | +10.0 ± 0.0 |" in table, table
     assert "others_by_skill" not in build_comparison(per_seed, reference="local")["methods"]["fedavg"]
+
+
+def test_gate_curves_per_base_model_only_for_runs_that_log_gates(tmp_path: Path) -> None:
+    def run(name: str, seed: int, gates: bool) -> dict:  # type: ignore[type-arg]
+        run_dir = tmp_path / f"{name}-{seed}"
+        run_dir.mkdir()
+        rows = [{"round": r, "client": c, "train_loss": 1.0,
+                 **({"beta_block_0": 0.5 + 0.1 * r, "beta_block_1": 0.3 + 0.1 * r + 0.1 * seed} if gates else {})}
+                for r in (1, 2) for c in ("0", "1")]
+        (run_dir / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return {"seed": seed, "run_dir": str(run_dir), "overall": {k: 0.5 for k in ("self_last", "self_auc", "others_last", "unseen_last")},
+                "clients": {"0": {"model_id": "m-a", "self_last": 0.5}, "1": {"model_id": "m-b", "self_last": 0.5}}}
+
+    comparison = build_comparison({"local": [run("local", s, False) for s in (0, 1)],
+                                   "fedmosaic": [run("fm", s, True) for s in (0, 1)]})
+    assert "gate_beta_by_model_round" not in comparison["methods"]["local"]
+    # round r: blocks 0.5 + 0.1 r and 0.3 + 0.1 r + 0.1 seed → mean 0.425 + 0.1 r over seeds 0 and 1
+    assert comparison["methods"]["fedmosaic"]["gate_beta_by_model_round"] == {"m-a": pytest.approx([0.525, 0.625]),
+                                                                             "m-b": pytest.approx([0.525, 0.625])}
+    table = write_comparison(comparison, tmp_path / "out")
+    assert "| fedmosaic | m-a | 0.53 | 0.62 |" in table and "| local | m-a |" not in table.split("Mean gate β")[1]
