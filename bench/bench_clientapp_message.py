@@ -8,8 +8,11 @@ Warm: ``worker-socket`` names a running ``fedmosaic client-worker``, which has a
 Each repetition starts from an empty client state (its own ``state-dir``), so every train message
 trains. Printed per kind: median wall seconds from process start to reply and the process's own
 CPU seconds (the worker's time is inside the wall time), and the ratio cold / warm, one run.
+With ``--model`` (a real pretrained model, e.g. ``smollm2-135m``), one client on that model
+answers DRAKE-text's arithmetic tasks, its base in ``--quantization`` (default NF4): the cold
+process then also loads the pretrained weights (converted and pre-quantised once, before timing).
 
-    python bench/bench_clientapp_message.py [--repeats 5]
+    python bench/bench_clientapp_message.py [--repeats 5] [--model smollm2-135m [--quantization nf4]]
 """
 
 from __future__ import annotations
@@ -84,8 +87,26 @@ def answer(message: Path, node_config: dict[str, object], run_config: dict[str, 
     return result
 
 
+def one_client_text_scenario(work: Path, model: str) -> tuple[Path, Path]:
+    """DRAKE-text and a scenario of one client on ``model`` with the arithmetic tasks of its client 0."""
+    from drake_data.layout import write_scenario
+    from drake_data.text.builder import SCENARIO, build_drake_text
+
+    data_root = build_drake_text(work / "drake-text", seed=0)
+    _, _, tasks = SCENARIO[0]
+    scenario = work / "scenario-one-client.json"
+    write_scenario(scenario, [{"client_id": 0, "model_id": model,
+                               "datasets": [{"dataset": d, "subset_id": i, "type": "multi-choice"} for d, i in tasks]}])
+    return data_root, scenario
+
+
 @app.command()
-def main(repeats: int = typer.Option(5, help="fresh processes per message kind and mode")) -> None:
+def main(
+    repeats: int = typer.Option(5, help="fresh processes per message kind and mode"),
+    model: str = typer.Option("", help="a real pretrained model (e.g. smollm2-135m) on DRAKE-text; default: "
+                                       "the tiny DRAKE-mini client"),
+    quantization: str = typer.Option("nf4", help="the real model's base: none, nf4 or int8"),
+) -> None:
     from drake_data.mini.builder import build_drake_mini
     from fedmosaic_cli.launch import start_client_worker, wait_for_workers
     from fedmosaic_flower.config import parse_run_config
@@ -96,13 +117,18 @@ def main(repeats: int = typer.Option(5, help="fresh processes per message kind a
     os.environ["FEDMOSAIC_CACHE"] = env["FEDMOSAIC_CACHE"]
     worker = None
     try:
-        data_root = build_drake_mini(work / "mini", seed=0, size="tiny")
-        run_config = parse_run_config({
-            "data-root": str(data_root), "local-steps": 2, "batch-size": 4, "eval-max-samples": 2,
-            "eval-others-max-samples": 2, "rounds-per-task": 1, "pretrained": False, "align-bases": False,
-            "eval-unseen": False, "min-clients": 1, "output-dir": str(work / "runs"), "run-name": "message",
-        }).to_flat()
-        messages = record_messages(work, run_config)
+        settings: dict[str, object] = {
+            "local-steps": 2, "batch-size": 4, "eval-max-samples": 2, "eval-others-max-samples": 2,
+            "rounds-per-task": 1, "pretrained": False, "align-bases": False, "eval-unseen": False,
+            "min-clients": 1, "output-dir": str(work / "runs"), "run-name": "message",
+        }
+        if model:
+            data_root, scenario = one_client_text_scenario(work, model)
+            settings.update({"scenario": str(scenario), "quantization": quantization})
+        else:
+            data_root = build_drake_mini(work / "mini", seed=0, size="tiny")
+        run_config = parse_run_config({**settings, "data-root": str(data_root)}).to_flat()
+        messages = record_messages(work, run_config)  # also converts and pre-quantises a real model once
         socket_path = sockets / "worker.sock"
         worker = start_client_worker(socket_path, env, work / "worker.log")
         wait_for_workers([(socket_path, worker, work / "worker.log")])
@@ -116,7 +142,8 @@ def main(repeats: int = typer.Option(5, help="fresh processes per message kind a
                     result = answer(messages[kind], node_config, run_config, env)
                     assert result["torch_loaded"] == (mode == "cold"), result
                     results.setdefault((kind, mode), []).append(result)
-        print(f"one message in a fresh ClientApp process, tiny DRAKE-mini, {repeats} repetitions, "
+        where = f"{model} ({quantization}) on DRAKE-text" if model else "tiny DRAKE-mini"
+        print(f"one message in a fresh ClientApp process, {where}, {repeats} repetitions, "
               f"{os.cpu_count()} CPUs, medians")
         print(f"{'message':8} {'mode':5} {'wall s':>7} {'own CPU s':>9}")
         for (kind, mode), rows in results.items():
