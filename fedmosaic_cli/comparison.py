@@ -11,7 +11,9 @@ Input: for each method, one run summary per seed (``server_app.report.summarise`
   similarity s_ij of the last checkpoint, same-skill-group pairs against the rest;
 * with task skills (DRAKE-mini), Others A_last split into the other clients' tasks of a skill
   the client trains itself and those of skills it does not (with paired differences): where
-  sharing helps, if anywhere.
+  sharing helps, if anywhere;
+* per method and base model, the mean training loss and gate β of each round (the task shift,
+  and whether clients use their global branch).
 """
 
 from __future__ import annotations
