@@ -10,6 +10,9 @@ share of the compute budget. The baselines follow the reference implementation
 
 - ``fedmosaic`` / ``fedmosaic-uniform``: train L and the gate on ``h`` with the learned β;
   upload L; the server's per-client mix (RELA / equal weights) goes into G.
+- ``fedmosaic-trained-global`` (beyond the paper, opt-in): RELA's server with FedDPA's client.
+  The received per-client mix goes into G; the first half of the steps trains G alone (β = 1)
+  from it, the second half freezes G and trains L and the gate. Upload G; evaluate the mix.
 - ``local``: the same, with nothing shared (G stays 0).
 - ``fedavg``: one adapter. The group mean replaces L; G stays 0.
 - ``fedavg-dual``: L and the gate train as in FedMosaic; G is the architecture group's mean.
@@ -61,6 +64,9 @@ class LocalMethod:
     evaluate: Output = None
     compute_share: float = 1.0
     task_vectors: bool = False  # the client computes RELA task vectors
+    #: the optimiser steps of one local iteration: ``mix`` (L and the gate on the mix),
+    #: ``global-then-mix`` (FedDPA), ``ditto`` or ``fedsim``
+    steps: Literal["mix", "global-then-mix", "ditto", "fedsim"] = "mix"
 
     @property
     def trains_global(self) -> bool:
@@ -68,11 +74,11 @@ class LocalMethod:
 
     def phases(self, step: int, steps: int) -> tuple[Phase, ...]:
         """The optimiser steps made on local iteration ``step`` of ``steps`` (one batch each)."""
-        if self.name == "feddpa":
+        if self.steps == "global-then-mix":
             return (GLOBAL_ALONE,) if step < steps // 2 else (MIX,)
-        if self.name == "ditto":
+        if self.steps == "ditto":
             return (GLOBAL_ALONE, Phase(frozenset({"local"}), output=0.0, proximal=DITTO_MU))
-        if self.name == "fedsim":
+        if self.steps == "fedsim":
             return (Phase(frozenset({"global", "local"}), output="logit-sum"),)
         return (MIX,)
 
@@ -86,11 +92,13 @@ METHODS: dict[str, LocalMethod] = {
     for m in (
         LocalMethod("fedmosaic", "fedmosaic", compute_share=0.94, task_vectors=True),
         LocalMethod("fedmosaic-uniform", "fedmosaic-uniform", compute_share=0.94),
+        LocalMethod("fedmosaic-trained-global", "fedmosaic", upload="global", compute_share=0.94,
+                    task_vectors=True, steps="global-then-mix"),
         LocalMethod("fedavg", "fedavg", receive="local"),
         LocalMethod("fedavg-dual", "fedavg"),
-        LocalMethod("feddpa", "fedavg", upload="global"),
-        LocalMethod("ditto", "fedavg", upload="global", evaluate=0.0, compute_share=0.5),
-        LocalMethod("fedsim", "fedavg", upload="global", evaluate="logit-sum", compute_share=0.75),
+        LocalMethod("feddpa", "fedavg", upload="global", steps="global-then-mix"),
+        LocalMethod("ditto", "fedavg", upload="global", evaluate=0.0, compute_share=0.5, steps="ditto"),
+        LocalMethod("fedsim", "fedavg", upload="global", evaluate="logit-sum", compute_share=0.75, steps="fedsim"),
         LocalMethod("local", "local"),
     )
 }
