@@ -145,6 +145,28 @@ def test_global_training_baselines_upload_their_global_and_get_the_group_mean(
     assert all(r["scores"]["self"] for r in result.rows)
 
 
+@pytest.mark.slow
+def test_fedmosaic_trained_global_uploads_its_global_and_gets_the_rela_mix(data_root: Path, tmp_path: Path) -> None:
+    """``fedmosaic-trained-global`` trains the global branch first and uploads it with a task
+    vector; RELA mixes the others' (w_ii = 0): with two clients each gets the other's branch."""
+    config = _config(data_root, tmp_path / "runs", strategy="fedmosaic-trained-global", **{"local-steps": 4})
+    result, recorders = _run(config, [0, 1])
+    assert result.last_round == 2
+    uploads = [recorders[100 + c].replies[1].content.array_records for c in (0, 1)]
+    assert all(proto.TASK_VECTOR in u for u in uploads)
+    for part in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH):
+        sent = [proto.decode_state(u[part], "up") for u in uploads]
+        for me, other in ((0, 1), (1, 0)):
+            received = proto.decode_state(
+                recorders[100 + me].sent[2].content.array_records[part.replace("local", "global")], "g")
+            assert set(received) == set(sent[other])
+            for key, value in sent[other].items():
+                torch.testing.assert_close(received[key], value, rtol=1e-6, atol=1e-7)
+        if part == proto.LOCAL_SHARED:  # the global branch trained from 0
+            assert sent[0] and all(float(v.abs().sum()) > 0 for u in sent for v in u.values())
+    assert all(r["scores"]["self"] for r in result.rows)
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavg-dual", "fedmosaic"])
 def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch(strategy: str) -> None:
     """FedAvg keeps one adapter: the group mean overwrites the local branch and the global branch
