@@ -13,6 +13,7 @@ share of the compute budget. The baselines follow the reference implementation
 - ``fedmosaic-trained-global`` (beyond the paper, opt-in): RELA's server with FedDPA's client.
   The received per-client mix goes into G; the first half of the steps trains G alone (β = 1)
   from it, the second half freezes G and trains L and the gate. Upload G; evaluate the mix.
+  ``fedmosaic-uniform-trained-global``: the same with equal weights (RELA off).
 - ``local``: the same, with nothing shared (G stays 0).
 - ``fedavg``: one adapter. The group mean replaces L; G stays 0.
 - ``fedavg-dual``: L and the gate train as in FedMosaic; G is the architecture group's mean.
@@ -94,6 +95,8 @@ METHODS: dict[str, LocalMethod] = {
         LocalMethod("fedmosaic-uniform", "fedmosaic-uniform", compute_share=0.94),
         LocalMethod("fedmosaic-trained-global", "fedmosaic", upload="global", compute_share=0.94,
                     task_vectors=True, steps="global-then-mix"),
+        LocalMethod("fedmosaic-uniform-trained-global", "fedmosaic-uniform", upload="global", compute_share=0.94,
+                    steps="global-then-mix"),
         LocalMethod("fedavg", "fedavg", receive="local"),
         LocalMethod("fedavg-dual", "fedavg"),
         LocalMethod("feddpa", "fedavg", upload="global", steps="global-then-mix"),

@@ -41,6 +41,7 @@ def test_equal_compute_budgets_scale_local_steps_as_the_reference() -> None:
     """SFT/FedAvg/FedDPA 100, FedSim 75, Ditto 50 (two steps each), FedMosaic 94 iterations."""
     iterations = {name: parse_run_config({"strategy": name, "local-steps": 32}).local_iterations for name in METHODS}
     assert iterations == {"fedmosaic": 30, "fedmosaic-uniform": 30, "fedmosaic-trained-global": 30,
+                          "fedmosaic-uniform-trained-global": 30,
                           "fedavg": 32, "fedavg-dual": 32,
                           "feddpa": 32, "ditto": 16, "fedsim": 24, "local": 32}
     same = {name: parse_run_config({"strategy": name, "local-steps": 32, "equal-compute": False}).local_iterations
@@ -53,7 +54,7 @@ def test_equal_compute_budgets_scale_local_steps_as_the_reference() -> None:
 
 
 def test_feddpa_trains_the_global_alone_first_then_local_and_gate() -> None:
-    for name in ("feddpa", "fedmosaic-trained-global"):
+    for name in ("feddpa", "fedmosaic-trained-global", "fedmosaic-uniform-trained-global"):
         phases = [METHODS[name].phases(i, 10) for i in range(10)]
         assert phases == [(GLOBAL_ALONE,)] * 5 + [(MIX,)] * 5, name
     trained_global = METHODS["fedmosaic-trained-global"]  # RELA's server, FedDPA's client
@@ -62,7 +63,8 @@ def test_feddpa_trains_the_global_alone_first_then_local_and_gate() -> None:
     assert [p.trains for p in ditto] == [frozenset({"global"}), frozenset({"local"})]
     assert [p.output for p in ditto] == [1.0, 0.0] and ditto[1].proximal == 0.001
     assert {m.name for m in METHODS.values() if m.upload == "global"} == {"feddpa", "ditto", "fedsim",
-                                                                        "fedmosaic-trained-global"}
+                                                                        "fedmosaic-trained-global",
+                                                                        "fedmosaic-uniform-trained-global"}
     assert {m.name: m.aggregation for m in METHODS.values()}["fedsim"] == "fedavg"
 
 
