@@ -22,6 +22,8 @@ STRATEGIES: tuple[str, ...] = tuple(METHODS)
 ABLATIONS: dict[str, dict[str, Any]] = {
     "fedmosaic-pq-only": {"strategy": "fedmosaic", "share-same-arch": False},  # no plain-LoRA sharing
     "fedmosaic-beta-half": {"strategy": "fedmosaic", "fixed-beta": 0.5},  # gate fixed at β = ½
+    # the trained-global variant with P/Q shared only within a model family
+    "fedmosaic-trained-global-within-family": {"strategy": "fedmosaic-trained-global", "share-across-families": False},
 }
 
 
@@ -76,6 +78,8 @@ class FederationConfig(BaseModel):
     fixed_beta: float = Field(-1.0, ge=-1.0, le=1.0)
     # false: only the shared P/Q reach the globals; plain-LoRA modules keep a zero global branch
     share_same_arch: bool = True
+    # false (beyond the paper): the shared P/Q mix only among clients of one model family
+    share_across_families: bool = True
     # --- PQ-LoRA ---
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)

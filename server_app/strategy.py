@@ -381,7 +381,7 @@ class FedMosaicStrategy(Strategy):
             updates, dict(self.globals), mode=METHODS[self.config.strategy].aggregation,
             tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
-            norm_bound=self.config.norm_bound,
+            norm_bound=self.config.norm_bound, share_across_families=self.config.share_across_families,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason

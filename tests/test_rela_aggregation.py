@@ -13,6 +13,7 @@ from fedmosaic_core.rela import (
     ClientUpdate,
     GlobalState,
     aggregate_global_states,
+    arch_family,
     relevance_weights,
     task_similarity,
 )
@@ -375,3 +376,30 @@ def test_a_nan_row_of_the_round_matrix_excludes_only_its_client() -> None:
     for cid in reference.client_ids:
         for key, value in reference.globals[cid].shared.items():
             torch.testing.assert_close(result.globals[cid].shared[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_within_families_the_shared_mix_leaves_other_families_out() -> None:
+    """``share_across_families=False``: W_ij = 0 across model families, rows renormalised; the lone
+    qwen2 client gets its own P/Q back; the llama clients mix only llama clients' P/Q."""
+    ids = {"llama-s": "llama-d64-L4-ff176-q64-kv32-r16", "llama-m": "llama-d96-L8-ff256-q96-kv32-r16",
+           "qwen-s": "qwen2-d64-L4-ff176-q64-kv32-r16"}
+    assert arch_family(ids["llama-m"]) == "llama" and arch_family(ids["qwen-s"]) == "qwen2"
+    updates = _updates()
+    for u in updates:
+        u.arch = ids[u.arch]
+    across = aggregate_global_states(updates, {}, mode="fedmosaic")
+    result = aggregate_global_states(updates, {}, mode="fedmosaic", share_across_families=False)
+    w, lone = result.weights, ARCHS.index("qwen-s")
+    llama = [i for i, a in enumerate(ARCHS) if a != "qwen-s"]
+    assert np.allclose(w.sum(axis=1), 1.0) and np.all(w[llama, lone] == 0) and w[lone, lone] == 1.0
+    np.testing.assert_allclose(w[np.ix_(llama, llama)], across.weights[np.ix_(llama, llama)]
+                               / across.weights[np.ix_(llama, llama)].sum(axis=1, keepdims=True), rtol=1e-12)
+    for i, u in enumerate(updates):
+        for key in u.shared:
+            want = sum(float(w[i, j]) * updates[j].shared[key].double() for j in range(len(updates)))
+            torch.testing.assert_close(result.globals[u.client_id].shared[key].double(), want, rtol=1e-5, atol=1e-5)
+    for key, value in updates[lone].shared.items():
+        torch.testing.assert_close(result.globals[updates[lone].client_id].shared[key], value)
+    for u in updates:  # the same-architecture part is unchanged by the option
+        for key, value in across.globals[u.client_id].same_arch.items():
+            torch.testing.assert_close(result.globals[u.client_id].same_arch[key], value)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,7 @@ def aggregate_global_states(
     expected_same_arch: Mapping[str, Mapping[str, Sequence[int]]] | None = None,
     device: str | torch.device | None = None,
     norm_bound: float = 0.0,
+    share_across_families: bool = True,
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
 
@@ -269,6 +271,10 @@ def aggregate_global_states(
     part over its architecture's) enters the mix scaled by c · median / ‖L_j‖. Since every row of
     W sums to 1 (or less), each global then has ‖G_i‖ ≤ max(c · median, the largest unscaled
     ‖L_k‖), whatever one client sends. 0 turns it off.
+
+    ``share_across_families`` False (beyond the paper): the shared P/Q mix only within a model
+    family (the architecture id's family, :mod:`fedmosaic_core.models.fingerprint`): W_ij = 0
+    across families, each row renormalised; a client with no family peer gets its own state.
 
     ``expected_shared``: key → shape of the shared state, for everyone; ``expected_same_arch``:
     arch → (key → shape). When None they are inferred from the majority of this round's updates
@@ -329,7 +335,7 @@ def aggregate_global_states(
     target = torch.device("cpu") if device is None else torch.device(device)
     valid = list(candidates)
     while True:  # normally once; again without the clients whose values turn out non-finite
-        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound)
+        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound, share_across_families)
         if not mixed.bad:
             break
         for update in mixed.bad:
@@ -387,15 +393,38 @@ def _contribution_scales(
     return scales
 
 
+def arch_family(arch: str) -> str:
+    """The model family of an architecture id (``llama-d64-L4-...`` → ``llama``)."""
+    match = _ARCH_ID.match(arch)
+    return match.group(1) if match else arch
+
+
+_ARCH_ID = re.compile(r"^(.+?)-d\d+-L\d+-")
+
+
+def _within_families(weights: np.ndarray, archs: Sequence[str]) -> np.ndarray:
+    """W with the cross-family entries zeroed and each row renormalised; a row left empty (no
+    family peer) becomes the client's own state."""
+    family = np.array([arch_family(a) for a in archs], dtype=object)
+    masked = weights * (family[:, None] == family[None, :])
+    totals = masked.sum(axis=1)
+    lone = totals <= 0
+    masked[lone] = np.eye(len(archs))[lone]
+    totals[lone] = 1.0
+    return masked / totals[:, None]
+
+
 def _mix_round(
     mode: str, tau: float, valid: list[ClientUpdate], shared_spec: Spec, arch_specs: dict[str, Spec],
-    device: torch.device, norm_bound: float = 0.0,
+    device: torch.device, norm_bound: float = 0.0, share_across_families: bool = True,
 ) -> _MixedRound:
     """Every valid client's shared global (all architectures) and same-arch global (its own)."""
     if mode == "local" or len(valid) < 2:
         return _MixedRound(None, bad=[u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
                                       or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None])
     weights = _weight_matrix(mode, valid, tau)
+    if not share_across_families:
+        weights = _within_families(weights, [u.arch for u in valid])
     ids = [u.client_id for u in valid]
     shared_scales = _contribution_scales([u.shared for u in valid], shared_spec, norm_bound, ids, "shared")
     shared, bad_rows = _mix_states(weights * shared_scales[None, :], [u.shared for u in valid], shared_spec, device)
