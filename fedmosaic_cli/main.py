@@ -274,13 +274,18 @@ FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was a
 
 
 def _finished_summary(app_dir: Path, overrides: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary of a run already finished under exactly this run config, or None."""
+    """The summary of a run already finished under this run config, or None. A key the run's
+    config lacks (one added to the config since) matches when it has its default here: a new key's
+    default keeps the behaviour from before it existed."""
     config = _config(app_dir, overrides)
     path = config.run_dir / "report" / FINISHED_RUN
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("config") != config.model_dump(mode="json"):
+    saved, current = record.get("config") or {}, config.model_dump(mode="json")
+    defaults = type(config)().model_dump(mode="json")
+    if set(saved) - set(current) or any(
+            saved[k] != v if k in saved else v != defaults[k] for k, v in current.items()):
         return None
     summary: dict[str, Any] = record["summary"]
     return summary
@@ -365,7 +370,8 @@ def compare(
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
     reuse_finished: bool = typer.Option(
         False, "--reuse-finished",
-        help="reuse each run that already finished under the same run config (e.g. to complete an "
+        help="reuse each run that already finished under the same run config (keys added since at "
+             "their defaults; e.g. to complete an "
              "interrupted comparison); code changes since are not detected"),
 ) -> None:
     """Run the baselines and FedMosaic on the same scenario and seeds; write the comparison with

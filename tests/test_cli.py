@@ -77,6 +77,14 @@ def test_compare_reuses_only_a_run_finished_under_the_same_config(tmp_path: Path
                       {"config": config.model_dump(mode="json"), "summary": {"seed": 3, "strategy": "local"}})
     assert _finished_summary(app, asked) == {"seed": 3, "strategy": "local"}
     assert _finished_summary(app, {**asked, "local-steps": 5}) is None  # same run name, other settings
+    # a run finished before a config key existed: the same config while the key keeps its default
+    older = {k: v for k, v in config.model_dump(mode="json").items() if k != "share_across_families"}
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": older, "summary": {"seed": 3}})
+    assert _finished_summary(app, asked) == {"seed": 3}
+    assert _finished_summary(app, {**asked, "share-across-families": False}) is None
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN,
+                      {"config": {**older, "retired_key": 1}, "summary": {"seed": 3}})
+    assert _finished_summary(app, asked) is None  # a key that no longer exists: not the same config
 
 
 def test_compare_runs_ablations_in_run_folders_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
