@@ -283,7 +283,7 @@ def _finished_summary(app_dir: Path, overrides: dict[str, Any]) -> dict[str, Any
         return None
     record = json.loads(path.read_text())
     saved, current = record.get("config") or {}, config.model_dump(mode="json")
-    defaults = type(config)().model_dump(mode="json")
+    defaults = type(config).model_validate({}).model_dump(mode="json")
     if set(saved) - set(current) or any(
             saved[k] != v if k in saved else v != defaults[k] for k, v in current.items()):
         return None
