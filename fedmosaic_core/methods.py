@@ -10,10 +10,6 @@ share of the compute budget. The baselines follow the reference implementation
 
 - ``fedmosaic`` / ``fedmosaic-uniform``: train L and the gate on ``h`` with the learned β;
   upload L; the server's per-client mix (RELA / equal weights) goes into G.
-- ``fedmosaic-trained-global`` (beyond the paper, opt-in): RELA's server with FedDPA's client.
-  The received per-client mix goes into G; the first half of the steps trains G alone (β = 1)
-  from it, the second half freezes G and trains L and the gate. Upload G; evaluate the mix.
-  ``fedmosaic-uniform-trained-global``: the same with equal weights (RELA off).
 - ``local``: the same, with nothing shared (G stays 0).
 - ``fedavg``: one adapter. The group mean replaces L; G stays 0.
 - ``fedavg-dual``: L and the gate train as in FedMosaic; G is the architecture group's mean.
@@ -23,6 +19,10 @@ share of the compute budget. The baselines follow the reference implementation
   on the task loss + μ‖L − G₀‖² (G₀: G at the round's start, μ = 0.001). Upload G; evaluate L.
 - ``fedsim``: one step trains G and L together on ``logits(β = 1) + logits(β = 0)``. Upload G;
   evaluate with the same logit sum.
+- ``fedmosaic-trained-global`` (beyond the paper, opt-in): RELA's server with FedDPA's client.
+  The received per-client mix goes into G; the first half of the steps trains G alone (β = 1)
+  from it, the second half freezes G and trains L and the gate. Upload G; evaluate the mix.
+  ``fedmosaic-uniform-trained-global``: the same with equal weights (RELA off).
 
 Compute shares are the reference's equal-compute local iterations (SFT / FedAvg / FedDPA 100,
 FedSim 75, Ditto 50 batches of two steps, FedMosaic 94), as fractions of ``local-steps``.

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from fedmosaic_core.models.fingerprint import ArchitectureFingerprint
 from fedmosaic_core.rela import (
     AggregationResult,
     ClientUpdate,
     GlobalState,
     aggregate_global_states,
-    arch_family,
     relevance_weights,
     task_similarity,
 )
@@ -383,6 +383,7 @@ def test_within_families_the_shared_mix_leaves_other_families_out() -> None:
     qwen2 client gets its own P/Q back; the llama clients mix only llama clients' P/Q."""
     ids = {"llama-s": "llama-d64-L4-ff176-q64-kv32-r16", "llama-m": "llama-d96-L8-ff256-q96-kv32-r16",
            "qwen-s": "qwen2-d64-L4-ff176-q64-kv32-r16"}
+    arch_family = ArchitectureFingerprint.family_of
     assert arch_family(ids["llama-m"]) == "llama" and arch_family(ids["qwen-s"]) == "qwen2"
     updates = _updates()
     for u in updates:

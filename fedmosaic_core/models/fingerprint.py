@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import nn
 
 from fedmosaic_core.modeling import decoder_parts
+
+_ID_FAMILY = re.compile(r"^(.+?)-d\d+-L\d+-")  # the start of ArchitectureFingerprint.id
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,13 @@ class ArchitectureFingerprint:
             f"{self.family}-d{self.hidden_size}-L{self.num_layers}-ff{self.intermediate_size}"
             f"-q{self.q_dim}-kv{self.kv_dim}-{rank}"
         )
+
+    @staticmethod
+    def family_of(arch_id: str) -> str:
+        """The family part of an :attr:`id` (``llama-d64-L4-...`` → ``llama``); an id of another
+        form is its own family."""
+        match = _ID_FAMILY.match(arch_id)
+        return match.group(1) if match else arch_id
 
     @property
     def digest(self) -> str:

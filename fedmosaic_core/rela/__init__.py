@@ -13,7 +13,6 @@ from fedmosaic_core.rela.aggregation import (
     ClientUpdate,
     GlobalState,
     aggregate_global_states,
-    arch_family,
 )
 from fedmosaic_core.rela.compression import TaskVectorCompression, compress, compress_task_vector
 from fedmosaic_core.rela.probe import TaskVectorProbe
@@ -28,7 +27,6 @@ __all__ = [
     "TaskVectorCompression",
     "TaskVectorProbe",
     "aggregate_global_states",
-    "arch_family",
     "compress",
     "compress_task_vector",
     "relevance_weights",

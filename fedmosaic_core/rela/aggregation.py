@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmosaic_core.models.fingerprint import ArchitectureFingerprint
 from fedmosaic_core.pqlora.state import Spec, first_problem, is_key
 from fedmosaic_core.rela.similarity import relevance_weights, task_similarity
 
@@ -393,19 +393,10 @@ def _contribution_scales(
     return scales
 
 
-def arch_family(arch: str) -> str:
-    """The model family of an architecture id (``llama-d64-L4-...`` → ``llama``)."""
-    match = _ARCH_ID.match(arch)
-    return match.group(1) if match else arch
-
-
-_ARCH_ID = re.compile(r"^(.+?)-d\d+-L\d+-")
-
-
 def _within_families(weights: np.ndarray, archs: Sequence[str]) -> np.ndarray:
     """W with the cross-family entries zeroed and each row renormalised; a row left empty (no
     family peer) becomes the client's own state."""
-    family = np.array([arch_family(a) for a in archs], dtype=object)
+    family = np.array([ArchitectureFingerprint.family_of(a) for a in archs], dtype=object)
     masked = weights * (family[:, None] == family[None, :])
     totals = masked.sum(axis=1)
     lone = totals <= 0
