@@ -23,6 +23,9 @@ share of the compute budget. The baselines follow the reference implementation
   The received per-client mix goes into G; the first half of the steps trains G alone (β = 1)
   from it, the second half freezes G and trains L and the gate. Upload G; evaluate the mix.
   ``fedmosaic-uniform-trained-global``: the same with equal weights (RELA off).
+- ``fedmosaic-joint-global`` (beyond the paper, opt-in): RELA's server; every step trains G, L and
+  the gate together on the mix ``h`` with the learned β, so L gets every step (as under
+  ``fedmosaic``) and G learns the client's task on top of the received mix. Upload G; evaluate the mix.
 
 Compute shares are the reference's equal-compute local iterations (SFT / FedAvg / FedDPA 100,
 FedSim 75, Ditto 50 batches of two steps, FedMosaic 94), as fractions of ``local-steps``.
@@ -51,6 +54,7 @@ class Phase:
 
 
 MIX = Phase(frozenset({"local", "gate"}))
+JOINT = Phase(frozenset({"global", "local", "gate"}))
 GLOBAL_ALONE = Phase(frozenset({"global"}), output=1.0)
 
 
@@ -66,8 +70,8 @@ class LocalMethod:
     compute_share: float = 1.0
     task_vectors: bool = False  # the client computes RELA task vectors
     #: the optimiser steps of one local iteration: ``mix`` (L and the gate on the mix),
-    #: ``global-then-mix`` (FedDPA), ``ditto`` or ``fedsim``
-    steps: Literal["mix", "global-then-mix", "ditto", "fedsim"] = "mix"
+    #: ``global-then-mix`` (FedDPA), ``joint`` (G, L and the gate on the mix), ``ditto`` or ``fedsim``
+    steps: Literal["mix", "global-then-mix", "joint", "ditto", "fedsim"] = "mix"
 
     @property
     def trains_global(self) -> bool:
@@ -77,6 +81,8 @@ class LocalMethod:
         """The optimiser steps made on local iteration ``step`` of ``steps`` (one batch each)."""
         if self.steps == "global-then-mix":
             return (GLOBAL_ALONE,) if step < steps // 2 else (MIX,)
+        if self.steps == "joint":
+            return (JOINT,)
         if self.steps == "ditto":
             return (GLOBAL_ALONE, Phase(frozenset({"local"}), output=0.0, proximal=DITTO_MU))
         if self.steps == "fedsim":
@@ -97,6 +103,8 @@ METHODS: dict[str, LocalMethod] = {
                     task_vectors=True, steps="global-then-mix"),
         LocalMethod("fedmosaic-uniform-trained-global", "fedmosaic-uniform", upload="global", compute_share=0.94,
                     steps="global-then-mix"),
+        LocalMethod("fedmosaic-joint-global", "fedmosaic", upload="global", compute_share=0.94, task_vectors=True,
+                    steps="joint"),
         LocalMethod("fedavg", "fedavg", receive="local"),
         LocalMethod("fedavg-dual", "fedavg"),
         LocalMethod("feddpa", "fedavg", upload="global", steps="global-then-mix"),

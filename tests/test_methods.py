@@ -41,7 +41,7 @@ def test_equal_compute_budgets_scale_local_steps_as_the_reference() -> None:
     """SFT/FedAvg/FedDPA 100, FedSim 75, Ditto 50 (two steps each), FedMosaic 94 iterations."""
     iterations = {name: parse_run_config({"strategy": name, "local-steps": 32}).local_iterations for name in METHODS}
     assert iterations == {"fedmosaic": 30, "fedmosaic-uniform": 30, "fedmosaic-trained-global": 30,
-                          "fedmosaic-uniform-trained-global": 30,
+                          "fedmosaic-uniform-trained-global": 30, "fedmosaic-joint-global": 30,
                           "fedavg": 32, "fedavg-dual": 32,
                           "feddpa": 32, "ditto": 16, "fedsim": 24, "local": 32}
     same = {name: parse_run_config({"strategy": name, "local-steps": 32, "equal-compute": False}).local_iterations
@@ -59,12 +59,16 @@ def test_feddpa_trains_the_global_alone_first_then_local_and_gate() -> None:
         assert phases == [(GLOBAL_ALONE,)] * 5 + [(MIX,)] * 5, name
     trained_global = METHODS["fedmosaic-trained-global"]  # RELA's server, FedDPA's client
     assert (trained_global.aggregation, trained_global.upload, trained_global.task_vectors) == ("fedmosaic", "global", True)
+    joint = METHODS["fedmosaic-joint-global"]  # RELA's server; G, L and the gate train on every step
+    assert [joint.phases(i, 10) for i in range(10)] == [(Phase(frozenset({"global", "local", "gate"})),)] * 10
+    assert (joint.aggregation, joint.upload, joint.task_vectors, joint.evaluate) == ("fedmosaic", "global", True, None)
     ditto = METHODS["ditto"].phases(0, 4)
     assert [p.trains for p in ditto] == [frozenset({"global"}), frozenset({"local"})]
     assert [p.output for p in ditto] == [1.0, 0.0] and ditto[1].proximal == 0.001
     assert {m.name for m in METHODS.values() if m.upload == "global"} == {"feddpa", "ditto", "fedsim",
                                                                         "fedmosaic-trained-global",
-                                                                        "fedmosaic-uniform-trained-global"}
+                                                                        "fedmosaic-uniform-trained-global",
+                                                                        "fedmosaic-joint-global"}
     assert {m.name: m.aggregation for m in METHODS.values()}["fedsim"] == "fedavg"
 
 
@@ -109,7 +113,7 @@ def _moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> s
     return {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
 
 
-@pytest.mark.parametrize("strategy", ["ditto", "fedsim", "feddpa", "fedmosaic"])
+@pytest.mark.parametrize("strategy", ["ditto", "fedsim", "feddpa", "fedmosaic", "fedmosaic-joint-global"])
 def test_each_phase_moves_only_what_it_trains(strategy: str) -> None:
     """Two rounds of each method's phases on one batch: every step moves exactly the parameter
     groups the phase trains, even with AdamW momentum left from earlier steps of other groups."""
