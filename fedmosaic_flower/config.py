@@ -24,6 +24,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedmosaic-beta-half": {"strategy": "fedmosaic", "fixed-beta": 0.5},  # gate fixed at β = ½
     # the trained-global variant with P/Q shared only within a model family
     "fedmosaic-trained-global-within-family": {"strategy": "fedmosaic-trained-global", "share-across-families": False},
+    # the trained-global variant whose RELA mix keeps the client's own trained global branch
+    "fedmosaic-trained-global-with-self": {"strategy": "fedmosaic-trained-global", "include-self": True},
 }
 
 
@@ -80,6 +82,8 @@ class FederationConfig(BaseModel):
     share_same_arch: bool = True
     # false (beyond the paper): the shared P/Q mix only among clients of one model family
     share_across_families: bool = True
+    # true (beyond the paper): a client's own uploaded state is in its RELA mix (W_ii > 0)
+    include_self: bool = False
     # --- PQ-LoRA ---
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)

@@ -382,6 +382,7 @@ class FedMosaicStrategy(Strategy):
             tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
             norm_bound=self.config.norm_bound, share_across_families=self.config.share_across_families,
+            include_self=self.config.include_self,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason

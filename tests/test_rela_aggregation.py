@@ -378,6 +378,24 @@ def test_a_nan_row_of_the_round_matrix_excludes_only_its_client() -> None:
             torch.testing.assert_close(result.globals[cid].shared[key], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("mode", ["fedmosaic", "fedmosaic-uniform"])
+def test_include_self_keeps_the_client_in_its_own_mix(mode: str) -> None:
+    """``include_self``: W_ii > 0 (RELA: the softmax over every j; uniform: 1/M), and every global
+    is Σ_j W_ij L_j over all j (plain LoRA: over the architecture group, renormalised)."""
+    updates = _updates()
+    previous = _previous(updates)
+    result = aggregate_global_states(updates, previous, mode=mode, include_self=True)
+    n = len(updates)
+    weights = (relevance_weights(task_similarity([u.task_vector for u in updates]), 0.5, include_self=True)
+               if mode == "fedmosaic" else np.full((n, n), 1.0 / n))
+    np.testing.assert_allclose(result.weights, weights, atol=1e-12)
+    assert np.all(np.diag(result.weights) > 0) and np.allclose(result.weights.sum(axis=1), 1.0)
+    for cid, want in _slow_reference(updates, previous, weights).items():
+        _assert_states_close(result.globals[cid], want)
+    without = aggregate_global_states(updates, previous, mode=mode)
+    assert not torch.equal(result.globals["c0"].shared["pq.0.q_proj.P"], without.globals["c0"].shared["pq.0.q_proj.P"])
+
+
 def test_within_families_the_shared_mix_leaves_other_families_out() -> None:
     """``share_across_families=False``: W_ij = 0 across model families, rows renormalised; the lone
     qwen2 client gets its own P/Q back; the llama clients mix only llama clients' P/Q."""

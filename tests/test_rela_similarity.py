@@ -41,6 +41,18 @@ def test_relevance_weights_three_clients_by_hand() -> None:
     assert np.all(np.diag(weights) == 0.0)
 
 
+def test_relevance_weights_with_the_client_itself_by_hand() -> None:
+    """``include_self``: row i is the softmax over every j of s_ij / τ, s_ii = 1 included."""
+    weights = relevance_weights(task_similarity([G1, G2, G3]), tau=0.5, include_self=True)
+    sim = np.array([[1.0, S12, S13], [S12, 1.0, S23], [S13, S23, 1.0]])
+    # row 1: e^2, e^1.707107, e^0 over their sum (13.9015) = 0.531509, 0.396560, 0.071932
+    np.testing.assert_allclose(weights[0], [0.5315086, 0.3965595, 0.0719319], atol=1e-6)
+    expected = np.exp(2.0 * sim) / np.exp(2.0 * sim).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(weights, expected, atol=1e-12)
+    assert np.all(np.diag(weights) > weights[~np.eye(3, dtype=bool)].reshape(3, 2).max(axis=1))
+    np.testing.assert_array_equal(relevance_weights(np.array([[1.0]]), include_self=True), np.ones((1, 1)))
+
+
 def test_similarity_accepts_torch_and_scale_and_zero_columns() -> None:
     a = torch.tensor([[1.0, 0.0], [2.0, 0.0]])  # second column is zero → cosine 0
     b = torch.tensor([[3.0, 1.0], [6.0, 1.0]])

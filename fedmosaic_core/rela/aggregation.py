@@ -15,6 +15,7 @@ Modes:
 
 - ``fedmosaic``: W = ``relevance_weights(task_similarity(task vectors), tau)`` (diagonal 0).
 - ``fedmosaic-uniform``: W_ij = 1/(M−1) for j ≠ i (RELA off, same structure otherwise).
+  With ``include_self`` (beyond the paper) both keep the client in its own mix (W_ii > 0).
 - ``fedavg``: the classic baseline: P/Q *and* LoRA A/B averaged with equal weights within each
   same-architecture group, the client itself included (a client alone in its group gets its own
   local state back).
@@ -239,12 +240,13 @@ def _non_finite_key(state: Mapping[str, torch.Tensor], spec: Spec) -> str | None
     return next((key for key in spec if not bool(torch.isfinite(state[key]).all())), None)
 
 
-def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float) -> np.ndarray:
+def _weight_matrix(mode: str, valid: Sequence[ClientUpdate], tau: float, include_self: bool = False) -> np.ndarray:
     m = len(valid)
     if mode == "fedmosaic":
-        return relevance_weights(task_similarity([_as_task_vector(u.task_vector) for u in valid]), tau)
+        similarity = task_similarity([_as_task_vector(u.task_vector) for u in valid])
+        return relevance_weights(similarity, tau, include_self=include_self)
     if mode == "fedmosaic-uniform":
-        return (1.0 - np.eye(m)) / (m - 1)
+        return np.full((m, m), 1.0 / m) if include_self else (1.0 - np.eye(m)) / (m - 1)
     if mode == "fedavg":
         arch = np.array([u.arch for u in valid], dtype=object)
         same = (arch[:, None] == arch[None, :]).astype(np.float64)
@@ -263,6 +265,7 @@ def aggregate_global_states(
     device: str | torch.device | None = None,
     norm_bound: float = 0.0,
     share_across_families: bool = True,
+    include_self: bool = False,
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
 
@@ -275,6 +278,10 @@ def aggregate_global_states(
     ``share_across_families`` False (beyond the paper): the shared P/Q mix only within a model
     family (the architecture id's family, :mod:`fedmosaic_core.models.fingerprint`): W_ij = 0
     across families, each row renormalised; a client with no family peer gets its own state.
+
+    ``include_self`` True (beyond the paper; ``fedmosaic`` and ``fedmosaic-uniform``): W_ii > 0,
+    the client's own state is in its mix: the softmax runs over every j with s_ii (1 for a non-zero
+    task vector), equal weights are 1/M. ``fedavg`` includes the client anyway.
 
     ``expected_shared``: key → shape of the shared state, for everyone; ``expected_same_arch``:
     arch → (key → shape). When None they are inferred from the majority of this round's updates
@@ -335,7 +342,8 @@ def aggregate_global_states(
     target = torch.device("cpu") if device is None else torch.device(device)
     valid = list(candidates)
     while True:  # normally once; again without the clients whose values turn out non-finite
-        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound, share_across_families)
+        mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound, share_across_families,
+                           include_self)
         if not mixed.bad:
             break
         for update in mixed.bad:
@@ -407,13 +415,13 @@ def _within_families(weights: np.ndarray, archs: Sequence[str]) -> np.ndarray:
 
 def _mix_round(
     mode: str, tau: float, valid: list[ClientUpdate], shared_spec: Spec, arch_specs: dict[str, Spec],
-    device: torch.device, norm_bound: float = 0.0, share_across_families: bool = True,
+    device: torch.device, norm_bound: float = 0.0, share_across_families: bool = True, include_self: bool = False,
 ) -> _MixedRound:
     """Every valid client's shared global (all architectures) and same-arch global (its own)."""
     if mode == "local" or len(valid) < 2:
         return _MixedRound(None, bad=[u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
                                       or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None])
-    weights = _weight_matrix(mode, valid, tau)
+    weights = _weight_matrix(mode, valid, tau, include_self)
     if not share_across_families:
         weights = _within_families(weights, [u.arch for u in valid])
     ids = [u.client_id for u in valid]

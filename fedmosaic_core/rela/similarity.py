@@ -60,10 +60,11 @@ def task_similarity(vectors: Sequence[Any] | np.ndarray) -> np.ndarray:
     return np.clip(gram, -1.0, 1.0)
 
 
-def relevance_weights(similarity: np.ndarray, tau: float = 0.5) -> np.ndarray:
+def relevance_weights(similarity: np.ndarray, tau: float = 0.5, include_self: bool = False) -> np.ndarray:
     """Row i = softmax of ``s_ij / τ`` over j ≠ i; diagonal exactly 0; rows sum to 1.
 
-    A single client gives the 1 × 1 zero matrix.
+    ``include_self`` (beyond the paper): the softmax runs over every j, the client itself included
+    with its own s_ii. A single client gives the 1 × 1 zero matrix (``include_self``: [[1]]).
     """
     sim = np.asarray(similarity, dtype=np.float64)
     if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] == 0:
@@ -74,11 +75,11 @@ def relevance_weights(similarity: np.ndarray, tau: float = 0.5) -> np.ndarray:
         raise ValueError(f"relevance_weights: tau must be a positive number, got {tau!r}")
     n = sim.shape[0]
     if n == 1:
-        return np.zeros((1, 1))
+        return np.ones((1, 1)) if include_self else np.zeros((1, 1))
     logits = sim / tau
-    off_diagonal = ~np.eye(n, dtype=bool)
-    logits = np.where(off_diagonal, logits, -np.inf)
+    mixed = np.ones((n, n), dtype=bool) if include_self else ~np.eye(n, dtype=bool)
+    logits = np.where(mixed, logits, -np.inf)
     logits -= logits.max(axis=1, keepdims=True)
-    weights = np.where(off_diagonal, np.exp(logits), 0.0)
+    weights = np.where(mixed, np.exp(logits), 0.0)
     weights /= weights.sum(axis=1, keepdims=True)
     return weights
