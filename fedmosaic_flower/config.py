@@ -26,6 +26,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedmosaic-trained-global-within-family": {"strategy": "fedmosaic-trained-global", "share-across-families": False},
     # the trained-global variant whose RELA mix keeps the client's own trained global branch
     "fedmosaic-trained-global-with-self": {"strategy": "fedmosaic-trained-global", "include-self": True},
+    "fedmosaic-trained-global-within-family-with-self": {
+        "strategy": "fedmosaic-trained-global", "share-across-families": False, "include-self": True},
 }
 
 
