@@ -103,10 +103,13 @@ def _config(tmp_path: Path, **extra: object):  # type: ignore[no-untyped-def]
     return parse_run_config(raw)
 
 
-def _expected_globals(clients: dict[int, MockClient], server_round: int, ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def _expected_globals(
+    clients: dict[int, MockClient], server_round: int, ids: list[str], include_self: bool = False
+) -> dict[str, dict[str, torch.Tensor]]:
     """Recompute what RELA should have sent for ``server_round + 1`` (a slow, explicit loop)."""
     by_id = {c.client_id: c for c in clients.values()}
-    weights = relevance_weights(task_similarity([by_id[c].task_vector() for c in ids]), tau=0.5)
+    weights = relevance_weights(task_similarity([by_id[c].task_vector() for c in ids]), tau=0.5,
+                                include_self=include_self)
     locals_ = {}
     for cid in ids:
         c = by_id[cid]
@@ -148,6 +151,19 @@ def test_each_client_gets_its_own_relevance_weighted_global(tmp_path: Path) -> N
     assert all(not by_id[c].received[1] for c in ids)
     assert len(result.rows) == 10
     assert (tmp_path / "t" / "rounds.jsonl").exists()
+
+
+def test_include_self_from_the_run_config_keeps_each_client_in_its_own_global(tmp_path: Path) -> None:
+    clients = _clients()
+    result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2,
+                                                                             "include-self": True}))
+    ids = result.strategy.last_weight_ids
+    w = result.strategy.last_weights
+    assert w is not None and np.all(np.diag(w) > 0) and np.allclose(w.sum(axis=1), 1.0)
+    by_id = {c.client_id: c for c in clients.values()}
+    for cid, want in _expected_globals(clients, 1, ids, include_self=True).items():
+        for key, value in want.items():
+            torch.testing.assert_close(by_id[cid].received[2][key], value.float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fault", ["nan", "missing", "shape", "oversized", "no-info"])
