@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from fedmosaic_core.methods import METHODS
 from fedmosaic_core.storage import cache_home
@@ -119,6 +119,15 @@ class FederationConfig(BaseModel):
     def _beta(cls, value: float) -> float:
         if value != -1.0 and not 0.0 <= value <= 1.0:
             raise ValueError(f"must be -1 (the learned gate) or a value in [0, 1], got {value!r}")
+        return value
+
+    @field_validator("include_self")
+    @classmethod
+    def _include_self(cls, value: bool, info: ValidationInfo) -> bool:
+        strategy = info.data.get("strategy")
+        if value and strategy in METHODS and METHODS[strategy].aggregation not in ("fedmosaic", "fedmosaic-uniform"):
+            raise ValueError(f"true applies only to the RELA strategies (fedmosaic*); strategy {strategy!r} "
+                             f"aggregates with {METHODS[strategy].aggregation!r}")
         return value
 
     @field_validator("output_dir", "data_root")

@@ -46,6 +46,13 @@ def test_bad_values_name_the_key(key: str, value: object, fragment: str) -> None
     assert "\n" not in str(info.value)
 
 
+def test_include_self_is_refused_for_a_strategy_without_relevance_weights() -> None:
+    with pytest.raises(ConfigError, match="include-self.*'feddpa'"):
+        parse_run_config({**_pyproject_config(), "strategy": "feddpa", "include-self": True})
+    for strategy in ("fedmosaic", "fedmosaic-uniform", "fedmosaic-trained-global"):
+        assert parse_run_config({**_pyproject_config(), "strategy": strategy, "include-self": True}).include_self
+
+
 def test_server_app_rejects_bad_config_before_any_message(tmp_path: Path) -> None:
     from server_app.app import app as server_app
 
