@@ -20,10 +20,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Two pytest processes: the deployment tests (Flower processes, lease waits) one after another in
+# one of them, everything else in the other.
 test: install
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
-# 20 SuperNodes x 3 rounds on loopback (about 4-5 minutes on 2 cores, 10 GiB): outside `make test`
+# 20 SuperNodes x 3 rounds on loopback alone (about 4 minutes on 2 cores, 10 GiB; also in `make test`)
 load-test: install
 	$(BIN)/python -m pytest -q -ra -s -m load
 

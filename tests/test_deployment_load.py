@@ -1,6 +1,5 @@
-"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback
-(``make load-test``; marker ``load``, outside ``make test``: it does not fit CI's 15 minutes, see
-BENCHMARKS.md, issue 13, fifth pass)."""
+"""Load: 20 SuperNodes × 3 rounds through ``fedmosaic local-deployment`` on loopback (in ``make
+test``, in the deployment tests' pytest process; alone: ``make load-test``)."""
 
 from __future__ import annotations
 
@@ -14,6 +13,8 @@ from test_deployment import _processes_mentioning
 
 from drake_data.mini.builder import build_drake_mini, write_scaled_scenario
 from fedmosaic_cli.launch import worker_socket
+
+pytestmark = pytest.mark.xdist_group("deployment")
 
 
 @pytest.mark.load
