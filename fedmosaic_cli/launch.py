@@ -153,7 +153,8 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
 def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
     """:func:`stop_process_group` for many at once: SIGTERM them all, then wait for each until a
     common deadline, then SIGKILL the group of any still running. Many SuperNodes stop in the time
-    of one."""
+    of one. Returns once every group is empty: a child that outlives its leader (a ClientApp
+    still exiting) is SIGKILLed at the deadline too."""
     running = [p for p in processes if p.poll() is None]
     for process in running:
         _signal_group(process, signal.SIGTERM)
@@ -164,11 +165,52 @@ def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float
         except subprocess.TimeoutExpired:
             _signal_group(process, signal.SIGKILL)
             process.wait(timeout=grace)
+    for process in processes:
+        _empty_group(process.pid, deadline)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` has a live member. Zombies do not count: they only wait for
+    a parent to reap them (where /proc is missing, any member counts)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False
+
+
+def _empty_group(pgid: int, deadline: float, grace: float = 10.0) -> None:
+    """Wait until group ``pgid`` has no live member: SIGKILL it at ``deadline``, then give up
+    ``grace`` seconds later (a process in uninterruptible sleep)."""
+    killed_at: float | None = None
+    while _group_alive(pgid):
+        now = time.monotonic()
+        if killed_at is None and now >= deadline:
+            _signal_group_id(pgid, signal.SIGKILL)
+            killed_at = now
+        elif killed_at is not None and now - killed_at > grace:
+            return
+        time.sleep(0.05)
 
 
 def _signal_group(process: subprocess.Popen[Any], signum: int) -> None:
+    _signal_group_id(process.pid, signum)
+
+
+def _signal_group_id(pgid: int, signum: int) -> None:
     try:
-        os.killpg(process.pid, signum)
+        os.killpg(pgid, signum)
     except ProcessLookupError:
         pass
 

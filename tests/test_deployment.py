@@ -35,6 +35,27 @@ def test_free_ports_are_never_handed_out_twice() -> None:
     assert len(set(ports)) == len(ports)
 
 
+def test_stopping_a_process_group_waits_for_children_that_outlive_their_leader(tmp_path: Path) -> None:
+    """The leader exits on SIGTERM at once; its child ignores SIGTERM (a ClientApp busy exiting):
+    the stop returns only once the child is gone too, SIGKILLed at the grace deadline."""
+    ready = tmp_path / "child.pid"
+    child = (f"import signal, time, pathlib; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+             f"pathlib.Path({str(ready)!r}).write_text('x'); time.sleep(120)")
+    leader = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys, time; "
+                               f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(120)"],
+                              start_new_session=True)
+    try:
+        _wait(ready.exists, 60, "the child")
+        started = time.monotonic()
+        launch.stop_process_group(leader, grace=1.0)
+        assert 0.9 < time.monotonic() - started < 30
+        assert not launch._group_alive(leader.pid)
+        assert not _processes_mentioning(str(ready))
+    finally:
+        if launch._group_alive(leader.pid):
+            os.killpg(leader.pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("taken_times", [1, launch.SUPERNODE_START_ATTEMPTS])
 def test_a_supernode_whose_port_is_taken_is_started_again_or_fails_the_launch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, taken_times: int
@@ -345,7 +366,11 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
             processes.append(link.process)
             outage = time.monotonic() - outage
             superexec_1 = nodes[1][1]
-            _wait(lambda: bool(_children(superexec_1.pid)), 300, "client 1's round-2 ClientApp")
+            # its round-2 message first: a round-1 ClientApp still exiting, or the node still
+            # reconnecting after the outage, is not "mid-round" (under load, both happened)
+            node_1_log = home / "supernode-1.log"
+            _wait(lambda: "ROUND 2]" in node_1_log.read_text(errors="replace") and bool(_children(superexec_1.pid)),
+                  300, "client 1's round-2 ClientApp")
             round_1_state = _file_digests(tmp_path / "state" / "client-1", "round-0001")
             for process in nodes[1]:
                 os.killpg(process.pid, signal.SIGKILL)
