@@ -153,11 +153,17 @@ def stop_process_group(process: subprocess.Popen[Any], grace: float = 10.0) -> N
 def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float = 10.0) -> None:
     """:func:`stop_process_group` for many at once: SIGTERM them all, then wait for each until a
     common deadline, then SIGKILL the group of any still running. Many SuperNodes stop in the time
-    of one. Returns once every group is empty: a child that outlives its leader (a ClientApp
-    still exiting) is SIGKILLed at the deadline too."""
+    of one. Returns once every group is empty, the groups of helpers that Flower starts in
+    sessions of their own included (the SuperLink's ``flower-superexec``, which otherwise
+    outlives it until its parent monitor notices): a member still alive at the deadline is
+    SIGKILLed."""
     running = [p for p in processes if p.poll() is None]
-    for process in running:
-        _signal_group(process, signal.SIGTERM)
+    table = _process_table()
+    groups = list(dict.fromkeys([p.pid for p in processes] + [
+        table[pid][1] for p in running for pid in _descendants(p.pid, table) if pid in table]))
+    groups = [g for g in groups if g != os.getpgrp()]
+    for group in groups:
+        _signal_group_id(group, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for process in running:
         try:
@@ -165,29 +171,46 @@ def stop_process_groups(processes: Sequence[subprocess.Popen[Any]], grace: float
         except subprocess.TimeoutExpired:
             _signal_group(process, signal.SIGKILL)
             process.wait(timeout=grace)
-    for process in processes:
-        _empty_group(process.pid, deadline)
+    for group in groups:
+        _empty_group(group, deadline)
+
+
+def _process_table() -> dict[int, tuple[int, int, str]]:
+    """pid → (parent pid, process group, state) of every process in /proc (empty without it)."""
+    table = {}
+    proc = Path("/proc")
+    for entry in proc.iterdir() if proc.is_dir() else ():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                table[int(entry.name)] = (int(fields[1]), int(fields[2]), fields[0])
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
+def _descendants(pid: int, table: Mapping[int, tuple[int, int, str]]) -> list[int]:
+    """Every process below ``pid`` in the process tree, whatever its session."""
+    children: dict[int, list[int]] = {}
+    for child, (parent, _, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [c for p in frontier for c in children.get(p, [])]
+        found += frontier
+    return found
 
 
 def _group_alive(pgid: int) -> bool:
     """Whether process group ``pgid`` has a live member. Zombies do not count: they only wait for
     a parent to reap them (where /proc is missing, any member counts)."""
-    proc = Path("/proc")
-    if not proc.is_dir():
+    if not Path("/proc").is_dir():
         try:
             os.killpg(pgid, 0)
         except (ProcessLookupError, PermissionError):
             return False
         return True
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-                return True
-    return False
+    return any(group == pgid and state != "Z" for _, group, state in _process_table().values())
 
 
 def _empty_group(pgid: int, deadline: float, grace: float = 10.0) -> None:

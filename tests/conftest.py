@@ -19,3 +19,9 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests grouped for one pytest process (``xdist_group``: the deployment tests that run
+    one after the other) first: they are the longest chain of ``make test``."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
