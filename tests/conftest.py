@@ -25,19 +25,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests grouped for one pytest process (``xdist_group``: the deployment tests that run
     one after the other) first: they are the longest chain of ``make test``."""
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
-
-
-#: niceness of a pytest process running ungrouped tests beside the grouped chain (`make test`)
-UNGROUPED_NICENESS = 10
-
-
-@pytest.fixture(autouse=True)
-def _yield_to_the_grouped_chain(request: pytest.FixtureRequest) -> None:
-    """Under pytest-xdist, a process running an ungrouped test lowers its priority (once, for
-    good): the grouped chain is the critical path of ``make test``, and what the other process
-    runs only has to fill the CPU time the chain leaves. The grouped tests come first
-    (above), so a process that ran them has finished them by then."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and request.node.get_closest_marker("xdist_group") is None:
-        current = os.nice(0)
-        if current < UNGROUPED_NICENESS:
-            os.nice(UNGROUPED_NICENESS - current)
