@@ -20,8 +20,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Two pytest processes: the deployment tests (Flower processes, lease waits) one after another in
-# one of them, everything else in the other.
+# Two pytest processes (pytest-xdist): the separate-hosts fault test and the 20-SuperNode load test
+# first and one after the other in one of them (xdist_group), everything else beside them.
 test: install
 	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
