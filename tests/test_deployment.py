@@ -233,15 +233,7 @@ def test_only_registered_supernodes_are_admitted(tmp_path: Path) -> None:
 
 
 def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
+    return [child for child, (parent, _, _) in launch._process_table().items() if parent == pid]
 
 
 def _rows(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
