@@ -53,7 +53,8 @@ def query(msg: Message, context: Context) -> Message:
 
 
 def train(msg: Message, context: Context) -> Message:
-    """One round: load G_i, train, probe, evaluate, save state; reply with the local states. A
+    """One round: load G_i, train, probe, evaluate, save state; reply with the local states the
+    round config asks for (``upload-shared``, ``upload-same-arch``). A
     round this run already trained from the same G_i (the server asks again after a lost reply) is
     answered from the saved state."""
     config, client = build_client(context)
@@ -75,11 +76,14 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            proto.LOCAL_SHARED: proto.encode_state(result.local_shared),
-            proto.LOCAL_SAME_ARCH: proto.encode_state(result.local_same_arch),
             proto.TASK_VECTOR: proto.encode_task_vector(result.task_vector),
             proto.METRICS: proto.metrics_record(result.metrics),
             proto.CLIENT_INFO: proto.make_client_info(client.client_id, result.arch, result.model_id, scores=result.scores),
         }
     )
+    # only the states the server aggregates (a server that does not say wants both)
+    if bool(round_cfg.get("upload-shared", True)):
+        content[proto.LOCAL_SHARED] = proto.encode_state(result.local_shared)
+    if bool(round_cfg.get("upload-same-arch", True)):
+        content[proto.LOCAL_SAME_ARCH] = proto.encode_state(result.local_same_arch)
     return Message(content, reply_to=msg)

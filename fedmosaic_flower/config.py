@@ -145,6 +145,16 @@ class FederationConfig(BaseModel):
         return METHODS[self.strategy].local_iterations(self.local_steps, self.equal_compute)
 
     @property
+    def upload_shared(self) -> bool:
+        """Whether the server aggregates the clients' shared P/Q states (so they upload them)."""
+        return METHODS[self.strategy].aggregation != "local"
+
+    @property
+    def upload_same_arch(self) -> bool:
+        """Whether the server aggregates the clients' same-architecture LoRA states."""
+        return self.upload_shared and self.share_same_arch
+
+    @property
     def resolved_run_name(self) -> str:
         return self.run_name or f"{self.scenario.rsplit('/', 1)[-1].removesuffix('.json')}-{self.strategy}-seed{self.seed}"
 

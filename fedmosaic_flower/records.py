@@ -6,8 +6,9 @@ Messages (``RecordDict`` keys):
   the architecture ``arch``, ``model-id`` and the adapter ``schema`` (JSON: key → shape for the
   shared and the same-architecture state; keys as :mod:`fedmosaic_core.pqlora.state` defines).
 * train (server → client): ``config`` (round, what to evaluate) and, once the server has built
-  them, ``global-shared`` / ``global-same-arch``. Reply: ``local-shared``, ``local-same-arch``,
-  ``task-vector``, ``metrics`` and ``client-info`` (with per-task ``scores`` as JSON).
+  them, ``global-shared`` / ``global-same-arch``. Reply: ``local-shared`` and
+  ``local-same-arch`` (each only when the config's ``upload-shared`` / ``upload-same-arch`` asks
+  for it), ``task-vector``, ``metrics`` and ``client-info`` (with per-task ``scores`` as JSON).
 
 An adapter state travels as one ``ArrayRecord`` of two arrays: its float32 values in one flat
 array and its key → shape schema as JSON (:func:`encode_state`). Everything received is
@@ -301,16 +302,20 @@ def _scores(value: Any) -> dict[str, dict[str, float]]:
 
 
 def parse_train_reply(
-    content: RecordDict, max_bytes: float, shared_into: torch.Tensor | None = None, shared_spec: Spec | None = None
+    content: RecordDict, max_bytes: float, shared_into: torch.Tensor | None = None, shared_spec: Spec | None = None,
+    *, want_shared: bool = True, want_same_arch: bool = True,
 ) -> TrainReply:
     """Decode one train reply; ProtocolError with the reason when it is unusable. ``shared_into``,
-    ``shared_spec``: decode the shared state into that buffer (:func:`decode_state`)."""
+    ``shared_spec``: decode the shared state into that buffer (:func:`decode_state`).
+    ``want_shared`` / ``want_same_arch`` False: that state was not asked for; it is not read (an
+    empty state), and a reply that carries it anyway is not refused for it."""
     size = content_bytes(content)
     if size > max_bytes:
         raise ProtocolError(f"reply of {size / 2**20:.1f} MB exceeds the limit of {max_bytes / 2**20:.1f} MB")
     info = read_client_info(content)
     records = content.array_records
-    for key in (LOCAL_SHARED, LOCAL_SAME_ARCH, TASK_VECTOR):
+    wanted = {LOCAL_SHARED: want_shared, LOCAL_SAME_ARCH: want_same_arch, TASK_VECTOR: True}
+    for key in (key for key, want in wanted.items() if want):
         if key not in records:
             raise ProtocolError(f"reply has no {key!r} record")
     metrics: dict[str, float] = {}
@@ -322,8 +327,8 @@ def parse_train_reply(
         client_id=info["client-id"],
         arch=info["arch"],
         model_id=info["model-id"],
-        shared=decode_state(records[LOCAL_SHARED], LOCAL_SHARED, shared_into, shared_spec),
-        same_arch=decode_state(records[LOCAL_SAME_ARCH], LOCAL_SAME_ARCH),
+        shared=decode_state(records[LOCAL_SHARED], LOCAL_SHARED, shared_into, shared_spec) if want_shared else {},
+        same_arch=decode_state(records[LOCAL_SAME_ARCH], LOCAL_SAME_ARCH) if want_same_arch else {},
         task_vector=decode_task_vector(records[TASK_VECTOR]),
         metrics=metrics,
         scores=_scores(info.get("scores")),

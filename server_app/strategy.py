@@ -79,6 +79,9 @@ def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
             "eval-others": bool(eval_others),
             "eval-unseen": bool(config.eval_unseen and eval_others),
             "run-name": config.resolved_run_name,
+            # the local states the server aggregates: a client uploads only these
+            "upload-shared": config.upload_shared,
+            "upload-same-arch": config.upload_same_arch,
         }
     )
 
@@ -278,7 +281,9 @@ class FedMosaicStrategy(Strategy):
                 f"stale or foreign reply: it answers a {reply.metadata.message_type!r} message of group "
                 f"{reply.metadata.group_id!r}, not this round's train message (group '{server_round}')"
             )
-        decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20, shared_into, shared_spec)
+        decoded = records.parse_train_reply(reply.content, self.config.max_reply_mb * 2**20, shared_into, shared_spec,
+                                            want_shared=self.config.upload_shared,
+                                            want_same_arch=self.config.upload_same_arch)
         known = self.clients.get(decoded.client_id)
         if known is None:
             raise ProtocolError(f"unknown client id {decoded.client_id!r} (no handshake)")
@@ -341,6 +346,11 @@ class FedMosaicStrategy(Strategy):
         outcome = RoundOutcome(server_round)
         updates: list[ClientUpdate] = []
         expected_shared, expected_same_arch, refused = self.expected_schemas()
+        # a state the clients were not asked to upload (round_config) is empty in every update
+        if not self.config.upload_shared:
+            expected_shared = {}
+        if not self.config.upload_same_arch:
+            expected_same_arch = {arch: {} for arch in expected_same_arch}
         # The shared states are decoded straight into the rows of one round matrix, in client-id
         # order (the order of every sum), which the aggregation then mixes in place.
         replies = list(replies)
@@ -396,9 +406,6 @@ class FedMosaicStrategy(Strategy):
         for u in updates:
             if u.client_id in valid and u.task_vector is not None:
                 self.task_vectors[u.client_id] = u.task_vector
-        if not self.config.share_same_arch:  # ablation: the plain-LoRA globals stay empty (zero)
-            for state in result.globals.values():
-                state.same_arch = {}
         self.globals.update(result.globals)
         if result.weights is not None and result.weights.size:
             self.last_weights = result.weights

@@ -201,6 +201,25 @@ def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "uploaded"), [
+    ({"strategy": "local"}, set()),
+    ({"share-same-arch": False}, {proto.LOCAL_SHARED}),
+])
+def test_the_real_client_uploads_only_the_states_the_server_aggregates(
+    data_root: Path, tmp_path: Path, overrides: dict[str, Any], uploaded: set[str]
+) -> None:
+    """``local`` aggregates nothing, so its clients upload no adapter state; the P/Q-only ablation
+    uploads P/Q and not the plain-LoRA state. Both still report their scores every round."""
+    result, recorders = _run(_config(data_root, tmp_path / "runs", **overrides), [0, 1])
+    assert result.last_round == 2
+    for recorder in recorders.values():
+        for reply in recorder.replies.values():
+            states = set(reply.content.array_records) & {proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH}
+            assert states == uploaded
+    assert len(result.rows) == 4 and all(r["scores"]["self"] for r in result.rows)
+
+
+@pytest.mark.slow
 def test_fixed_beta_ablation_fixes_every_gate(data_root: Path, tmp_path: Path) -> None:
     """``fixed-beta`` 0.5: no gate is learned, so no learned β is logged; -1 logs them again in the
     same processes (the adapted models are cached across runs)."""

@@ -352,10 +352,10 @@ def test_an_unexpected_error_while_reading_a_reply_excludes_only_that_client(
     """Not every failure is a ProtocolError (a bug a message triggers): it still costs only its client."""
     real = proto.parse_train_reply
 
-    def fragile(content: RecordDict, max_bytes: float, *into: object):  # type: ignore[no-untyped-def]
+    def fragile(content: RecordDict, max_bytes: float, *into: object, **wanted: bool):  # type: ignore[no-untyped-def]
         if content.config_records[proto.CLIENT_INFO]["client-id"] == BAD_ID:
             raise KeyError("boom")
-        return real(content, max_bytes, *into)
+        return real(content, max_bytes, *into, **wanted)
 
     monkeypatch.setattr(proto, "parse_train_reply", fragile)
     result = run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, **{"num-server-rounds": 2}), stop_after=1)

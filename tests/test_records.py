@@ -198,6 +198,20 @@ def test_missing_records_are_refused(missing: str) -> None:
         records.parse_train_reply(content, max_bytes=2**20)
 
 
+@pytest.mark.parametrize("not_asked", [records.LOCAL_SHARED, records.LOCAL_SAME_ARCH])
+def test_a_state_not_asked_for_may_be_missing_and_is_not_read(not_asked: str) -> None:
+    flags = {"want_shared": not_asked != records.LOCAL_SHARED, "want_same_arch": not_asked != records.LOCAL_SAME_ARCH}
+    part = "shared" if not_asked == records.LOCAL_SHARED else "same_arch"
+    content = _reply()
+    del content[not_asked]
+    assert getattr(records.parse_train_reply(content, max_bytes=2**20, **flags), part) == {}
+    content = _reply()
+    content[not_asked] = ArrayRecord({"junk": Array(np.zeros(2, np.float32))})  # sent anyway, malformed: not read
+    assert getattr(records.parse_train_reply(content, max_bytes=2**20, **flags), part) == {}
+    with pytest.raises(ProtocolError, match="expected the arrays"):
+        records.parse_train_reply(content, max_bytes=2**20)
+
+
 def test_bad_metrics_and_oversized_replies() -> None:
     content = _reply()
     content[records.METRICS] = MetricRecord({"Client": 1.0})

@@ -28,8 +28,11 @@ def _seeded(*parts: object) -> torch.Generator:
 class MockClient:
     """A deterministic stand-in for a ClientApp: local state = f(received global, round)."""
 
-    def __init__(self, client_id: str, arch: str, group: int, *, fault: str = "") -> None:
+    def __init__(self, client_id: str, arch: str, group: int, *, fault: str = "", uploads_all: bool = False) -> None:
+        """``uploads_all``: upload both local states whatever the round config asks (as an older client)."""
         self.client_id, self.arch, self.group, self.fault = client_id, arch, group, fault
+        self.uploads_all = uploads_all
+        self.uploaded: dict[int, set[str]] = {}
         self.same_arch_bytes: dict[int, int] = {}
         self.received: dict[int, dict[str, torch.Tensor]] = {}
         d = WIDTH[arch]
@@ -88,6 +91,11 @@ class MockClient:
         )
         if self.fault == "no-info":
             del content.config_records[proto.CLIENT_INFO]
+        asked = msg.content.config_records[proto.CONFIG]
+        for key, flag in ((proto.LOCAL_SHARED, "upload-shared"), (proto.LOCAL_SAME_ARCH, "upload-same-arch")):
+            if not self.uploads_all and not asked.get(flag, True):
+                del content.array_records[key]
+        self.uploaded[server_round] = set(content.array_records)
         return Message(content, reply_to=msg)
 
 
@@ -212,19 +220,46 @@ def test_resume_with_changed_config_is_refused(tmp_path: Path) -> None:
         run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, resume=True, tau=0.9))
 
 
-def test_local_strategy_sends_no_global_state(tmp_path: Path) -> None:
+def test_local_strategy_sends_no_global_state_and_asks_for_no_local_state(tmp_path: Path) -> None:
     clients = _clients()
-    run_federation(InProcessGrid(dict(clients)), _config(tmp_path, strategy="local", **{"num-server-rounds": 2}))
+    result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, strategy="local", **{"num-server-rounds": 2}))
     assert all(not c.received[2] for c in clients.values())
+    assert all(c.uploaded[r] == {proto.TASK_VECTOR} for c in clients.values() for r in (1, 2))
+    assert sorted((r["round"], r["client"]) for r in result.rows) == [(r, f"c{i}") for r in (1, 2) for i in range(5)]
+    assert all(r["bytes_up"] < 4096 for r in result.rows)  # scores and metrics only (the adapters: ~10 KB)
 
 
 @pytest.mark.parametrize("share", [True, False])
-def test_shared_only_ablation_sends_no_plain_lora_globals(tmp_path: Path, share: bool) -> None:
+def test_shared_only_ablation_sends_and_asks_for_no_plain_lora_states(tmp_path: Path, share: bool) -> None:
     clients = _clients()
-    run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2, "share-same-arch": share}))
+    result = run_federation(InProcessGrid(dict(clients)),
+                            _config(tmp_path, **{"num-server-rounds": 2, "share-same-arch": share}))
     for client in clients.values():
         assert client.received[2]  # P/Q globals either way
         assert (client.same_arch_bytes[2] > 0) == share
+        assert (proto.LOCAL_SAME_ARCH in client.uploaded[1]) == share and proto.LOCAL_SHARED in client.uploaded[1]
+    ids = [f"c{i}" for i in range(5)]
+    expected = _expected_globals(clients, 1, ids)
+    for client in clients.values():  # RELA's P/Q mix as with the plain-LoRA states
+        for key, value in expected[client.client_id].items():
+            torch.testing.assert_close(client.received[2][key], value, rtol=1e-5, atol=1e-6)
+    assert len({r["client"] for r in result.rows if r["round"] == 2}) == 5
+
+
+def test_a_state_uploaded_though_not_asked_for_is_ignored(tmp_path: Path) -> None:
+    """A client that uploads its plain-LoRA state when the round does not ask for it (an older
+    client) is aggregated as if it had not: the P/Q globals are the same, no plain-LoRA global."""
+    runs = {}
+    for uploads_all in (False, True):
+        clients = {n: MockClient(c.client_id, c.arch, c.group, uploads_all=uploads_all) for n, c in _clients().items()}
+        run_federation(InProcessGrid(dict(clients)), _config(tmp_path / str(uploads_all), **{
+            "num-server-rounds": 2, "share-same-arch": False}))
+        runs[uploads_all] = clients
+    for node, client in runs[True].items():
+        assert proto.LOCAL_SAME_ARCH in client.uploaded[1] and client.same_arch_bytes[2] == 0
+        assert client.received[2].keys() == runs[False][node].received[2].keys()
+        for key, value in client.received[2].items():
+            assert torch.equal(value, runs[False][node].received[2][key])
 
 
 def test_report_writes_table_and_plots(tmp_path: Path) -> None:
@@ -260,6 +295,22 @@ def test_round_config_marks_last_round_for_others(tmp_path: Path) -> None:
     flags = [bool(round_config(config, r)["eval-others"]) for r in (1, 2, 3)]
     assert flags == [False, True, True]
     assert isinstance(round_config(config, 1), ConfigRecord)
+
+
+@pytest.mark.parametrize(("overrides", "uploads"), [
+    ({}, (True, True)),
+    ({"strategy": "local"}, (False, False)),
+    ({"share-same-arch": False}, (True, False)),
+    ({"strategy": "feddpa"}, (True, True)),
+    ({"strategy": "fedavg"}, (True, True)),
+])
+def test_round_config_asks_for_the_local_states_the_server_aggregates(
+    tmp_path: Path, overrides: dict[str, object], uploads: tuple[bool, bool]
+) -> None:
+    from server_app.strategy import round_config
+
+    instructions = round_config(_config(tmp_path, **overrides), 1)
+    assert (instructions["upload-shared"], instructions["upload-same-arch"]) == uploads
 
 
 def test_partial_participation_trains_a_seeded_fraction(tmp_path: Path) -> None:
