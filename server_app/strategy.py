@@ -309,9 +309,12 @@ class FedMosaicStrategy(Strategy):
         """The schemas the round is checked against, each declared at the handshake by a strict
         majority of the registered clients it applies to (the shared one by all clients, an
         architecture's same-arch one by that architecture's clients): never the first to
-        register. Returns (shared schema, same-arch schema per architecture, client id → reason
-        for the clients whose schema is tied, so refused)."""
+        register. A state the clients do not upload (:func:`round_config`) is expected empty, and
+        a tie over its schema refuses no one. Returns (shared schema, same-arch schema per
+        architecture, client id → reason for the clients whose schema is tied, so refused)."""
         def majority(specs: list[Spec]) -> Spec | None:
+            if specs and not uploaded:
+                return {}
             votes = Counter(tuple(sorted(spec.items())) for spec in specs)
             ranked = votes.most_common(2)
             if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
@@ -320,11 +323,13 @@ class FedMosaicStrategy(Strategy):
 
         refused: dict[str, str] = {}
         records_ = list(self.clients.values())
+        uploaded = self.config.upload_shared
         shared = majority([rec.schema_shared for rec in records_])
         if shared is None and records_:
             refused = {rec.client_id: "no majority for the shared schema among the handshakes (a tie); refused"
                        for rec in records_}
         same_arch: dict[str, Spec] = {}
+        uploaded = self.config.upload_same_arch
         for arch in sorted({rec.arch for rec in records_}):
             members = [rec for rec in records_ if rec.arch == arch]
             spec = majority([rec.schema_same_arch for rec in members])
@@ -346,11 +351,6 @@ class FedMosaicStrategy(Strategy):
         outcome = RoundOutcome(server_round)
         updates: list[ClientUpdate] = []
         expected_shared, expected_same_arch, refused = self.expected_schemas()
-        # a state the clients were not asked to upload (round_config) is empty in every update
-        if not self.config.upload_shared:
-            expected_shared = {}
-        if not self.config.upload_same_arch:
-            expected_same_arch = {arch: {} for arch in expected_same_arch}
         # The shared states are decoded straight into the rows of one round matrix, in client-id
         # order (the order of every sum), which the aggregation then mixes in place.
         replies = list(replies)

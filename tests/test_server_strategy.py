@@ -447,7 +447,10 @@ def test_schema_poisoning_by_the_first_registrant_fails(tmp_path: Path) -> None:
                 assert torch.equal(getattr(result.strategy.globals[cid], part)[key], value), (cid, key)
 
 
-def test_a_schema_tie_is_refused_not_decided_by_arrival(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overrides", [{}, {"share-same-arch": False}])
+def test_a_schema_tie_is_refused_not_decided_by_arrival(tmp_path: Path, overrides: dict[str, object]) -> None:
+    """A tie over arch-b's plain-LoRA schema refuses its two clients, unless that state is not
+    aggregated (share-same-arch false): then their P/Q count as everyone's."""
     class OtherR(MockClient):
         def __init__(self, cid: str) -> None:
             super().__init__(cid, "arch-b", 1)
@@ -457,11 +460,14 @@ def test_a_schema_tie_is_refused_not_decided_by_arrival(tmp_path: Path) -> None:
     honest = {n: c for n, c in _clients().items() if c.arch == "arch-a"}
     # arch-b: one client with r = 4, one with r = 8: neither schema has a majority
     handlers = {**honest, 60: OtherR("c8"), 61: MockClient("c7", "arch-b", 1)}
-    result = run_federation(InProcessGrid(handlers), _config(tmp_path, **{"num-server-rounds": 1}))
+    result = run_federation(InProcessGrid(handlers), _config(tmp_path, **{"num-server-rounds": 1, **overrides}))
     outcome = result.strategy.last_outcome
     assert outcome is not None
-    assert sorted(outcome.replied) == ["c0", "c1", "c4"]
-    assert "tie" in outcome.excluded["c7"] and "tie" in outcome.excluded["c8"]
+    if overrides:
+        assert sorted(outcome.replied) == ["c0", "c1", "c4", "c7", "c8"] and not outcome.excluded
+    else:
+        assert sorted(outcome.replied) == ["c0", "c1", "c4"]
+        assert "tie" in outcome.excluded["c7"] and "tie" in outcome.excluded["c8"]
 
 
 def test_a_reply_replayed_from_an_earlier_round_is_excluded(tmp_path: Path) -> None:
