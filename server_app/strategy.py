@@ -312,7 +312,7 @@ class FedMosaicStrategy(Strategy):
         register. A state the clients do not upload (:func:`round_config`) is expected empty, and
         a tie over its schema refuses no one. Returns (shared schema, same-arch schema per
         architecture, client id → reason for the clients whose schema is tied, so refused)."""
-        def majority(specs: list[Spec]) -> Spec | None:
+        def majority(specs: list[Spec], uploaded: bool) -> Spec | None:
             if specs and not uploaded:
                 return {}
             votes = Counter(tuple(sorted(spec.items())) for spec in specs)
@@ -323,16 +323,14 @@ class FedMosaicStrategy(Strategy):
 
         refused: dict[str, str] = {}
         records_ = list(self.clients.values())
-        uploaded = self.config.upload_shared
-        shared = majority([rec.schema_shared for rec in records_])
+        shared = majority([rec.schema_shared for rec in records_], self.config.upload_shared)
         if shared is None and records_:
             refused = {rec.client_id: "no majority for the shared schema among the handshakes (a tie); refused"
                        for rec in records_}
         same_arch: dict[str, Spec] = {}
-        uploaded = self.config.upload_same_arch
         for arch in sorted({rec.arch for rec in records_}):
             members = [rec for rec in records_ if rec.arch == arch]
-            spec = majority([rec.schema_same_arch for rec in members])
+            spec = majority([rec.schema_same_arch for rec in members], self.config.upload_same_arch)
             if spec is None:
                 for rec in members:
                     refused.setdefault(rec.client_id, f"no majority for the same-architecture schema of {arch!r} "
