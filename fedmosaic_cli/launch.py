@@ -12,6 +12,7 @@ and the SuperLink's process group is stopped by pid, also on failure.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import http.client
 import json
@@ -287,6 +288,38 @@ def _start_superlink(
         stop_process_group(process)
         raise
     return SuperLinkHandle(process, control, flwr_home, env, log_file, operator)
+
+
+#: the lock file of a FLWR_HOME in use (see :func:`claim_flwr_home`)
+HOME_LOCK = ".fedmosaic-lock"
+
+
+@contextmanager
+def claim_flwr_home(flwr_home: Path) -> Iterator[Path]:
+    """Hold ``flwr_home`` for one launch: two launches on one FLWR_HOME at a time would share its
+    ``config.toml``, so each one's ``flwr`` CLI could follow and poll the other's SuperLink (a run
+    then waits for a status that never comes). A second claim fails at once with a LaunchError;
+    the lock goes with the process, also when it is killed."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lock = flwr_home / HOME_LOCK
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LaunchError(
+                f"{flwr_home} is in use by another fedmosaic launch (pid {holder}); wait for it, or give "
+                f"this one another run name or cache (FEDMOSAIC_CACHE)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            yield flwr_home
+        finally:
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -9,6 +9,7 @@ several strategies on the same scenario and seed and writes a comparison table.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -188,7 +189,13 @@ def _run_one(
         from drake_data.layout import load_scenario
 
         load_scenario(config.scenario)
-    from fedmosaic_cli.launch import flwr_run, local_deployment, peak_memory, simulation_superlink
+    from fedmosaic_cli.launch import (
+        claim_flwr_home,
+        flwr_run,
+        local_deployment,
+        peak_memory,
+        simulation_superlink,
+    )
     from fedmosaic_flower.prepare import (  # torch: once the config is good
         load_run_scenario,
         prepare_data,
@@ -221,7 +228,8 @@ def _run_one(
     typer.secho(f"Running {config.strategy} on {config.scenario} via `flwr run`; Flower's log: {log_path}",
                 fg=typer.colors.BLUE)
     if deployment_clients is None:
-        with peak_memory() as peak, simulation_superlink(flwr_home) as link, progress:
+        with claim_flwr_home(simulation_home(flwr_home, config.run_dir)) as home, peak_memory() as peak, \
+                simulation_superlink(home) as link, progress:
             watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
                                   len(scenario.clients))
             run_id, status = flwr_run(
@@ -242,17 +250,18 @@ def _run_one(
             write_supernode_keys,
         )
 
-        tls_files = write_certificates(flwr_home / "certificates") if tls else None
-        # fresh keys every run: a key registered once cannot be registered again
-        keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
-        secret = write_superexec_secret(flwr_home / "superexec.secret")
-        with peak_memory() as peak, local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
-                                                     superexec_secret=secret, clientapp_isolation=clientapp_isolation,
-                                                     warm_workers=len(deployment_clients) if warm_workers < 0
-                                                     else warm_workers) as (link, _nodes), progress:
-            watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
-                                  len(deployment_clients))
-            run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
+        with claim_flwr_home(flwr_home):  # certificates, keys and sockets of one deployment at a time
+            tls_files = write_certificates(flwr_home / "certificates") if tls else None
+            # fresh keys every run: a key registered once cannot be registered again
+            keys = write_supernode_keys(flwr_home / "keys", [f"client-{cid}" for cid in deployment_clients]) if auth else None
+            secret = write_superexec_secret(flwr_home / "superexec.secret")
+            with peak_memory() as peak, local_deployment(flwr_home, node_configs, tls=tls_files, supernode_keys=keys,
+                                                         superexec_secret=secret, clientapp_isolation=clientapp_isolation,
+                                                         warm_workers=len(deployment_clients) if warm_workers < 0
+                                                         else warm_workers) as (link, _nodes), progress:
+                watch = RoundProgress(progress, config.run_dir / "rounds.jsonl", config.num_server_rounds,
+                                      len(deployment_clients))
+                run_id, status = flwr_run(app_dir, link, run_config=overrides, log_path=log_path, on_wait=watch)
     elapsed = time.monotonic() - started
     if status != "finished:completed":
         raise RunFailed(f"Flower run {run_id} ended with status {status!r}; log: {log_path}")
@@ -268,6 +277,13 @@ def _run_one(
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": summary})
     return summary
+
+
+def simulation_home(flwr_root: Path, run_dir: Path) -> Path:
+    """The FLWR_HOME of a simulation: one per run folder, so that runs of other folders may go on at
+    the same time (one launch per FLWR_HOME, :func:`~fedmosaic_cli.launch.claim_flwr_home`)."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    return flwr_root / f"{run_dir.name}-{digest}"
 
 
 FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was asked for and its summary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,41 @@ def test_compare_runs_ablations_in_run_folders_of_their_own(tmp_path: Path, monk
     assert (pq_only.strategy, pq_only.share_same_arch, pq_only.seed) == ("fedmosaic", False, 2)
     assert (half.strategy, half.fixed_beta, half.resolved_run_name) == ("fedmosaic", 0.5, "two-sizes-fedmosaic-beta-half-seed1")
     assert len({plain.run_dir, pq_only.run_dir}) == 2
+
+
+def test_one_launch_per_flwr_home_and_a_home_per_simulation_run(tmp_path: Path) -> None:
+    """Two launches on one FLWR_HOME would share its config.toml, so one's ``flwr ls`` could poll the
+    other's SuperLink: the second claim fails at once and names the holder; the lock goes with the
+    process, also a killed one. Simulations of other run folders get homes of their own."""
+    from fedmosaic_cli.launch import HOME_LOCK, LaunchError, claim_flwr_home
+    from fedmosaic_cli.main import simulation_home
+
+    home = tmp_path / "flwr-home"
+    with claim_flwr_home(home):
+        with pytest.raises(LaunchError, match=rf"{home} is in use by another fedmosaic launch \(pid {os.getpid()}\)"):
+            with claim_flwr_home(home):
+                pass
+    with claim_flwr_home(home):  # released on exit
+        pass
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from fedmosaic_cli.launch import claim_flwr_home\n"
+         f"with claim_flwr_home(Path({str(home)!r})):\n    print('held', flush=True); time.sleep(300)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LaunchError, match=f"pid {holder.pid}"), claim_flwr_home(home):
+            pass
+        holder.kill()
+        holder.wait(timeout=30)
+        with claim_flwr_home(home):  # a killed holder leaves no stale lock
+            assert (home / HOME_LOCK).read_text() == str(os.getpid())
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+    runs = tmp_path / "runs"
+    seed0, seed1 = simulation_home(home, runs / "two-families-local-seed0"), simulation_home(home, runs / "two-families-local-seed1")
+    elsewhere = simulation_home(home, tmp_path / "other" / "two-families-local-seed0")
+    assert len({seed0, seed1, elsewhere}) == 3 and seed0.parent == home
+    assert simulation_home(home, runs / "two-families-local-seed0") == seed0

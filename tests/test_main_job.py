@@ -28,3 +28,6 @@ def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
     assert (run_dir / "rounds.jsonl").read_text().count("\n") == 2 * 9
     # the aligned A/B of the first-time preparation were used
     assert list((tmp_path / "cache" / "bases").rglob("*.safetensors"))
+    # the simulation ran under a FLWR_HOME of its own run folder
+    homes = list((tmp_path / "cache" / "flwr-home").glob("two-families-fedmosaic-seed0-*"))
+    assert len(homes) == 1 and (homes[0] / "superlink.log").is_file(), homes
