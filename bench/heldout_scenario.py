@@ -13,18 +13,18 @@ as the run config's ``scenario``.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import typer
 
 from drake_data.layout import load_scenario, write_scenario
+from fedmosaic_cli.comparison import task_skills
 
 
 def regroup(data_root: Path, seed: int) -> list[dict]:
     base = load_scenario(data_root / "scenario-two-families.json", data_root)
-    skill = {t["key"]: t["skill"] for t in json.loads((data_root / "tasks.json").read_text(encoding="utf-8"))}
+    skill = task_skills(data_root)
     clients = base.clients
     if any(len(c.datasets) != 2 for c in clients):
         raise ValueError(f"{base.source}: expected two tasks per client")

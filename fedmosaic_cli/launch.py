@@ -322,6 +322,13 @@ def claim_flwr_home(flwr_home: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def simulation_home(flwr_root: Path, run_dir: Path) -> Path:
+    """The FLWR_HOME of a simulation: one per run folder, so that runs of other folders may go on at
+    the same time (one launch per FLWR_HOME, :func:`claim_flwr_home`)."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
+    return flwr_root / f"{run_dir.name}-{digest}"
+
+
 @contextmanager
 def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkHandle]:
     """A SuperLink in simulation mode on free loopback ports, stopped on exit."""

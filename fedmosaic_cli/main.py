@@ -9,7 +9,6 @@ several strategies on the same scenario and seed and writes a comparison table.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -194,6 +193,7 @@ def _run_one(
         flwr_run,
         local_deployment,
         peak_memory,
+        simulation_home,
         simulation_superlink,
     )
     from fedmosaic_flower.prepare import (  # torch: once the config is good
@@ -277,13 +277,6 @@ def _run_one(
     atomic_write_json(config.run_dir / "report" / "timing.json", summary["timing"])
     atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": summary})
     return summary
-
-
-def simulation_home(flwr_root: Path, run_dir: Path) -> Path:
-    """The FLWR_HOME of a simulation: one per run folder, so that runs of other folders may go on at
-    the same time (one launch per FLWR_HOME, :func:`~fedmosaic_cli.launch.claim_flwr_home`)."""
-    digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
-    return flwr_root / f"{run_dir.name}-{digest}"
 
 
 FINISHED_RUN = "finished-run.json"  # a run that ended well: the config it was asked for and its summary

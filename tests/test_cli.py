@@ -106,8 +106,7 @@ def test_one_launch_per_flwr_home_and_a_home_per_simulation_run(tmp_path: Path) 
     """Two launches on one FLWR_HOME would share its config.toml, so one's ``flwr ls`` could poll the
     other's SuperLink: the second claim fails at once and names the holder; the lock goes with the
     process, also a killed one. Simulations of other run folders get homes of their own."""
-    from fedmosaic_cli.launch import HOME_LOCK, LaunchError, claim_flwr_home
-    from fedmosaic_cli.main import simulation_home
+    from fedmosaic_cli.launch import HOME_LOCK, LaunchError, claim_flwr_home, simulation_home
 
     home = tmp_path / "flwr-home"
     with claim_flwr_home(home):
