@@ -95,6 +95,31 @@ def test_4bit_merge_needs_dequantize_and_then_matches() -> None:
     assert float((merged - unmerged).norm() / unmerged.norm()) <= 1e-5
 
 
+def test_a_bf16_nf4_model_merges_into_bf16_layers() -> None:
+    """A bf16 model on 4-bit bases with bf16 compute (as transformers loads NF4 on CUDA): the merged
+    dense layers take the model's dtype, so the merged model runs (float32 layers beside bf16
+    activations raised a dtype error on the GPU) and matches the unmerged one to bf16 rounding."""
+    model = tiny_llama().to(torch.bfloat16)
+    for layer in decoder_parts(model).layers:
+        for name, module in list(layer.named_modules()):
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+                q = bnb.nn.Linear4bit(module.in_features, module.out_features, False,
+                                      quant_type="nf4", compute_dtype=torch.bfloat16)
+                q.load_state_dict(module.state_dict())
+                parent, _, child = name.rpartition(".")
+                setattr(layer.get_submodule(parent), child, q.to("cpu"))
+    wrapped = inject_pqlora(model.eval(), PQLoRAConfig(r=4, alpha=8, dropout=0.0))
+    wrapped.load_local_state(shared={k: torch.randn_like(v) * 0.2 for k, v in wrapped.shared_state().items()})
+    wrapped.set_fixed_beta(0.0)
+    with torch.no_grad():
+        unmerged = wrapped(**batch()).logits.float()
+        merged_model = wrapped.merge_and_unload(beta=0.0, dequantize=True)
+        merged = merged_model(**batch()).logits.float()
+    dense = [m for n, m in merged_model.named_modules() if isinstance(m, nn.Linear) and n.endswith("q_proj")]
+    assert dense and all(m.weight.dtype == torch.bfloat16 for m in dense)
+    assert float((merged - unmerged).norm() / unmerged.norm()) <= 1e-2
+
+
 def test_8bit_base_forward_and_gradients() -> None:
     model = tiny_llama()
     reference = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("q_proj")}

@@ -268,19 +268,22 @@ class _GatedDualAdapter(nn.Module):
         """Whether the global branch G outputs exactly 0 (no global has been loaded into it)."""
         raise NotImplementedError
 
-    def merged_linear(self, beta: float, dequantize: bool = False) -> nn.Linear:
-        """A dense ``nn.Linear`` equal to this layer with the gate fixed at ``beta``.
+    def merged_linear(self, beta: float, dequantize: bool = False,
+                      dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A dense ``nn.Linear`` equal to this layer with the gate fixed at ``beta``, computed as
+        W + ΔW in float32 and stored in the base's dtype.
 
-        Quantised bases need ``dequantize=True``: the merged layer is then float32.
+        Quantised bases need ``dequantize=True``: the merged layer is then stored in ``dtype``
+        (the dtype the rest of the model computes in).
         A bias is added where the base had none if the adapter contributes one (Q ≠ 0).
         """
         if self.base_kind != "linear" and not dequantize:
             raise ValueError(
                 f"cannot merge into a {self.base_kind} quantised base without dequantising; "
-                "pass dequantize=True to get a float32 dense layer"
+                "pass dequantize=True to get a dense layer"
             )
         weight = dense_weight(self.base_layer)
-        dtype = weight.dtype if self.base_kind == "linear" else torch.float32
+        dtype = weight.dtype if self.base_kind == "linear" else dtype
         delta_w, delta_b = self.delta_weight_and_bias(beta)
         base_bias: torch.Tensor | None = self.base_layer.bias  # type: ignore[assignment]
         has_bias = base_bias is not None or (delta_b is not None and bool(delta_b.ne(0).any()))

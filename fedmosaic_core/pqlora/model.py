@@ -734,6 +734,14 @@ class PQLoRAModel(nn.Module):
         return {i.path: i.adapter.low_rank_update(betas[i.path]) for i in self._adapted}
 
     # -- merge -----------------------------------------------------------------------------
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the model's dense parts compute in: its input embeddings' (float32 if none)."""
+        embeddings = getattr(self.base_model, "get_input_embeddings", lambda: None)()
+        weight = getattr(embeddings, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            return weight.dtype
+        return torch.float32
+
     def merge_and_unload(self, beta: float | Mapping[str, float] | None = None, dequantize: bool = False) -> nn.Module:
         """Fold the adapters into dense linears and return the plain Hugging Face model.
 
@@ -748,10 +756,12 @@ class PQLoRAModel(nn.Module):
         - ``beta={path: b, ...}``: one constant β per adapted module (e.g. :meth:`mean_betas`).
 
         Quantised (4-bit / 8-bit) bases raise ``ValueError`` unless ``dequantize=True``, which
-        replaces them by float32 dense layers holding dequantised W + ΔW (the unmerged model
-        computes with the same dequantised W, so the two still agree to rounding); a model that
-        transformers loaded quantised is then dequantised whole, its quantization config removed,
-        so that ``save_pretrained`` writes a dense checkpoint that loads again.
+        replaces them by dense layers holding dequantised W + ΔW, stored in the dtype the model
+        computes in (its input embeddings' dtype: bf16 for a CUDA NF4 model, float32 on CPU;
+        the unmerged model computes with the same dequantised W, so the two agree to that dtype's
+        rounding); a model that transformers loaded quantised is then dequantised whole, its
+        quantization config removed, so that ``save_pretrained`` writes a dense checkpoint that
+        loads again.
         Dropout and gate noise are train-time only and play no part in the merged model.
         Nothing is changed if any check fails. Q's biases are declared in the model's config
         (Llama-style ``attention_bias`` / ``mlp_bias``, the other projections of the group get
@@ -765,9 +775,10 @@ class PQLoRAModel(nn.Module):
         if quantised and not dequantize:
             raise ValueError(
                 f"{len(quantised)} adapted base(s) are quantised (first: {quantised[0]}); "
-                "merge_and_unload(dequantize=True) merges them into float32 dense layers"
+                "merge_and_unload(dequantize=True) merges them into dense layers"
             )
-        merged = [(i.path, i.adapter.merged_linear(betas[i.path], dequantize)) for i in self._adapted]
+        dense_dtype = self._compute_dtype()
+        merged = [(i.path, i.adapter.merged_linear(betas[i.path], dequantize, dense_dtype)) for i in self._adapted]
         for path, linear in merged:
             parent_path, _, child = path.rpartition(".")
             setattr(self.base_model.get_submodule(parent_path), child, linear)
@@ -777,7 +788,7 @@ class PQLoRAModel(nn.Module):
             # the rest of a model transformers loaded quantised, and its quantization config: a
             # dense checkpoint saved with a 4-bit config does not load again
             if any(_quantised_kind(m) for m in self.base_model.modules()):
-                self.base_model.dequantize(dtype=torch.float32)  # type: ignore[operator]
+                self.base_model.dequantize(dtype=dense_dtype)  # type: ignore[operator]
             else:  # transformers' dequantize fails when no quantised layer is left
                 quantizer.remove_quantization_config(self.base_model)
         self._mask_hook.remove()
