@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,6 +82,27 @@ class GateContext:
     pinned: bool = False
     fixed_beta: float | None = None
     observing: bool = False
+    _pooling_of: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    _pooling: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def pooling(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(weights, counts, noise std) of ``prompt_mask``: the mask as ``dtype`` (batch × tokens),
+        its prompt lengths T (batch × 1, at least 1) and the pooled logit's noise std σ/√T
+        (batch); computed once per mask, device and dtype, so not again in every adapted layer."""
+        mask = self.prompt_mask
+        if mask is None:
+            raise ValueError("GateContext.pooling needs a prompt mask")
+        if self._pooling_of is not mask:
+            self._pooling_of, self._pooling = mask, {}
+        cached = self._pooling.get((device, dtype))
+        if cached is None:
+            weights = mask.to(device=device, dtype=dtype)
+            counts = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            cached = (weights, counts, GATE_NOISE_STD / counts.squeeze(-1).sqrt())
+            self._pooling[(device, dtype)] = cached
+        return cached
 
 
 def base_kind(base: nn.Module) -> str:
@@ -162,8 +183,9 @@ class _GatedDualAdapter(nn.Module):
         )
         nn.init.zeros_(self.gate.weight)
         self._decoding_beta: torch.Tensor | None = None  # the last prompt's β, kept for decoding
-        self._trained_beta = torch.zeros(2)  # Σ β and count of the samples seen in training mode
-        self._observed_beta = torch.zeros(2)  # the same while the context is observing
+        # Σ β and count of the samples seen in training mode; the same while the context observes
+        self._trained_beta: tuple[torch.Tensor | float, int] = (0.0, 0)
+        self._observed_beta: tuple[torch.Tensor | float, int] = (0.0, 0)
 
     @property
     def device(self) -> torch.device:
@@ -197,37 +219,37 @@ class _GatedDualAdapter(nn.Module):
                     "batch before it: the gate has no prompt β to keep"
                 )
             return kept
+        noise_std: torch.Tensor | float
         if mask is None:
             pooled = x3.mean(dim=1)
-            counts = torch.full((batch, 1), float(tokens), device=x3.device, dtype=x3.dtype)
+            noise_std = GATE_NOISE_STD / math.sqrt(tokens)
         else:
-            weights = mask.to(device=x3.device, dtype=x3.dtype)
-            counts = weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+            weights, counts, noise_std = self.context.pooling(x3.device, x3.dtype)
             pooled = torch.einsum("ntd,nt->nd", x3, weights) / counts
         logit = F.linear(pooled, self.gate.weight).squeeze(-1)
         if self.training and self.gate_noise:  # the mean of T tokens' N(0, σ²) noise
-            logit = logit + torch.randn_like(logit) * (GATE_NOISE_STD / counts.squeeze(-1).sqrt())
+            logit = logit + torch.randn_like(logit) * noise_std
         beta = torch.sigmoid(logit)
         self._decoding_beta = None if self.training else beta.detach()
-        if self.training:
-            seen = torch.stack([beta.detach().sum().float(), torch.tensor(float(batch), device=beta.device)])
-            self._trained_beta = self._trained_beta.to(beta.device) + seen
+        if self.training:  # summed on the device: no host copy per layer and step
+            total, count = self._trained_beta
+            self._trained_beta = (total + beta.detach().sum(), count + batch)
         return beta
 
     def trained_beta_sum(self, reset: bool = False) -> tuple[float, int]:
         """(Σ β, samples) of this gate over its training-mode forwards since the last reset (a β fixed
         by ``set_fixed_beta`` is not counted)."""
-        total, count = (float(v) for v in self._trained_beta.cpu())
+        total, count = self._trained_beta
         if reset:
-            self._trained_beta = torch.zeros(2)
-        return total, int(count)
+            self._trained_beta = (0.0, 0)
+        return float(total), count
 
     def observed_beta_sum(self, reset: bool = False) -> tuple[float, int]:
         """(Σ β, samples) of this gate over the forwards made while the context was observing."""
-        total, count = (float(v) for v in self._observed_beta.cpu())
+        total, count = self._observed_beta
         if reset:
-            self._observed_beta = torch.zeros(2)
-        return total, int(count)
+            self._observed_beta = (0.0, 0)
+        return float(total), count
 
     def select_decoding_rows(self, indices: torch.Tensor) -> None:
         """Keep the prompt β of rows ``indices`` (repeats allowed), as a cache's batch is reindexed."""
@@ -245,8 +267,8 @@ class _GatedDualAdapter(nn.Module):
             x3 = xf.reshape(-1, 1, xf.shape[-1])
         beta = self.gate_beta(x3, xf.ndim)
         if self.context.observing:
-            seen = torch.stack([beta.detach().sum().float().cpu(), torch.tensor(float(beta.shape[0]))])
-            self._observed_beta = self._observed_beta + seen
+            total, count = self._observed_beta
+            self._observed_beta = (total + beta.detach().sum().float(), count + int(beta.shape[0]))
         delta = self.mixed_delta(self.dropout(x3), beta)
         return result + delta.reshape(result.shape).to(result.dtype)
 
