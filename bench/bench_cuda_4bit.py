@@ -14,7 +14,8 @@ gradients to every local P/Q, gate and LoRA tensor, the first PQ layer's P inclu
 
 Timing: a train step (forward + backward + AdamW + zero_grad) on ``--batch`` × ``--seq`` random
 tokens, median of ``--steps`` after ``--warmup``, for PQ-LoRA and peft LoRA (same rank, the same
-7 target modules) on the NF4 base and on the bf16 base. Memory (CUDA): the base's allocated
+7 target modules) on the NF4 base and on the bf16 base, and for PQ-LoRA on NF4 with activation
+checkpointing (the run config's ``gradient-checkpointing``). Memory (CUDA): the base's allocated
 bytes after loading, and the peak over the train steps above the allocation once model and
 optimiser exist (activations, gradients, AdamW state). Also: one RELA probe gradient
 (``TaskVectorProbe``) and a 6-token greedy generation.
@@ -222,36 +223,39 @@ def bench_shape(shape: str, device: torch.device, work: Path, r: int, batch_size
     del probe, grad, loaded
     free(device)
 
-    for quant in ("nf4", "none"):
-        for variant in ("pqlora", "peft"):
-            free(device)
-            before = allocated(device)
-            loaded = load_model(folder, quantization=quant, dtype=dtype, device=device, cache_dir=cache)
-            base_mib = allocated(device) - before
-            model = adapt(loaded.model, variant, r)
-            opt = optimiser(model, variant)
-            trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
-            train_steps(model, opt, batch, warmup, device)
-            free(device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            baseline = allocated(device)
-            times = train_steps(model, opt, batch, steps, device)
-            peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
-            key = f"{variant}_{quant}"
-            out[key] = {"step_s": statistics.median(times), "trainable": trainable, "base_mib": base_mib,
-                        "train_peak_above_model_mib": peak - baseline}
-            if variant == "pqlora" and quant == "nf4":
-                model.eval()
-                prompt = {k: v[:, : seq // 2] for k, v in batch.items() if k != "labels"}
-                with torch.no_grad():
-                    model.generate(**prompt, max_new_tokens=6, do_sample=False)
-                    sync(device)
-                    start = time.perf_counter()
-                    model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-                    sync(device)
-                out["generate_6_tokens_s"] = time.perf_counter() - start
-            del model, opt, loaded
+    runs = [("nf4", "pqlora", False), ("nf4", "peft", False), ("none", "pqlora", False),
+            ("none", "peft", False), ("nf4", "pqlora", True)]
+    for quant, variant, checkpointing in runs:
+        free(device)
+        before = allocated(device)
+        loaded = load_model(folder, quantization=quant, dtype=dtype, device=device, cache_dir=cache)
+        base_mib = allocated(device) - before
+        model = adapt(loaded.model, variant, r)
+        if checkpointing:  # the run config's gradient-checkpointing = true
+            model.enable_activation_checkpointing()  # type: ignore[operator]
+        opt = optimiser(model, variant)
+        trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        train_steps(model, opt, batch, warmup, device)
+        free(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        baseline = allocated(device)
+        times = train_steps(model, opt, batch, steps, device)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        key = f"{variant}_{quant}" + ("_checkpointing" if checkpointing else "")
+        out[key] = {"step_s": statistics.median(times), "trainable": trainable, "base_mib": base_mib,
+                    "train_peak_above_model_mib": peak - baseline}
+        if variant == "pqlora" and quant == "nf4" and not checkpointing:
+            model.eval()
+            prompt = {k: v[:, : seq // 2] for k, v in batch.items() if k != "labels"}
+            with torch.no_grad():
+                model.generate(**prompt, max_new_tokens=6, do_sample=False)
+                sync(device)
+                start = time.perf_counter()
+                model.generate(**prompt, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+                sync(device)
+            out["generate_6_tokens_s"] = time.perf_counter() - start
+        del model, opt, loaded
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
     return out
@@ -296,6 +300,10 @@ def summary(res: dict[str, Any]) -> None:
         print(f"  {quant:4}: step PQ-LoRA {pq['step_s'] * 1e3:.1f} ms / peft {peft['step_s'] * 1e3:.1f} ms "
               f"= {pq['step_s'] / peft['step_s']:.2f}; train memory {pq['train_peak_above_model_mib']:.0f} / "
               f"{peft['train_peak_above_model_mib']:.0f} MiB; trainable {pq['trainable']:,} / {peft['trainable']:,}")
+    ckpt = res["pqlora_nf4_checkpointing"]
+    print(f"  nf4 PQ-LoRA with gradient-checkpointing: step {ckpt['step_s'] * 1e3:.1f} ms "
+          f"({ckpt['step_s'] / res['pqlora_nf4']['step_s']:.2f}× without), train memory "
+          f"{ckpt['train_peak_above_model_mib']:.0f} MiB ({ckpt['train_peak_above_model_mib'] / res['pqlora_nf4']['train_peak_above_model_mib']:.2f}× without)")
 
 
 if __name__ == "__main__":

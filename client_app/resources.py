@@ -89,7 +89,7 @@ class Resources:
     def adapted(self, config: FederationConfig, model_id: str) -> AdaptedModel:
         """``model_id`` with PQ-LoRA injected (and its aligned A/B), built once per settings."""
         key = (model_id, config.quantization, config.seed, config.pretrained, config.r, config.alpha,
-               config.dropout, config.align_bases)
+               config.dropout, config.align_bases, config.gradient_checkpointing)
         if key not in self.models:
             self.models[key] = self.build_adapted(config, model_id)
         return self.models[key]
@@ -100,6 +100,8 @@ class Resources:
         model = inject_pqlora(
             loaded.model, PQLoRAConfig(r=config.r, alpha=config.alpha, dropout=config.dropout, seed=config.seed)
         )
+        if config.gradient_checkpointing:
+            model.enable_activation_checkpointing()
         arch = loaded.fingerprint.with_rank(config.r).id
         folder = bases_dir(config, smallest_model([c.model_id for c in self.scenario.clients]), self.data_root)
         if config.align_bases and (folder / f"{arch}.safetensors").is_file():

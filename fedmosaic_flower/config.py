@@ -91,6 +91,8 @@ class FederationConfig(BaseModel):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     quantization: Literal["none", "nf4", "int8"] = "none"
+    # true: recompute each decoder layer's activations in backward (less memory, one more forward)
+    gradient_checkpointing: bool = False
     pretrained: bool = True  # false: untrained tiny presets (smoke tests only)
     # --- RELA ---
     tau: float = Field(0.5, gt=0)

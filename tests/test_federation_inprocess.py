@@ -232,6 +232,28 @@ def test_fixed_beta_ablation_fixes_every_gate(data_root: Path, tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_adapters(data_root: Path, tmp_path: Path) -> None:
+    """``gradient-checkpointing`` recomputes activations in backward: the clients' uploaded states
+    match a run without it, and only the run that asked for it has it on (its own cached model)."""
+    from client_app.resources import get_resources
+
+    plain = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 1})
+    recomputed = _config(data_root, tmp_path / "runs2", **{"num-server-rounds": 1, "gradient-checkpointing": True})
+    _, plain_recorders = _run(plain, [0, 1])
+    _, recomputed_recorders = _run(recomputed, [0, 1])
+    for node in (100, 101):
+        for key in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH):
+            a = proto.decode_state(plain_recorders[node].replies[1].content.array_records[key], key)
+            b = proto.decode_state(recomputed_recorders[node].replies[1].content.array_records[key], key)
+            assert a.keys() == b.keys() and a
+            for name in a:
+                torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
+    flags = {key[-1]: adapted.model.base_model.is_gradient_checkpointing
+             for key, adapted in get_resources(recomputed).models.items()}
+    assert flags == {False: False, True: True}
+
+
+@pytest.mark.slow
 def test_local_training_clips_the_gradient_norm_to_one(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every optimiser step sees adapter gradients of total norm ≤ 1.0 (the reference's Trainer
     clips to 1.0), while the norms logged before clipping go above it."""

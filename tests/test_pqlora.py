@@ -621,17 +621,18 @@ def test_merge_with_input_dependent_gate_needs_constant_beta() -> None:
     assert rel_err(gated, local_only) > 1e-3  # the gate did matter
 
 
-def test_activation_checkpointing_recomputes_the_same_gates() -> None:
-    """The attention mask outlives the forward, so recomputed gates in backward match."""
+@pytest.mark.parametrize("gate_noise", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gates(gate_noise: bool) -> None:
+    """The attention mask outlives the forward and the noise's RNG state is restored, so
+    recomputed gates in backward match."""
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        wrapped = inject_pqlora(tiny_llama(layers=5), cfg(gate_noise=False))
+        wrapped = inject_pqlora(tiny_llama(layers=5), cfg(gate_noise=gate_noise))
         randomize(wrapped, gates=True)
         if checkpointing:
-            wrapped.base_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            wrapped.enable_activation_checkpointing()
+            assert wrapped.base_model.is_gradient_checkpointing
         wrapped.train()
         batch = make_batch()  # padded: masked and unmasked gates would differ
         labels = batch["input_ids"].masked_fill(torch.arange(9) < 4, -100)  # a 4-token prompt

@@ -457,6 +457,19 @@ class PQLoRAModel(nn.Module):
                 raise ValueError(f"logit-sum betas must be two or more values in [0, 1], got {betas!r}")
         self.logit_sum_betas = betas
 
+    def enable_activation_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in backward instead of keeping them
+        (transformers' non-reentrant activation checkpointing; frozen bases need no input grads).
+        The gates recompute the same β: the prompt mask outlives the forward and the RNG state of
+        the gate noise is restored for the recomputation."""
+        enable = getattr(self.base_model, "gradient_checkpointing_enable", None)
+        if enable is None or not getattr(self.base_model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"gradient-checkpointing: {type(self.base_model).__name__} does not support "
+                "activation checkpointing; set gradient-checkpointing = false"
+            )
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
     def set_global_trainable(self, trainable: bool) -> None:
         """Let the optimiser train the global branch too (methods that train the global adapter
         on the client, e.g. Ditto, FedSim, FedDPA); by default it is frozen."""
