@@ -17,20 +17,24 @@ tokens, median of ``--steps`` after ``--warmup``, for PQ-LoRA and peft LoRA (sam
 7 target modules) on the NF4 base and on the bf16 base, and for PQ-LoRA on NF4 with activation
 checkpointing (the run config's ``gradient-checkpointing``). Memory (CUDA): the base's allocated
 bytes after loading, and the peak over the train steps above the allocation once model and
-optimiser exist (activations, gradients, AdamW state). Also: one RELA probe gradient
+optimiser exist (activations, gradients, AdamW state); on CPU the same from the resident set
+(``VmHWM`` after resetting it, glibc told to return freed blocks at once). Also: one RELA probe gradient
 (``TaskVectorProbe``) and a 6-token greedy generation.
 
     python bench/bench_cuda_4bit.py --device cuda --shape llama-3.2-1b --shape llama-3.2-3b \\
         --shape qwen2.5-1.5b --out results.jsonl
     python bench/bench_cuda_4bit.py --device cpu --shape tiny     # the same checks, on CPU
+    python bench/bench_cuda_4bit.py --device cpu --shape small --batch 8 --seq 256 --steps 3 --warmup 1
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -59,6 +63,8 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
                                    tie_word_embeddings=True, rope_theta=1000000.0)),
     "tiny": ("llama", dict(vocab_size=2048, hidden_size=128, intermediate_size=352,
                            num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2)),
+    "small": ("llama", dict(vocab_size=2048, hidden_size=512, intermediate_size=1408,
+                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8)),
     "tiny-qwen2": ("qwen2", dict(vocab_size=2048, hidden_size=128, intermediate_size=352,
                                  num_hidden_layers=8, num_attention_heads=2, num_key_value_heads=1)),
 }
@@ -69,8 +75,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def allocated(device: torch.device) -> float:
-    return torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    """MiB in use: CUDA's allocated bytes, or the process's resident set on CPU."""
+    return torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else _proc_status_mib("VmRSS")
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    else:  # the peak resident set (VmHWM) starts again from the current one
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+
+def peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else _proc_status_mib("VmHWM")
 
 
 def free(device: torch.device) -> None:
@@ -237,14 +264,13 @@ def bench_shape(shape: str, device: torch.device, work: Path, r: int, batch_size
         trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
         train_steps(model, opt, batch, warmup, device)
         free(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        reset_peak(device)
         baseline = allocated(device)
         times = train_steps(model, opt, batch, steps, device)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        top = peak(device)
         key = f"{variant}_{quant}" + ("_checkpointing" if checkpointing else "")
         out[key] = {"step_s": statistics.median(times), "trainable": trainable, "base_mib": base_mib,
-                    "train_peak_above_model_mib": peak - baseline}
+                    "train_peak_above_model_mib": top - baseline}
         if variant == "pqlora" and quant == "nf4" and not checkpointing:
             model.eval()
             prompt = {k: v[:, : seq // 2] for k, v in batch.items() if k != "labels"}
@@ -276,6 +302,10 @@ def main(
     if unknown:
         raise typer.BadParameter(f"unknown shape(s) {unknown}; expected {sorted(SHAPES)}", param_hint="--shape")
     torch_device = torch.device(device)
+    if torch_device.type == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        # glibc serves blocks ≥ 64 KiB with mmap, so freed tensors leave the resident set at once
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA is not available", param_hint="--device")
     if torch_device.type == "cuda":

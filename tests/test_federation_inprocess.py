@@ -245,10 +245,10 @@ def test_gradient_checkpointing_trains_the_same_adapters(data_root: Path, tmp_pa
         for key in (proto.LOCAL_SHARED, proto.LOCAL_SAME_ARCH):
             a = proto.decode_state(plain_recorders[node].replies[1].content.array_records[key], key)
             b = proto.decode_state(recomputed_recorders[node].replies[1].content.array_records[key], key)
-            assert a.keys() == b.keys() and a
+            assert a.keys() == b.keys() and (a or key == proto.LOCAL_SAME_ARCH)
             for name in a:
                 torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7)
-    flags = {key[-1]: adapted.model.base_model.is_gradient_checkpointing
+    flags = {key[-1]: adapted.model.is_activation_checkpointing
              for key, adapted in get_resources(recomputed).models.items()}
     assert flags == {False: False, True: True}
 

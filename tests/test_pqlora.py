@@ -632,7 +632,7 @@ def test_activation_checkpointing_recomputes_the_same_gates(gate_noise: bool) ->
         randomize(wrapped, gates=True)
         if checkpointing:
             wrapped.enable_activation_checkpointing()
-            assert wrapped.base_model.is_gradient_checkpointing
+            assert wrapped.is_activation_checkpointing
         wrapped.train()
         batch = make_batch()  # padded: masked and unmasked gates would differ
         labels = batch["input_ids"].masked_fill(torch.arange(9) < 4, -100)  # a 4-token prompt

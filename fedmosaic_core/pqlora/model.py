@@ -462,13 +462,23 @@ class PQLoRAModel(nn.Module):
         (transformers' non-reentrant activation checkpointing; frozen bases need no input grads).
         The gates recompute the same β: the prompt mask outlives the forward and the RNG state of
         the gate noise is restored for the recomputation."""
-        enable = getattr(self.base_model, "gradient_checkpointing_enable", None)
-        if enable is None or not getattr(self.base_model, "supports_gradient_checkpointing", False):
+        if not getattr(self.base_model, "supports_gradient_checkpointing", False):
             raise ValueError(
                 f"gradient-checkpointing: {type(self.base_model).__name__} does not support "
                 "activation checkpointing; set gradient-checkpointing = false"
             )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:  # transformers ≥ 5.2x; gradient_checkpointing_enable is deprecated there
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.base_model.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """Whether any module of the base model recomputes its activations in backward."""
+        return any(getattr(m, "gradient_checkpointing", False) is True for m in self.base_model.modules())
 
     def set_global_trainable(self, trainable: bool) -> None:
         """Let the optimiser train the global branch too (methods that train the global adapter
