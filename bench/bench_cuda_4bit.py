@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import typer
+from bench_pqlora import proc_status_kib, sync  # bench/ is the script's folder, first on sys.path
 from torch import nn
 
 from fedmosaic_core.models.loading import load_model
@@ -70,17 +71,8 @@ SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _proc_status_mib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    return proc_status_kib(field) / 1024
 
 
 def allocated(device: torch.device) -> float:
