@@ -336,6 +336,19 @@ def write_comparison(comparison: Mapping[str, Any], target: Path) -> str:
     return table
 
 
+def clients_without_last_round(summary: Mapping[str, Any], num_rounds: int) -> list[str]:
+    """Clients of a run whose scores stop before its last round ``num_rounds`` (the round timed out,
+    or they dropped out): their A_last would be of an earlier round than everyone else's."""
+    late = []
+    for client, entry in (summary.get("clients") or {}).items():
+        last = entry.get("last_round")
+        if last is None:  # a summary written before the field: its last round with a Self score
+            last = max((int(r) for r, _ in entry.get("self_curve") or []), default=0)
+        if int(last) < num_rounds:
+            late.append(str(client))
+    return late
+
+
 def task_skills(data_root: Path) -> dict[str, str]:
     """Task key → skill, from DRAKE-mini's ``tasks.json`` (empty for data without one)."""
     meta = data_root / "tasks.json"

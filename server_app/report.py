@@ -42,7 +42,8 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     clients: dict[str, dict[str, Any]] = {}
     for client, client_rows in sorted(by_client.items(), key=lambda kv: client_sort_key(kv[0])):
         client_rows.sort(key=lambda r: int(r["round"]))
-        entry: dict[str, Any] = {"model_id": client_rows[-1].get("model_id", ""), "rounds": len(client_rows)}
+        entry: dict[str, Any] = {"model_id": client_rows[-1].get("model_id", ""), "rounds": len(client_rows),
+                                 "last_round": int(client_rows[-1]["round"])}
         for split in SPLITS:
             curve = [(int(r["round"]), split_score(r, split)) for r in client_rows]
             curve = [(k, v) for k, v in curve if not math.isnan(v)]

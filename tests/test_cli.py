@@ -86,6 +86,31 @@ def test_compare_reuses_only_a_run_finished_under_the_same_config(tmp_path: Path
     atomic_write_json(config.run_dir / "report" / FINISHED_RUN,
                       {"config": {**older, "retired_key": 1}, "summary": {"seed": 3}})
     assert _finished_summary(app, asked) is None  # a key that no longer exists: not the same config
+    # a run whose last round timed out for a client: not finished well, so it runs again
+    rounds = config.num_server_rounds
+    complete = {"seed": 3, "clients": {"0": {"last_round": rounds}, "1": {"last_round": rounds}}}
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": complete})
+    assert _finished_summary(app, asked) == complete
+    late = {"seed": 3, "clients": {"0": {"last_round": rounds}, "1": {"last_round": rounds - 1}}}
+    atomic_write_json(config.run_dir / "report" / FINISHED_RUN, {"config": config.model_dump(mode="json"), "summary": late})
+    assert _finished_summary(app, asked) is None
+
+
+def test_compare_refuses_a_run_whose_last_round_lacks_a_clients_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that timed out leaves the clients' A_last at an earlier round: the comparison stops
+    with one line naming the run and the clients instead of pairing it with complete runs."""
+    from typer.testing import CliRunner
+
+    import fedmosaic_cli.main as cli
+
+    monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path))
+    rounds = cli._config(cli._app_dir(None), {}).num_server_rounds
+    summary = {"run_dir": str(tmp_path / "run"), "seed": 0, "strategy": "local",
+               "clients": {"0": {"last_round": rounds}, "3": {"self_curve": [[1, 0.2], [rounds - 1, 0.3]]}}}
+    monkeypatch.setattr(cli, "_run_one", lambda *args, **kwargs: summary)
+    result = CliRunner().invoke(cli.app, ["compare", "--strategies", "local", "--seeds", "0"])
+    assert result.exit_code == 1
+    assert f"{tmp_path / 'run'}: client(s) 3 have no scores of the last round" in result.output
 
 
 def test_compare_runs_ablations_in_run_folders_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

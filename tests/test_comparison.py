@@ -27,6 +27,19 @@ def test_mean_interval_is_the_t_interval() -> None:
     assert math.isnan(mean_interval([0.5])["ci95"]) and mean_interval([float("nan")])["n"] == 0
 
 
+def test_clients_without_last_round_from_the_summary_or_its_self_curve() -> None:
+    from fedmosaic_cli.comparison import clients_without_last_round
+    from server_app.report import summarise
+
+    rows = [{"client": c, "round": r, "scores": {"self": {"t": 0.5}}} for c in ("0", "1") for r in (1, 2, 3)]
+    rows = [r for r in rows if not (r["client"] == "1" and r["round"] == 3)]  # client 1 missed round 3
+    summary = summarise(rows)
+    assert summary["clients"]["1"]["last_round"] == 2
+    assert clients_without_last_round(summary, 3) == ["1"] and clients_without_last_round(summary, 2) == []
+    older = {"clients": {"0": {"self_curve": [[1, 0.4], [3, 0.5]]}, "1": {"self_curve": []}}}
+    assert clients_without_last_round(older, 3) == ["1"]
+
+
 def test_roc_auc_counts_ties_half() -> None:
     assert roc_auc([0.9, 0.8, 0.1], [True, False, False]) == 1.0
     assert roc_auc([0.1, 0.8, 0.9], [True, False, False]) == 0.0
