@@ -27,7 +27,7 @@ def tiny_llama(layers: int = 5) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def quantise(model: nn.Module, kind: str) -> nn.Module:
+def quantise(model: nn.Module, kind: str, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Replace the decoder's target linears by bitsandbytes layers, quantised by moving to CPU."""
     for layer in decoder_parts(model).layers:
         for name, module in list(layer.named_modules()):
@@ -35,7 +35,7 @@ def quantise(model: nn.Module, kind: str) -> nn.Module:
                 continue
             args = (module.in_features, module.out_features, module.bias is not None)
             if kind == "nf4":
-                q = bnb.nn.Linear4bit(*args, quant_type="nf4", compute_dtype=torch.float32)
+                q = bnb.nn.Linear4bit(*args, quant_type="nf4", compute_dtype=compute_dtype)
             else:
                 q = bnb.nn.Linear8bitLt(*args, has_fp16_weights=False)
             q.load_state_dict(module.state_dict())
@@ -99,16 +99,8 @@ def test_a_bf16_nf4_model_merges_into_bf16_layers() -> None:
     """A bf16 model on 4-bit bases with bf16 compute (as transformers loads NF4 on CUDA): the merged
     dense layers take the model's dtype, so the merged model runs (float32 layers beside bf16
     activations raised a dtype error on the GPU) and matches the unmerged one to bf16 rounding."""
-    model = tiny_llama().to(torch.bfloat16)
-    for layer in decoder_parts(model).layers:
-        for name, module in list(layer.named_modules()):
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-                q = bnb.nn.Linear4bit(module.in_features, module.out_features, False,
-                                      quant_type="nf4", compute_dtype=torch.bfloat16)
-                q.load_state_dict(module.state_dict())
-                parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent), child, q.to("cpu"))
-    wrapped = inject_pqlora(model.eval(), PQLoRAConfig(r=4, alpha=8, dropout=0.0))
+    model = quantise(tiny_llama().to(torch.bfloat16), "nf4", compute_dtype=torch.bfloat16)
+    wrapped = inject_pqlora(model, PQLoRAConfig(r=4, alpha=8, dropout=0.0))
     wrapped.load_local_state(shared={k: torch.randn_like(v) * 0.2 for k, v in wrapped.shared_state().items()})
     wrapped.set_fixed_beta(0.0)
     with torch.no_grad():
