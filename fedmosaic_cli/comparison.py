@@ -38,6 +38,7 @@ from fedmosaic_core.storage import (
     atomic_write_with,
     json_safe,
 )
+from fedmosaic_flower.records import client_sort_key
 from server_app.report import percent
 
 METRICS = ("self_last", "self_auc", "others_last", "unseen_last")
@@ -336,17 +337,26 @@ def write_comparison(comparison: Mapping[str, Any], target: Path) -> str:
     return table
 
 
-def clients_without_last_round(summary: Mapping[str, Any], num_rounds: int) -> list[str]:
-    """Clients of a run whose scores stop before its last round ``num_rounds`` (the round timed out,
-    or they dropped out): their A_last would be of an earlier round than everyone else's."""
-    late = []
-    for client, entry in (summary.get("clients") or {}).items():
+def clients_with_stale_scores(summary: Mapping[str, Any], due_round: int | None) -> list[str]:
+    """Clients of a run whose scores stop before the round they were due to report: their A_last
+    would be of an earlier round than the run says. A client is due at its last selected round
+    (the summary's ``last_selected_round``, from the run's outcomes) and, where every client trains
+    in every round (``fraction-train`` 1), at ``due_round``, the run's last: a client that was
+    selected but did not reply in time, was excluded, or left the federation, counts."""
+    clients = summary.get("clients") or {}
+    due: dict[str, int] = {str(c): int(r) for c, r in (summary.get("last_selected_round") or {}).items()}
+    if due_round is not None:
+        for client in clients:
+            due[str(client)] = max(due.get(str(client), 0), due_round)
+    stale = []
+    for client, round_due in due.items():
+        entry = clients.get(client) or {}
         last = entry.get("last_round")
         if last is None:  # a summary written before the field: its last round with a Self score
             last = max((int(r) for r, _ in entry.get("self_curve") or []), default=0)
-        if int(last) < num_rounds:
-            late.append(str(client))
-    return late
+        if int(last) < round_due:
+            stale.append(client)
+    return sorted(stale, key=client_sort_key)
 
 
 def task_skills(data_root: Path) -> dict[str, str]:

@@ -297,22 +297,21 @@ def _finished_summary(app_dir: Path, overrides: dict[str, Any]) -> dict[str, Any
             saved[k] != v if k in saved else v != defaults[k] for k, v in current.items()):
         return None
     summary: dict[str, Any] = record["summary"]
-    late = _clients_without_last_round(summary, config)
+    late = _clients_with_stale_scores(summary, config)
     if late:
-        log.warning("%s: client(s) %s have no scores of the last round (%d); running it again",
-                    config.run_dir, ", ".join(late), config.num_server_rounds)
+        log.warning("%s: client(s) %s have no scores of the last round they were selected for; running it again",
+                    config.run_dir, ", ".join(late))
         return None
     return summary
 
 
-def _clients_without_last_round(summary: dict[str, Any], config: FederationConfig) -> list[str]:
-    """The clients whose scores stop before the run's last round; none is expected where every
-    client trains in every round (``fraction-train`` 1)."""
-    from fedmosaic_cli.comparison import clients_without_last_round
+def _clients_with_stale_scores(summary: dict[str, Any], config: FederationConfig) -> list[str]:
+    """The clients whose scores stop before the last round they were due in: the last round they
+    were selected for and, where every client trains in every round (``fraction-train`` 1), the
+    run's last."""
+    from fedmosaic_cli.comparison import clients_with_stale_scores
 
-    if config.fraction_train < 1.0:
-        return []
-    return clients_without_last_round(summary, config.num_server_rounds)
+    return clients_with_stale_scores(summary, config.num_server_rounds if config.fraction_train >= 1.0 else None)
 
 
 @app.command("main-job")
@@ -426,12 +425,15 @@ def compare(
             with expected_errors():
                 summary = (_finished_summary(directory, run_overrides) if reuse_finished else None) or _run_one(
                     directory, run_overrides, cache_home() / "flwr-home")
-                late = _clients_without_last_round(summary, _config(directory, run_overrides))
+                late = _clients_with_stale_scores(summary, _config(directory, run_overrides))
                 if late:  # A_last of an earlier round would enter the paired differences unnoticed
+                    left_out = summary.get("left_out") or {}
+                    why = "; ".join(f"{c} round {r}: {reason}" for c in late for r, reason in left_out.get(c, {}).items())
                     raise RunFailed(
                         f"{summary['run_dir']}: client(s) {', '.join(late)} have no scores of the last "
-                        "round (the round timed out or they dropped out; see its flwr-run log), so their "
-                        "A_last is of an earlier round: run it again, with a longer round-timeout on a busy machine")
+                        "round they were selected for (the round timed out or they dropped out; see its "
+                        f"flwr-run log{': ' + why if why else ''}), so their A_last is of an earlier round: "
+                        "run it again, with a longer round-timeout on a busy machine")
             per_seed.setdefault(name, []).append(summary)
     first = next(iter(per_seed.values()))[0]
     chance, others_chance, groups = client_chance_and_groups(Path(first["data_root"]), Path(first["scenario_path"]))

@@ -35,7 +35,7 @@ def main(grid: Grid, context: Context) -> None:
     strategy.start(grid, ArrayRecord(), num_rounds=config.num_server_rounds, timeout=config.round_timeout)
     _, table = write_report(
         store.dir, store.rows, strategy.last_weights, strategy.last_weight_ids,
-        f"{config.strategy} on {config.scenario} (seed {config.seed})",
+        f"{config.strategy} on {config.scenario} (seed {config.seed})", outcomes=store.outcomes,
     )
     print(table, flush=True)
     print(f"Report written to {store.dir / 'report'}", flush=True)

@@ -34,8 +34,10 @@ def split_score(row: dict[str, Any], split: str) -> float:
     return _mean([float(v) for v in scores.values()])
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-client and overall A_last / A_AUC for each split, bytes per round."""
+def summarise(rows: list[dict[str, Any]], outcomes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per-client and overall A_last / A_AUC for each split, bytes per round; with the rounds'
+    outcomes (``outcomes.jsonl``) also each client's last selected round and the rounds it was left
+    out of, with the reason."""
     by_client: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_client[str(row["client"])].append(row)
@@ -58,7 +60,28 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for key in [f"{s}_{m}" for s in SPLITS for m in ("last", "auc")]
         + ["bytes_up_per_round", "bytes_down_per_round"]
     }
-    return {"clients": clients, "overall": overall}
+    summary: dict[str, Any] = {"clients": clients, "overall": overall}
+    if outcomes is not None:
+        summary.update(participation(outcomes))
+    return summary
+
+
+def participation(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
+    """``last_selected_round``: client → the last round it was asked to train in; ``left_out``:
+    client → {round: why its reply did not count}, for the clients that missed a round they were in."""
+    last_selected: dict[str, int] = {}
+    left_out: dict[str, dict[str, str]] = defaultdict(dict)
+    for outcome in sorted(outcomes, key=lambda o: int(o["round"])):
+        server_round = int(outcome["round"])
+        for client in outcome.get("selected", []):
+            last_selected[str(client)] = server_round
+        for client in outcome.get("missing", []):
+            left_out[str(client)][str(server_round)] = "did not reply in time"
+        for client, reason in (outcome.get("excluded") or {}).items():
+            left_out[str(client)][str(server_round)] = str(reason)
+    order = lambda kv: client_sort_key(kv[0])  # noqa: E731
+    return {"last_selected_round": dict(sorted(last_selected.items(), key=order)),
+            "left_out": dict(sorted(left_out.items(), key=order))}
 
 
 def percent(x: Any) -> str:
@@ -83,6 +106,8 @@ def format_table(summary: dict[str, Any], title: str = "") -> str:
         f"| **mean** | | {fmt(o['self_last'])} | {fmt(o['self_auc'])} | {fmt(o['others_last'])} | "
         f"{fmt(o['others_auc'])} | {fmt(o['unseen_last'])} |"
     )
+    for client, rounds in (summary.get("left_out") or {}).items():
+        lines.append(f"\nclient {client} left out of round(s) " + "; ".join(f"{r}: {why}" for r, why in rounds.items()))
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 
@@ -178,11 +203,12 @@ def write_report(
     weights: np.ndarray | None,
     weight_ids: list[str],
     title: str,
+    outcomes: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], str]:
     """Write ``report/{summary.json,table.md,scores.png,relevance.png,gates.png}``; return (summary, table)."""
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarise(rows)
+    summary = summarise(rows, outcomes)
     gates = gate_curves(rows)
     if gates:
         summary["gate_beta"] = {c: {str(k): v for k, v in blocks.items()} for c, blocks in gates.items()}

@@ -2,6 +2,8 @@
 
 Layout under ``<output-dir>/<run-name>/``: ``config.json`` (the validated run config),
 ``rounds.jsonl`` (one JSON row per client and round, appended after every round),
+``outcomes.jsonl`` (one JSON line per round: the clients selected, those whose replies counted,
+those excluded with the reason, those that did not reply in time),
 ``checkpoints/round-NNNN/{state.safetensors,state.json}`` written atomically and named by
 ``checkpoints/LATEST``. A fresh run moves an older run of the same name aside; ``resume``
 continues after the newest checkpoint and refuses a config that changed anything but the keys
@@ -32,6 +34,7 @@ from fedmosaic_flower.config import FederationConfig
 log = logging.getLogger("fedmosaic.server")
 
 LOG_FILE = "rounds.jsonl"
+OUTCOMES_FILE = "outcomes.jsonl"
 RESUME_IGNORED_KEYS = {"resume", "num_server_rounds", "round_timeout"}
 
 
@@ -47,10 +50,15 @@ class RunStore:
         self.dir = config.run_dir
         self.keep = keep
         self.rows: list[dict[str, Any]] = []
+        self.outcomes: list[dict[str, Any]] = []
 
     @property
     def log_path(self) -> Path:
         return self.dir / LOG_FILE
+
+    @property
+    def outcomes_path(self) -> Path:
+        return self.dir / OUTCOMES_FILE
 
     def open(self) -> tuple[int, tuple[dict[str, torch.Tensor], dict[str, Any]] | None]:
         """Fresh run or resume: (first round to run, the checkpoint to restore or None)."""
@@ -66,8 +74,11 @@ class RunStore:
                 if changed:
                     raise RunStateError(f"resume: {self.dir} was run with different values for {', '.join(changed)}")
                 server_round, tensors, meta = checkpoint
-                self.rows = [r for r in self._read_rows() if int(r.get("round", 0)) <= server_round]
+                self.rows = [r for r in _read_lines(self.log_path) if int(r.get("round", 0)) <= server_round]
+                self.outcomes = [o for o in _read_lines(self.outcomes_path) if int(o.get("round", 0)) <= server_round]
                 atomic_write_text(self.log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+                atomic_write_text(self.outcomes_path,
+                                  "".join(json.dumps(o, sort_keys=True) + "\n" for o in self.outcomes))
                 log.info("resuming %s after round %d", self.dir, server_round)
                 return server_round + 1, (tensors, meta)
             log.info("resume: no checkpoint in %s, starting at round 1", self.dir)
@@ -77,30 +88,21 @@ class RunStore:
             log.info("a previous run of %s was moved to %s", self.dir.name, archive)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log_path.unlink(missing_ok=True)
+        self.outcomes_path.unlink(missing_ok=True)
         atomic_write_text(saved_config, json.dumps(self.config.model_dump(), indent=1, sort_keys=True))
         return 1, None
 
-    def _read_rows(self) -> list[dict[str, Any]]:
-        if not self.log_path.exists():
-            return []
-        rows = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash mid-append
-        return rows
-
     def record_round(
-        self, server_round: int, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+        self, server_round: int, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+        outcome: dict[str, Any] | None = None,
     ) -> None:
-        """Append the round's rows to the log, then checkpoint the server state."""
+        """Append the round's rows (and its outcome line) to the logs, then checkpoint the server state."""
         safe = [json_safe(r) for r in rows]
-        with open(self.log_path, "a", encoding="utf-8") as handle:
-            handle.write("".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in safe))
-            handle.flush()
-            os.fsync(handle.fileno())
+        _append_lines(self.log_path, safe)
         self.rows.extend(safe)
+        if outcome is not None:
+            _append_lines(self.outcomes_path, [json_safe(outcome)])
+            self.outcomes.append(json_safe(outcome))
         root = self.dir / "checkpoints"
         final = write_snapshot(root / f"round-{server_round:04d}", "state", tensors, {"round": server_round, **meta})
         atomic_write_text(root / "LATEST", final.name + "\n")
@@ -113,3 +115,22 @@ class RunStore:
             return None
         tensors, meta = read_snapshot(pointer.parent / pointer.read_text().strip(), "state")
         return int(meta["round"]), tensors, meta
+
+
+def _append_lines(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write("".join(json.dumps(r, sort_keys=True, allow_nan=False) + "\n" for r in records))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _read_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash mid-append
+    return records

@@ -61,10 +61,16 @@ class RoundOutcome:
     """Everything one round produced (for the log, the report and the checkpoint)."""
 
     server_round: int
+    selected: list[str] = field(default_factory=list)
     replied: list[str] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def log_entry(self) -> dict[str, Any]:
+        """The round's line in ``outcomes.jsonl``: who was asked, who counted, who was left out and why."""
+        return {"round": self.server_round, "selected": list(self.selected), "replied": list(self.replied),
+                "excluded": dict(self.excluded), "missing": list(self.missing)}
 
 
 def round_config(config: FederationConfig, server_round: int) -> ConfigRecord:
@@ -374,6 +380,7 @@ class FedMosaicStrategy(Strategy):
             updates.append(update)
             outcome.rows.append(row)
         seen = {u.client_id for u in updates}
+        outcome.selected = sorted(self._selected, key=client_sort_key)
         outcome.missing = sorted(set(self._selected) - seen - set(outcome.excluded), key=client_sort_key)
         for client in outcome.missing:
             log.warning("round %d: client %s did not reply in time; left out", server_round, client)
@@ -481,7 +488,8 @@ class FedMosaicStrategy(Strategy):
                 row["round_time_s"] = round(elapsed, 3)
             result.train_metrics_clientapp[server_round] = metrics
             if self.store is not None:
-                self.store.record_round(server_round, outcome.rows, self.state_tensors(), self.state_meta())
+                self.store.record_round(server_round, outcome.rows, self.state_tensors(), self.state_meta(),
+                                        outcome=outcome.log_entry())
             log.info("round %d done in %.1fs: %d replied, %d excluded, %d missing", server_round, elapsed,
                      len(outcome.replied), len(outcome.excluded), len(outcome.missing))
             self.last_round = server_round

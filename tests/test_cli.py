@@ -106,11 +106,14 @@ def test_compare_refuses_a_run_whose_last_round_lacks_a_clients_scores(tmp_path:
     monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path))
     rounds = cli._config(cli._app_dir(None), {}).num_server_rounds
     summary = {"run_dir": str(tmp_path / "run"), "seed": 0, "strategy": "local",
-               "clients": {"0": {"last_round": rounds}, "3": {"self_curve": [[1, 0.2], [rounds - 1, 0.3]]}}}
+               "clients": {"0": {"last_round": rounds}, "3": {"self_curve": [[1, 0.2], [rounds - 1, 0.3]]}},
+               "left_out": {"3": {str(rounds): "did not reply in time"}}}
     monkeypatch.setattr(cli, "_run_one", lambda *args, **kwargs: summary)
     result = CliRunner().invoke(cli.app, ["compare", "--strategies", "local", "--seeds", "0"])
     assert result.exit_code == 1
-    assert f"{tmp_path / 'run'}: client(s) 3 have no scores of the last round" in result.output
+    output = " ".join(result.output.split())  # rich wraps the line
+    assert f"{tmp_path / 'run'}: client(s) 3 have no scores of the last round they were selected for" in output
+    assert f"3 round {rounds}: did not reply in time" in output
 
 
 def test_compare_runs_ablations_in_run_folders_of_their_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,17 +27,35 @@ def test_mean_interval_is_the_t_interval() -> None:
     assert math.isnan(mean_interval([0.5])["ci95"]) and mean_interval([float("nan")])["n"] == 0
 
 
-def test_clients_without_last_round_from_the_summary_or_its_self_curve() -> None:
-    from fedmosaic_cli.comparison import clients_without_last_round
+def test_stale_clients_from_the_summary_or_its_self_curve() -> None:
+    from fedmosaic_cli.comparison import clients_with_stale_scores
     from server_app.report import summarise
 
     rows = [{"client": c, "round": r, "scores": {"self": {"t": 0.5}}} for c in ("0", "1") for r in (1, 2, 3)]
     rows = [r for r in rows if not (r["client"] == "1" and r["round"] == 3)]  # client 1 missed round 3
     summary = summarise(rows)
     assert summary["clients"]["1"]["last_round"] == 2
-    assert clients_without_last_round(summary, 3) == ["1"] and clients_without_last_round(summary, 2) == []
+    assert clients_with_stale_scores(summary, 3) == ["1"] and clients_with_stale_scores(summary, 2) == []
     older = {"clients": {"0": {"self_curve": [[1, 0.4], [3, 0.5]]}, "1": {"self_curve": []}}}
-    assert clients_without_last_round(older, 3) == ["1"]
+    assert clients_with_stale_scores(older, 3) == ["1"]
+
+
+def test_stale_clients_under_a_fraction_of_clients_per_round() -> None:
+    """With ``fraction-train`` < 1 a client is due only at the last round it was selected for:
+    one not selected in the last round is not stale, one selected but silent is."""
+    from fedmosaic_cli.comparison import clients_with_stale_scores
+    from server_app.report import summarise
+
+    outcomes = [{"round": 1, "selected": ["0", "1", "2"], "missing": [], "excluded": {}},
+                {"round": 2, "selected": ["0", "2"], "missing": [], "excluded": {}},
+                {"round": 3, "selected": ["0", "2"], "missing": ["2"], "excluded": {}}]
+    rows = [{"client": c, "round": r, "scores": {"self": {"t": 0.5}}}
+            for c, r in [("0", 1), ("1", 1), ("2", 1), ("0", 2), ("2", 2), ("0", 3)]]
+    summary = summarise(rows, outcomes)
+    assert summary["last_selected_round"] == {"0": 3, "1": 1, "2": 3}
+    assert summary["left_out"] == {"2": {"3": "did not reply in time"}}
+    assert clients_with_stale_scores(summary, None) == ["2"]
+    assert clients_with_stale_scores(summary, 3) == ["1", "2"]  # at fraction 1 every client is due at the end
 
 
 def test_roc_auc_counts_ties_half() -> None:

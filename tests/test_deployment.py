@@ -414,6 +414,14 @@ def test_separate_hosts_survive_a_superlink_restart_a_node_lost_and_a_serverapp_
     assert sorted((r["round"], str(r["client"])) for r in rows) == [
         (1, "0"), (1, "1"), (1, "2"), (2, "0"), (2, "2"), (3, "0"), (3, "1"), (3, "2"), (4, "0"), (4, "1"), (4, "2")]
     assert [r["round"] for r in rows] == sorted(r["round"] for r in rows)  # rounds 1-3 kept, 4 appended once
+    # the round outcomes name client 1 as selected in round 2 and left out, with the reason, once
+    outcomes = [json.loads(line) for line in (run_dir / "outcomes.jsonl").read_text().splitlines()]
+    assert [o["round"] for o in outcomes] == [1, 2, 3, 4]
+    assert outcomes[1]["selected"] == ["0", "1", "2"] and outcomes[1]["replied"] == ["0", "2"]
+    assert "NODE_UNAVAILABLE" in outcomes[1]["excluded"]["1"]
+    assert not any(o["excluded"] or o["missing"] for k, o in enumerate(outcomes) if k != 1)
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert list(summary["left_out"]) == ["1"] and list(summary["left_out"]["1"]) == ["2"]
     first, back = (next(r for r in rows if str(r["client"]) == "1" and r["round"] == k) for k in (1, 3))
     assert back["replay_size"] > first["replay_size"]  # it went on from round 1's state, not from scratch
     for i in range(3):

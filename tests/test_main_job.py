@@ -6,6 +6,7 @@ test_models.py; its full run is measured in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
     for name in ("summary.json", "table.md", "scores.png", "relevance.png"):
         assert (run_dir / "report" / name).is_file(), name
     assert (run_dir / "rounds.jsonl").read_text().count("\n") == 2 * 9
+    outcomes = [json.loads(line) for line in (run_dir / "outcomes.jsonl").read_text().splitlines()]
+    assert [(o["round"], len(o["selected"]), len(o["replied"])) for o in outcomes] == [(1, 9, 9), (2, 9, 9)]
+    summary = json.loads((run_dir / "report" / "summary.json").read_text())
+    assert set(summary["last_selected_round"].values()) == {2} and summary["left_out"] == {}
     # the aligned A/B of the first-time preparation were used
     assert list((tmp_path / "cache" / "bases").rglob("*.safetensors"))
     # the simulation ran under a FLWR_HOME of its own run folder

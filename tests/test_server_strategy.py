@@ -196,6 +196,32 @@ def test_silent_client_is_left_out(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert any("did not reply in time" in r.getMessage() and "c1" in r.getMessage() for r in caplog.records)
 
 
+def test_each_rounds_outcome_is_logged_and_reaches_the_report(tmp_path: Path) -> None:
+    """``outcomes.jsonl`` names who was selected, who counted and who was left out with the reason;
+    the report carries each client's last selected round, and the staleness check of ``compare``
+    flags the clients that were selected but never reported."""
+    import json
+
+    from fedmosaic_cli.comparison import clients_with_stale_scores
+    from server_app.report import summarise
+
+    clients = _clients({"c1": "silent", "c3": "nan"})
+    result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2}))
+    lines = [json.loads(line) for line in (result.run_dir / "outcomes.jsonl").read_text().splitlines()]
+    assert [o["round"] for o in lines] == [1, 2]
+    for outcome in lines:
+        assert outcome["selected"] == ["c0", "c1", "c2", "c3", "c4"]
+        assert outcome["replied"] == ["c0", "c2", "c4"] and outcome["missing"] == ["c1"]
+        assert list(outcome["excluded"]) == ["c3"] and "finite" in outcome["excluded"]["c3"]
+    summary, table = write_report(result.run_dir, result.rows, None, [], "drops", outcomes=lines)
+    assert summary["last_selected_round"] == {c: 2 for c in ("c0", "c1", "c2", "c3", "c4")}
+    assert summary["left_out"]["c1"] == {"1": "did not reply in time", "2": "did not reply in time"}
+    assert set(summary["left_out"]) == {"c1", "c3"}
+    assert "client c1 left out of round(s) 1: did not reply in time; 2: did not reply in time" in table
+    assert clients_with_stale_scores(summary, None) == ["c1", "c3"]
+    assert clients_with_stale_scores(summarise(result.rows), None) == []  # without the outcomes: unseen
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
     full_clients = _clients()
     full = run_federation(InProcessGrid(dict(full_clients)), _config(tmp_path / "full"))
@@ -212,6 +238,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
         for key, value in state.shared.items():
             torch.testing.assert_close(other.shared[key], value, rtol=0, atol=0)
     assert [r["round"] for r in resumed.rows] == [r["round"] for r in full.rows]
+    outcomes = [(run.run_dir / "outcomes.jsonl").read_text() for run in (full, resumed)]
+    assert outcomes[0] == outcomes[1] and len(outcomes[0].splitlines()) == 3
 
 
 def test_resume_with_changed_config_is_refused(tmp_path: Path) -> None:
