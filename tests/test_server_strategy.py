@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -11,10 +12,11 @@ import torch
 from flower_fakes import InProcessGrid, run_federation, seeded
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
+from fedmosaic_cli.comparison import clients_with_stale_scores
 from fedmosaic_core.rela import relevance_weights, task_similarity
 from fedmosaic_flower import records as proto
 from fedmosaic_flower.config import parse_run_config
-from server_app.report import write_report
+from server_app.report import summarise, write_report
 from server_app.run_store import RunStateError
 
 R = 4
@@ -200,11 +202,6 @@ def test_each_rounds_outcome_is_logged_and_reaches_the_report(tmp_path: Path) ->
     """``outcomes.jsonl`` names who was selected, who counted and who was left out with the reason;
     the report carries each client's last selected round, and the staleness check of ``compare``
     flags the clients that were selected but never reported."""
-    import json
-
-    from fedmosaic_cli.comparison import clients_with_stale_scores
-    from server_app.report import summarise
-
     clients = _clients({"c1": "silent", "c3": "nan"})
     result = run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2}))
     lines = [json.loads(line) for line in (result.run_dir / "outcomes.jsonl").read_text().splitlines()]
@@ -361,6 +358,12 @@ def test_partial_participation_trains_a_seeded_fraction(tmp_path: Path) -> None:
     again = run_federation(InProcessGrid(dict(_clients())), again_config)
     pairs = [(r["round"], r["client"]) for r in result.rows]
     assert [(r["round"], r["client"]) for r in again.rows] == pairs
+    # the round outcomes name the sampled clients; none is stale at its last selected round
+    outcomes = [json.loads(line) for line in (result.run_dir / "outcomes.jsonl").read_text().splitlines()]
+    assert {o["round"]: o["selected"] for o in outcomes} == {k: sorted(v) for k, v in by_round.items()}
+    summary = summarise(result.rows, outcomes)
+    assert clients_with_stale_scores(summary, None) == []
+    assert all(summary["last_selected_round"][c] == summary["clients"][c]["last_round"] for c in summary["clients"])
 
 
 class ReversedRepliesGrid(InProcessGrid):
