@@ -399,3 +399,61 @@ def test_text_only_local_checkpoint_loads_plain_and_nf4(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(again.model(**batch).logits, quantised.model(**batch).logits)
     assert again.fingerprint.id == quantised.fingerprint.id
+
+
+_PRETRAIN_UNTIL_STOPPED = """
+import signal, sys
+from pathlib import Path
+from drake_data.mini import build_drake_mini
+from fedmosaic_cli.main import _exit_on_signal
+from fedmosaic_core.models.pretrain import prepare_presets
+from fedmosaic_flower.prepare import DrakePublicSplit
+
+signal.signal(signal.SIGTERM, _exit_on_signal)  # what every fedmosaic command installs
+tmp = Path(sys.argv[1])
+public = DrakePublicSplit(build_drake_mini(tmp / "drake", seed=0, size="tiny"))
+print("training", flush=True)
+prepare_presets(public, tmp / "cache", seed=0, presets=["tiny-qwen2-s", "tiny-llama-s"],
+                steps={"tiny-qwen2-s": 100_000, "tiny-llama-s": 100_000}, workers=2)
+"""
+
+
+def test_sigterm_stops_preset_pretraining_and_its_workers_at_once(tmp_path: Path) -> None:
+    """A SIGTERM (``docker stop``, a CI timeout) while presets pretrain in worker processes ends the
+    command within seconds, the workers with it, and leaves no prepared model behind; a process
+    pool that waited for its jobs kept training for minutes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fedmosaic_cli.launch import _process_table
+
+    process = subprocess.Popen([sys.executable, "-c", _PRETRAIN_UNTIL_STOPPED, str(tmp_path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert process.stdout is not None and process.stdout.readline().strip() == b"training"
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while len(workers) < 2:  # the two spawned workers, started and importing or training
+            assert time.monotonic() < deadline, "the pretraining workers did not start"
+            time.sleep(0.5)
+            workers = [pid for pid, (parent, _, _) in _process_table().items()
+                       if parent == process.pid and "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+        time.sleep(15)  # well into training
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+        took = time.monotonic() - stopped
+        assert code == 128 + signal.SIGTERM and took < 30, (code, took)
+        time.sleep(1)
+        assert not [pid for pid in workers if pid in _process_table() and _process_table()[pid][2] != "Z"]
+        assert not list((tmp_path / "cache").rglob("prepare.json"))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+        leftovers = [pid for pid, (_, group, _) in _process_table().items() if group == process.pid]
+        for pid in leftovers:
+            os.kill(pid, signal.SIGKILL)

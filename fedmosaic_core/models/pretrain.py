@@ -327,14 +327,16 @@ def prepare_presets(
     workers = max(1, min(workers or cores, len(todo)))
     if len(todo) > 1 and workers > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
 
         samples = list(public.samples())  # rendered only when something must be trained
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = [pool.submit(_prepare_in_worker, n, samples, models_dir, seed, configs[n], data_hash,
-                                max(1, cores // workers)) for n in todo]
+        # a multiprocessing pool, not a ProcessPoolExecutor: leaving its block on an exception (a
+        # SIGTERM turned into SystemExit, Ctrl-C) terminates the workers at once, where an executor
+        # would wait for every preset to finish training
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            jobs = [pool.apply_async(_prepare_in_worker, (n, samples, models_dir, seed, configs[n], data_hash,
+                                                          max(1, cores // workers))) for n in todo]
             for job in jobs:
-                job.result()
+                job.get()
     out: dict[str, Path] = {}
     samples_once: list[SampleLike] | None = None
     for name in names:
