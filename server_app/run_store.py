@@ -76,9 +76,8 @@ class RunStore:
                 server_round, tensors, meta = checkpoint
                 self.rows = [r for r in _read_lines(self.log_path) if int(r.get("round", 0)) <= server_round]
                 self.outcomes = [o for o in _read_lines(self.outcomes_path) if int(o.get("round", 0)) <= server_round]
-                atomic_write_text(self.log_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
-                atomic_write_text(self.outcomes_path,
-                                  "".join(json.dumps(o, sort_keys=True) + "\n" for o in self.outcomes))
+                for path, records in ((self.log_path, self.rows), (self.outcomes_path, self.outcomes)):
+                    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
                 log.info("resuming %s after round %d", self.dir, server_round)
                 return server_round + 1, (tensors, meta)
             log.info("resume: no checkpoint in %s, starting at round 1", self.dir)
@@ -101,8 +100,9 @@ class RunStore:
         _append_lines(self.log_path, safe)
         self.rows.extend(safe)
         if outcome is not None:
-            _append_lines(self.outcomes_path, [json_safe(outcome)])
-            self.outcomes.append(json_safe(outcome))
+            line = json_safe(outcome)
+            _append_lines(self.outcomes_path, [line])
+            self.outcomes.append(line)
         root = self.dir / "checkpoints"
         final = write_snapshot(root / f"round-{server_round:04d}", "state", tensors, {"round": server_round, **meta})
         atomic_write_text(root / "LATEST", final.name + "\n")
