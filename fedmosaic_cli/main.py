@@ -115,7 +115,7 @@ def _defaults(app_dir: Path) -> dict[str, Any]:
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
+def parse_overrides(items: list[str], option: str = "--run-config") -> dict[str, Any]:
     """``--run-config`` values as Flower parses them (``"a=1 b='x'"``, repeatable); a bare word
     that is not a TOML value (``strategy=local``) is taken as a string, and text that is no
     ``key=value`` pair is an error (Flower would drop it silently)."""
@@ -123,7 +123,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     for item in items:
         leftover = _PAIR.sub("", item).strip()
         if leftover:
-            raise typer.BadParameter(f"--run-config expects key=value pairs, got {leftover!r}")
+            raise typer.BadParameter(f"{option} expects key=value pairs, got {leftover!r}")
         for key, value in _PAIR.findall(item):
             try:
                 out.update(parse_config_args([f"{key}={value}"]))
@@ -159,13 +159,44 @@ def _config(app_dir: Path, overrides: dict[str, Any]) -> FederationConfig:
     return parse_run_config({**_defaults(app_dir), **overrides})
 
 
-def method_overrides(app_dir: Path, overrides: dict[str, Any], method: str, seed: int) -> dict[str, Any]:
-    """The run config of one comparison run: a strategy, or an ablation (a strategy with other
-    settings, in a run folder of its own name)."""
-    if method not in ABLATIONS:
+_VARIANT = re.compile(r"\s*([a-z0-9][a-z0-9._-]*)\s*:(.*)", re.DOTALL)
+#: keys a comparison sets for each of its runs
+_SET_PER_RUN = ("seed", "run-name")
+
+
+def parse_variants(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``--variant "NAME: strategy=S key=value ..."`` (repeatable): strategy S under other run-config
+    values, compared as one more method, in run folders of its own name (as the ablations are)."""
+    variants: dict[str, dict[str, Any]] = {}
+    for item in items:
+        match = _VARIANT.fullmatch(item)
+        if not match:
+            raise typer.BadParameter(
+                f"--variant expects 'NAME: strategy=S key=value ...' (NAME in lower case, digits, '.', '-', '_'), got {item!r}")
+        name, pairs = match.groups()
+        if name in STRATEGIES or name in ABLATIONS or name in variants:
+            raise typer.BadParameter(f"--variant {name!r}: that name is taken by a strategy, an ablation or another variant")
+        values = parse_overrides([pairs], option=f"--variant {name!r}")
+        if values.get("strategy") not in STRATEGIES:
+            raise typer.BadParameter(
+                f"--variant {name!r} must name its strategy (strategy=S, one of {', '.join(STRATEGIES)}), "
+                f"got {values.get('strategy')!r}")
+        fixed = [key for key in _SET_PER_RUN if key in values]
+        if fixed:
+            raise typer.BadParameter(f"--variant {name!r}: {', '.join(fixed)} is set by the comparison for each run")
+        variants[name] = values
+    return variants
+
+
+def method_overrides(app_dir: Path, overrides: dict[str, Any], method: str, seed: int,
+                     variants: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The run config of one comparison run: a strategy, or an ablation or variant (a strategy with
+    other settings, in a run folder of its own name)."""
+    settings = ABLATIONS.get(method) or (variants or {}).get(method)
+    if settings is None:
         return {**overrides, "strategy": method, "seed": seed}
     scenario = _config(app_dir, overrides).scenario.rsplit("/", 1)[-1].removesuffix(".json")
-    return {**overrides, **ABLATIONS[method], "seed": seed, "run-name": f"{scenario}-{method}-seed{seed}"}
+    return {**overrides, **settings, "seed": seed, "run-name": f"{scenario}-{method}-seed{seed}"}
 
 
 def _run_one(
@@ -389,6 +420,10 @@ def compare(
     seeds: str = typer.Option("0,1,2,3,4", help="comma-separated seeds (paired statistics need several)"),
     reference: str = typer.Option("local", help="method the paired differences are taken against"),
     run_config: list[str] = typer.Option([], "--run-config", "-c", help=RUN_CONFIG_HELP),
+    variant: list[str] = typer.Option(
+        [], "--variant",
+        help="one more method: \"NAME: strategy=S key=value ...\", a strategy under other run-config values, "
+             "run in folders named NAME and compared like the strategies (repeatable)"),
     out: Path | None = typer.Option(None, help="where to write comparison.{md,json,png}"),
     app_dir: Path | None = typer.Option(None, help="Flower app folder (default: this checkout)"),
     reuse_finished: bool = typer.Option(
@@ -413,15 +448,20 @@ def compare(
         if name not in STRATEGIES and name not in ABLATIONS:
             raise typer.BadParameter(
                 f"unknown strategy {name!r}; expected some of {', '.join([*STRATEGIES, *ABLATIONS])}")
+    variants = parse_variants(variant)
+    names += list(variants)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise typer.BadParameter(f"seeds must be comma-separated integers, got {seeds!r}") from None
     overrides = parse_overrides(run_config)
+    with expected_errors():  # every method's config checked before the first run starts
+        for name in names:
+            _config(directory, method_overrides(directory, overrides, name, seed_list[0] if seed_list else 0, variants))
     per_seed: dict[str, list[dict[str, Any]]] = {}
     for seed in seed_list:
         for name in names:
-            run_overrides = method_overrides(directory, overrides, name, seed)
+            run_overrides = method_overrides(directory, overrides, name, seed, variants)
             with expected_errors():
                 summary = (_finished_summary(directory, run_overrides) if reuse_finished else None) or _run_one(
                     directory, run_overrides, cache_home() / "flwr-home")

@@ -165,3 +165,70 @@ def test_one_launch_per_flwr_home_and_a_home_per_simulation_run(tmp_path: Path) 
     elsewhere = simulation_home(home, tmp_path / "other" / "two-families-local-seed0")
     assert len({seed0, seed1, elsewhere}) == 3 and seed0.parent == home
     assert simulation_home(home, runs / "two-families-local-seed0") == seed0
+
+
+def _compare_without_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[dict], dict]:
+    """``compare`` with its runs and its table replaced by recorders: which runs it would start."""
+    import fedmosaic_cli.comparison as comparison
+    import fedmosaic_cli.main as cli
+
+    monkeypatch.setenv("FEDMOSAIC_CACHE", str(tmp_path))
+    started: list[dict] = []
+    compared: dict = {}
+
+    def run_one(app_dir: Path, overrides: dict, flwr_home: Path) -> dict:
+        started.append(overrides)
+        return {"run_dir": str(tmp_path / "run"), "seed": overrides["seed"], "clients": {},
+                "data_root": str(tmp_path), "scenario_path": str(tmp_path / "scenario.json")}
+
+    monkeypatch.setattr(cli, "_run_one", run_one)
+    monkeypatch.setattr(comparison, "client_chance_and_groups", lambda *args: ({}, {}, {}))
+    monkeypatch.setattr(comparison, "task_skills", lambda *args: {})
+    monkeypatch.setattr(comparison, "build_comparison", lambda per_seed, **kwargs: compared.update(per_seed) or {})
+    monkeypatch.setattr(comparison, "write_comparison", lambda *args: "table")
+    return started, compared
+
+
+def test_compare_runs_a_variant_as_one_more_method_in_folders_of_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import fedmosaic_cli.main as cli
+
+    started, compared = _compare_without_runs(monkeypatch, tmp_path)
+    result = CliRunner().invoke(cli.app, [
+        "compare", "--strategies", "local,fedmosaic", "--seeds", "0,1", "-c", "tau=0.3",
+        "--variant", "fedmosaic-tau0.1: strategy=fedmosaic tau=0.1 local-steps=8"])
+    assert result.exit_code == 0, result.output
+    assert list(compared) == ["local", "fedmosaic", "fedmosaic-tau0.1"]
+    app = cli._app_dir(None)
+    configs = [cli._config(app, overrides) for overrides in started]
+    assert [(c.strategy, c.seed, c.tau, c.local_steps) for c in configs] == [
+        ("local", 0, 0.3, 32), ("fedmosaic", 0, 0.3, 32), ("fedmosaic", 0, 0.1, 8),
+        ("local", 1, 0.3, 32), ("fedmosaic", 1, 0.3, 32), ("fedmosaic", 1, 0.1, 8)]
+    assert configs[2].resolved_run_name == "two-families-fedmosaic-tau0.1-seed0"
+    assert len({c.run_dir for c in configs}) == 6
+
+
+@pytest.mark.parametrize(
+    ("variant", "line"),
+    [
+        ("tau0.1 tau=0.1", "--variant expects 'NAME: strategy=S key=value ...'"),
+        ("fedavg: strategy=fedavg", "--variant 'fedavg': that name is taken"),
+        ("sharp: tau=0.1", "--variant 'sharp' must name its strategy"),
+        ("sharp: strategy=fedmosaic seed=3", "--variant 'sharp': seed is set by the comparison"),
+        ("sharp: strategy=fedmosaic tua=0.1", "tua"),
+        ("sharp: strategy=fedmosaic tau", "--variant 'sharp' expects key=value pairs"),
+    ],
+)
+def test_a_bad_variant_is_one_error_before_any_run(
+        variant: str, line: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import fedmosaic_cli.main as cli
+
+    started, _ = _compare_without_runs(monkeypatch, tmp_path)
+    result = CliRunner().invoke(cli.app, ["compare", "--strategies", "local", "--seeds", "0", "--variant", variant])
+    assert result.exit_code == 2
+    assert line in " ".join(result.output.split())
+    assert started == []
