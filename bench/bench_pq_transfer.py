@@ -9,7 +9,8 @@ likelihood, as the runs score). Reported per (source X, target Y): the mean over
 accuracy gain over Y's untrained base, and of that gain over the gain of Y's own trained P/Q
 ("transfer"; 1: as good as training in Y itself, 0: no help).
 
-    python bench/bench_pq_transfer.py --cache DIR --seed 5 [--steps 64] [--threads 1]
+    python bench/bench_pq_transfer.py --cache DIR --seed 5 [--bases aligned|seeded] [--steps 64]
+    python bench/bench_pq_transfer.py --cache DIR --scenario real-two-families -c "data-root='DRAKE_TEXT' batch-size=4"
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(
     scenario: str = typer.Option("two-families"),
     steps: int = typer.Option(64, help="AdamW steps of batch `batch-size` per source model and task"),
     threads: int = typer.Option(1),
+    run_config: list[str] = typer.Option([], "--run-config", "-c", help="run-config overrides, Flower's syntax"),
+    bases: str = typer.Option("aligned", help="A/B of the PQ layers: 'aligned' (the run's) or 'seeded' (no "
+                                              "alignment: a control)"),
 ) -> None:
     if cache is not None:
         os.environ["FEDMOSAIC_CACHE"] = str(cache)
@@ -41,12 +45,16 @@ def main(
 
     from client_app.evaluation import score_samples
     from client_app.resources import get_resources
+    from fedmosaic_cli.main import parse_overrides
     from fedmosaic_core.models.collate import collate
     from fedmosaic_flower.config import parse_run_config
     from fedmosaic_flower.prepare import prepare_federation
 
     raw = dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
-    config = parse_run_config({**raw, "seed": seed, "scenario": scenario, "torch-threads": threads})
+    if bases not in ("aligned", "seeded"):
+        raise typer.BadParameter(f"--bases must be aligned or seeded, got {bases!r}")
+    config = parse_run_config({**raw, **parse_overrides(run_config), "seed": seed, "scenario": scenario,
+                               "torch-threads": threads, "align-bases": bases != "seeded"})
     data_root = prepare_federation(config)
     resources = get_resources(config, str(data_root))
     clients = resources.scenario.clients
@@ -85,7 +93,7 @@ def main(
 
     gain: dict[tuple[str, str], list[float]] = {}
     transfer: dict[tuple[str, str], list[float]] = {}
-    typer.echo(f"seed {seed}, scenario {scenario}, {steps} steps, lr-pq {config.lr_pq}, r {config.r}")
+    typer.echo(f"seed {seed}, scenario {scenario}, {steps} steps, lr-pq {config.lr_pq}, r {config.r}, A/B {bases}")
     for ref in tasks:
         trained = {x: train_pq(x, ref) for x in models}
         for y in models:
