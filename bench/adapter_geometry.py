@@ -56,13 +56,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_geometry(run_dir: Path) -> dict[str, float]:
-    summary = json.loads((run_dir / "report" / "summary.json").read_text())
-    config = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "report" / "finished-run.json").read_text())["summary"]
     model = {c: v["model_id"] for c, v in summary["clients"].items()}
-    scenario = Path(config["scenario"])
-    if not scenario.is_absolute():  # a shipped scenario, by name
-        scenario = Path(config["data_root"]) / f"scenario-{config['scenario']}.json"
-    _, _, group = client_chance_and_groups(Path(config["data_root"]), scenario)
+    _, _, group = client_chance_and_groups(Path(summary["data_root"]), Path(summary["scenario_path"]))
     states = last_states(run_dir)
     local = {c: branch_vectors(s, "local") for c, s in states.items()}
     glob_ = {c: branch_vectors(s, "global") for c, s in states.items()}
