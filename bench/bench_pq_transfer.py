@@ -43,10 +43,8 @@ def main(
         os.environ["FEDMOSAIC_CACHE"] = str(cache)
     torch.set_num_threads(threads)
 
-    from client_app.evaluation import score_samples
     from client_app.resources import get_resources
     from fedmosaic_cli.main import parse_overrides
-    from fedmosaic_core.models.collate import collate
     from fedmosaic_flower.config import parse_run_config
     from fedmosaic_flower.prepare import prepare_federation
 
@@ -62,7 +60,24 @@ def main(
     tasks = [c.datasets[0] for c in clients]
 
     def fresh(model_id: str):  # noqa: ANN202 - the run's adapted model with zero adapters
-        adapted = resources.build_adapted(config, model_id)
+        return resources.build_adapted(config, model_id)
+
+    typer.echo(f"seed {seed}, scenario {scenario}, {steps} steps, lr-pq {config.lr_pq}, r {config.r}, A/B {bases}")
+    cells = measure_transfer(fresh, models, tasks, resources, config, steps, seed)
+    print_table(cells)
+
+
+def measure_transfer(fresh, models: list[str], tasks: list, resources, config, steps: int,  # noqa: ANN001
+                     seed: int) -> list[dict]:
+    """Train P/Q alone in every model X on every task, score each in every model Y. ``fresh(X)``
+    builds X's adapted model with zero adapters and its A/B as they are to be compared. One cell
+    per (task, source, target): the accuracy of Y's untrained base, of Y with its own trained P/Q
+    and of Y with X's."""
+    from client_app.evaluation import score_samples
+    from fedmosaic_core.models.collate import collate
+
+    def fresh_local_only(model_id: str):  # noqa: ANN202 - β fixed at 0: the local branch alone adds
+        adapted = fresh(model_id)
         adapted.model.set_fixed_beta(0.0)
         return adapted
 
@@ -76,7 +91,7 @@ def main(
     def train_pq(model_id: str, ref) -> dict[str, torch.Tensor]:  # noqa: ANN001
         torch.manual_seed(seed)
         rng = random.Random(seed)
-        adapted = fresh(model_id)
+        adapted = fresh_local_only(model_id)
         model = adapted.model
         pq = [p for key, p in model.branch_parameters("local").items() if key.startswith("pq.")]
         optimizer = torch.optim.AdamW(pq, lr=config.lr_pq, weight_decay=config.weight_decay)
@@ -91,27 +106,35 @@ def main(
             optimizer.zero_grad(set_to_none=True)
         return model.shared_state("local")
 
-    gain: dict[tuple[str, str], list[float]] = {}
-    transfer: dict[tuple[str, str], list[float]] = {}
-    typer.echo(f"seed {seed}, scenario {scenario}, {steps} steps, lr-pq {config.lr_pq}, r {config.r}, A/B {bases}")
+    cells: list[dict] = []
     for ref in tasks:
         trained = {x: train_pq(x, ref) for x in models}
         for y in models:
-            target = fresh(y)
+            target = fresh_local_only(y)
             base = accuracy(target, ref)
             scores = {}
             for x in models:
                 target.model.load_local_state(shared=trained[x])
                 scores[x] = accuracy(target, ref)
-            own = scores[y] - base
-            line = []
             for x in models:
-                gain.setdefault((x, y), []).append(scores[x] - base)
-                if own > 0.02:  # a ratio only where Y's own training helped
-                    transfer.setdefault((x, y), []).append((scores[x] - base) / own)
-                line.append(f"{x} {100 * scores[x]:.1f}")
-            typer.echo(f"{ref.key:16s} target {y:13s} base {100 * base:.1f} | " + " | ".join(line), err=True)
+                cells.append({"task": ref.key, "source": x, "target": y, "base": base, "own": scores[y],
+                              "score": scores[x]})
+            line = " | ".join(f"{x} {100 * scores[x]:.1f}" for x in models)
+            typer.echo(f"{ref.key:16s} target {y:13s} base {100 * base:.1f} | {line}", err=True)
+    return cells
 
+
+def print_table(cells: list[dict]) -> None:
+    """Per (source, target): mean gain over the target's base (points) and mean transfer ratio
+    (gain / the target's own gain, over the tasks where its own P/Q gained more than 2 points)."""
+    gain: dict[tuple[str, str], list[float]] = {}
+    transfer: dict[tuple[str, str], list[float]] = {}
+    for cell in cells:
+        key = (cell["source"], cell["target"])
+        gain.setdefault(key, []).append(cell["score"] - cell["base"])
+        own = cell["own"] - cell["base"]
+        if own > 0.02:  # a ratio only where Y's own training helped
+            transfer.setdefault(key, []).append((cell["score"] - cell["base"]) / own)
     typer.echo("\n| source → target | accuracy gain over the base (points) | transfer (gain / own gain) | tasks |")
     typer.echo("|---|---:|---:|---:|")
     for (x, y), values in sorted(gain.items(), key=lambda kv: (kv[0][1], kv[0][0] != kv[0][1], kv[0][0])):
