@@ -9,7 +9,7 @@ likelihood, as the runs score). Reported per (source X, target Y): the mean over
 accuracy gain over Y's untrained base, and of that gain over the gain of Y's own trained P/Q
 ("transfer"; 1: as good as training in Y itself, 0: no help).
 
-    python bench/bench_pq_transfer.py --cache DIR --seed 5 [--bases aligned|seeded] [--steps 64]
+    python bench/bench_pq_transfer.py --cache DIR --seed 5 [--bases aligned|seeded] [--steps 64] [--out cells.json]
     python bench/bench_pq_transfer.py --cache DIR --scenario real-two-families -c "data-root='DRAKE_TEXT' batch-size=4"
 """
 
@@ -38,6 +38,7 @@ def main(
     run_config: list[str] = typer.Option([], "--run-config", "-c", help="run-config overrides, Flower's syntax"),
     bases: str = typer.Option("aligned", help="A/B of the PQ layers: 'aligned' (the run's) or 'seeded' (no "
                                               "alignment: a control)"),
+    out: Path = typer.Option(None, help="write every (task, source, target) cell as JSON (for pq_transfer_summary.py)"),
 ) -> None:
     if cache is not None:
         os.environ["FEDMOSAIC_CACHE"] = str(cache)
@@ -65,6 +66,10 @@ def main(
     typer.echo(f"seed {seed}, scenario {scenario}, {steps} steps, lr-pq {config.lr_pq}, r {config.r}, A/B {bases}")
     cells = measure_transfer(fresh, models, tasks, resources, config, steps, seed)
     print_table(cells)
+    if out is not None:
+        from fedmosaic_core.storage import atomic_write_json
+
+        atomic_write_json(out, {"seed": seed, "scenario": scenario, "bases": bases, "steps": steps, "cells": cells})
 
 
 def measure_transfer(fresh, models: list[str], tasks: list, resources, config, steps: int,  # noqa: ANN001

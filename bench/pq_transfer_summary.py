@@ -1,0 +1,61 @@
+"""Seeds of ``bench_pq_transfer.py`` / ``bench_pq_lineage.py`` (their ``--out`` files) in one table.
+
+Per (source → target): the accuracy gain of the source's P/Q over the target's untrained base,
+averaged over the tasks of a seed, then mean ± 95 % t-interval over the seeds; and the target's
+own gain the same way, and their ratio (the transfer: 1 as good as training in the target,
+0 no help), per seed, then averaged.
+
+    python bench/pq_transfer_summary.py /tmp/lin/cells-*-seeded.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+from scipy import stats
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval (0 for one value)."""
+    array = np.asarray(values, dtype=float)
+    if len(array) == 0:
+        return float("nan"), float("nan")
+    if len(array) < 2:
+        return float(array.mean()), 0.0
+    return float(array.mean()), float(stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array)))
+
+
+@app.command()
+def main(files: list[Path] = typer.Argument(..., help="--out files of the transfer benches, one per seed")) -> None:
+    runs = [json.loads(f.read_text()) for f in files]
+    labels = {(r.get("bases"), r.get("steps")) for r in runs}
+    if len(labels) > 1:
+        raise typer.BadParameter(f"the files mix settings (A/B, steps): {sorted(labels, key=str)}")
+    gains: dict[tuple[str, str], list[float]] = {}
+    owns: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        per_pair: dict[tuple[str, str], list[tuple[float, float]]] = {}
+        for cell in run["cells"]:
+            per_pair.setdefault((cell["source"], cell["target"]), []).append(
+                (cell["score"] - cell["base"], cell["own"] - cell["base"]))
+        for pair, values in per_pair.items():
+            gains.setdefault(pair, []).append(100 * float(np.mean([g for g, _ in values])))
+            owns.setdefault(pair, []).append(100 * float(np.mean([o for _, o in values])))
+    typer.echo(f"{len(runs)} seed(s): {sorted(r['seed'] for r in runs)}; A/B {runs[0].get('bases')}")
+    typer.echo("\n| source → target | gain (points) | target's own gain | transfer | seeds |")
+    typer.echo("|---|---:|---:|---:|---:|")
+    for (x, y) in sorted(gains, key=lambda p: (p[1], p[0] != p[1], p[0])):
+        gain, gain_ci = interval(gains[(x, y)])
+        own, own_ci = interval(owns[(x, y)])
+        ratio, ratio_ci = interval([g / o for g, o in zip(gains[(x, y)], owns[(x, y)], strict=True) if o > 2.0])
+        typer.echo(f"| {x} → {y} | {gain:+.1f} ± {gain_ci:.1f} | {own:+.1f} ± {own_ci:.1f} | "
+                   f"{ratio:.2f} ± {ratio_ci:.2f} | {len(gains[(x, y)])} |")
+
+
+if __name__ == "__main__":
+    app()
