@@ -24,6 +24,11 @@ does, but per model, not per architecture (the run keys its A/B by architecture,
 parent and its sibling would get the same A/B).
 
     python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 [--bases seeded|aligned] [--out cells.json]
+    python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 --write-scenario two-sizes-lineage.json
+
+``--write-scenario`` writes the seed's shipped two-sizes scenario with each ``tiny-llama-s`` client
+on the pruned relative instead: one family in two sizes that share a lineage, as Llama-3.2-1B and
+-3B do.
 """
 
 from __future__ import annotations
@@ -110,6 +115,8 @@ def main(
     bases: str = typer.Option("seeded", help="'seeded' (the run's seeded A/B, no alignment) or 'aligned' "
                                              "(each model aligned to the smallest)"),
     out: Path = typer.Option(None, help="write every (task, source, target) cell as JSON"),
+    write_scenario: Path = typer.Option(None, help="only derive the pruned relative and write the seed's "
+                                                   "two-sizes scenario with it in place of tiny-llama-s to this file"),
 ) -> None:
     if bases not in ("aligned", "seeded"):
         raise typer.BadParameter(f"--bases must be aligned or seeded, got {bases!r}")
@@ -131,6 +138,7 @@ def main(
         DrakePublicSplit,
         load_run_model,
         prepare_federation,
+        scenario_path,
         smallest_model,
     )
 
@@ -144,6 +152,17 @@ def main(
         raise typer.BadParameter(f"no prepared {PARENT} for seed {seed} under {cache}")
     samples = DrakePublicSplit(data_root).samples()
     folder = work / f"seed{seed}"
+    if write_scenario is not None:
+        from fedmosaic_core.storage import atomic_write_json
+
+        pruned = derive(parent, folder / "pruned", samples, derive_steps, seed + RELATIVE_SEED, True)
+        shipped = scenario_path(parse_run_config({**raw, "seed": seed, "scenario": "two-sizes"}), data_root)
+        clients = json.loads(shipped.read_text())
+        for client in clients:
+            client["model_id"] = str(pruned.resolve()) if client["model_id"] == OTHER else client["model_id"]
+        atomic_write_json(write_scenario, clients)
+        typer.echo(f"{write_scenario}: two-sizes with {OTHER} replaced by {pruned}")
+        return
     models = {
         PARENT: PARENT,
         "continued": str(derive(parent, folder / "continued", samples, derive_steps, seed + RELATIVE_SEED, False)),
