@@ -19,16 +19,13 @@ parent), built here from the same public split and the same pretraining recipe:
 Then, as ``bench_pq_transfer.py`` does, P/Q alone are trained in each model on the first task of
 each client of the two-families scenario and scored in every model. A/B: ``--bases seeded``
 gives every model the run's seeded orthonormal A/B (identical in all the width-96 models);
-``--bases aligned`` aligns each model to the anchor (the smallest, ``tiny-llama-s``) as the run
-does, but per model, not per architecture (the run keys its A/B by architecture, so there the
-parent and its sibling would get the same A/B).
+``--bases aligned`` aligns each model to the anchor (the smallest, ``tiny-llama-s``, as the run
+picks it; ``--anchor NAME`` picks another, e.g. ``pruned``, as a run of the parent and its pruned
+relative alone would) as the run does, but per model, not per architecture (the run keys its A/B
+by architecture, so there the parent and its sibling would get the same A/B).
 
     python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 [--bases seeded|aligned] [--out cells.json]
-    python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 --write-scenario two-sizes-lineage.json
-
-``--write-scenario`` writes the seed's shipped two-sizes scenario with each ``tiny-llama-s`` client
-on the pruned relative instead: one family in two sizes that share a lineage, as Llama-3.2-1B and
--3B do.
+    python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 --bases aligned --anchor pruned
 """
 
 from __future__ import annotations
@@ -115,8 +112,8 @@ def main(
     bases: str = typer.Option("seeded", help="'seeded' (the run's seeded A/B, no alignment) or 'aligned' "
                                              "(each model aligned to the smallest)"),
     out: Path = typer.Option(None, help="write every (task, source, target) cell as JSON"),
-    write_scenario: Path = typer.Option(None, help="only derive the pruned relative and write the seed's "
-                                                   "two-sizes scenario with it in place of tiny-llama-s to this file"),
+    anchor: str = typer.Option("", help="with --bases aligned: the model the others are aligned to "
+                                        "(default: the smallest, as in a run)"),
 ) -> None:
     if bases not in ("aligned", "seeded"):
         raise typer.BadParameter(f"--bases must be aligned or seeded, got {bases!r}")
@@ -138,7 +135,6 @@ def main(
         DrakePublicSplit,
         load_run_model,
         prepare_federation,
-        scenario_path,
         smallest_model,
     )
 
@@ -152,17 +148,6 @@ def main(
         raise typer.BadParameter(f"no prepared {PARENT} for seed {seed} under {cache}")
     samples = DrakePublicSplit(data_root).samples()
     folder = work / f"seed{seed}"
-    if write_scenario is not None:
-        from fedmosaic_core.storage import atomic_write_json
-
-        pruned = derive(parent, folder / "pruned", samples, derive_steps, seed + RELATIVE_SEED, True)
-        shipped = scenario_path(parse_run_config({**raw, "seed": seed, "scenario": "two-sizes"}), data_root)
-        clients = json.loads(shipped.read_text())
-        for client in clients:
-            client["model_id"] = str(pruned.resolve()) if client["model_id"] == OTHER else client["model_id"]
-        atomic_write_json(write_scenario, clients)
-        typer.echo(f"{write_scenario}: two-sizes with {OTHER} replaced by {pruned}")
-        return
     models = {
         PARENT: PARENT,
         "continued": str(derive(parent, folder / "continued", samples, derive_steps, seed + RELATIVE_SEED, False)),
@@ -181,7 +166,9 @@ def main(
     ab: dict[str, dict[str, torch.Tensor]] = {}
     if bases == "aligned":
         by_source = {source: name for name, source in models.items()}
-        anchor = by_source[smallest_model(list(models.values()))]
+        if anchor and anchor not in models:
+            raise typer.BadParameter(f"--anchor must be one of {sorted(models)}, got {anchor!r}")
+        anchor = anchor or by_source[smallest_model(list(models.values()))]
         for name in models:
             if name == anchor:
                 ab[name] = anchor_aligned_bases(loaded[anchor], align).state
@@ -204,7 +191,8 @@ def main(
     if out is not None:
         from fedmosaic_core.storage import atomic_write_json
 
-        atomic_write_json(out, {"seed": seed, "bases": bases, "steps": steps, "derive_steps": derive_steps,
+        label = bases if bases == "seeded" else f"aligned to {anchor}"
+        atomic_write_json(out, {"seed": seed, "bases": label, "steps": steps, "derive_steps": derive_steps,
                                 "models": models, "cells": cells})
 
 
