@@ -5,7 +5,9 @@ averaged over the tasks of a seed, then mean ± 95 % t-interval over the seeds; 
 own gain the same way, and their ratio (the transfer: 1 as good as training in the target,
 0 no help), per seed, then averaged.
 
-    python bench/pq_transfer_summary.py /tmp/lin/cells-*-seeded.json
+    python bench/pq_transfer_summary.py /tmp/lin/cells-*-seeded.json [--symmetric]
+
+``--symmetric``: one row per pair of models, the cells of both directions pooled per seed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 @app.command()
-def main(files: list[Path] = typer.Argument(..., help="--out files of the transfer benches, one per seed")) -> None:
+def main(
+    files: list[Path] = typer.Argument(..., help="--out files of the transfer benches, one per seed"),
+    symmetric: bool = typer.Option(False, help="one row per pair of models: both directions averaged per seed"),
+) -> None:
     runs = [json.loads(f.read_text()) for f in files]
     labels = {(r.get("bases"), r.get("steps")) for r in runs}
     if len(labels) > 1:
@@ -43,17 +48,23 @@ def main(files: list[Path] = typer.Argument(..., help="--out files of the transf
         for cell in run["cells"]:
             per_pair.setdefault((cell["source"], cell["target"]), []).append(
                 (cell["score"] - cell["base"], cell["own"] - cell["base"]))
+        if symmetric:
+            merged: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            for (x, y), values in per_pair.items():
+                merged.setdefault((min(x, y), max(x, y)), []).extend(values)
+            per_pair = merged
         for pair, values in per_pair.items():
             gains.setdefault(pair, []).append(100 * float(np.mean([g for g, _ in values])))
             owns.setdefault(pair, []).append(100 * float(np.mean([o for _, o in values])))
     typer.echo(f"{len(runs)} seed(s): {sorted(r['seed'] for r in runs)}; A/B {runs[0].get('bases')}")
-    typer.echo("\n| source → target | gain (points) | target's own gain | transfer | seeds |")
+    arrow = "↔" if symmetric else "→"
+    typer.echo(f"\n| source {arrow} target | gain (points) | target's own gain | transfer | seeds |")
     typer.echo("|---|---:|---:|---:|---:|")
     for (x, y) in sorted(gains, key=lambda p: (p[1], p[0] != p[1], p[0])):
         gain, gain_ci = interval(gains[(x, y)])
         own, own_ci = interval(owns[(x, y)])
         ratio, ratio_ci = interval([g / o for g, o in zip(gains[(x, y)], owns[(x, y)], strict=True) if o > 2.0])
-        typer.echo(f"| {x} → {y} | {gain:+.1f} ± {gain_ci:.1f} | {own:+.1f} ± {own_ci:.1f} | "
+        typer.echo(f"| {x} {arrow} {y} | {gain:+.1f} ± {gain_ci:.1f} | {own:+.1f} ± {own_ci:.1f} | "
                    f"{ratio:.2f} ± {ratio_ci:.2f} | {len(gains[(x, y)])} |")
 
 
