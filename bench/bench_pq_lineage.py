@@ -26,6 +26,7 @@ by architecture, so there the parent and its sibling would get the same A/B).
 
     python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 [--bases seeded|aligned] [--out cells.json]
     python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 --bases aligned --anchor pruned
+    python bench/bench_pq_lineage.py --cache DIR --work DIR --seed 5 --bases aligned --only-bases
 """
 
 from __future__ import annotations
@@ -101,6 +102,20 @@ def derive(parent: Path, out: Path, samples: list, steps: int, seed: int, prune:
     return out
 
 
+def print_bases_agreement(ab: dict[str, dict[str, torch.Tensor]]) -> None:
+    """For every two models with A/B of the same shapes: the mean cosine of matching rows of A and
+    of matching columns of B over the PQ modules (1 for identical A/B, as the seeded ones are).
+    P and Q act in these coordinates, so it is how alike a P/Q reads in the two models."""
+    names = sorted(ab)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            if any(ab[x][k].shape != ab[y].get(k, torch.empty(0)).shape for k in ab[x]):
+                continue
+            rows = [torch.diagonal(ab[x][k] @ ab[y][k].T).mean().item() for k in ab[x] if k.endswith(".A")]
+            cols = [torch.diagonal(ab[x][k].T @ ab[y][k]).mean().item() for k in ab[x] if k.endswith(".B")]
+            typer.echo(f"A/B agreement {x} ~ {y}: A rows {sum(rows) / len(rows):.3f}, B columns {sum(cols) / len(cols):.3f}")
+
+
 @app.command()
 def main(
     cache: Path = typer.Option(..., help="FEDMOSAIC_CACHE (prepared if missing)"),
@@ -112,6 +127,8 @@ def main(
     bases: str = typer.Option("seeded", help="'seeded' (the run's seeded A/B, no alignment) or 'aligned' "
                                              "(each model aligned to the smallest)"),
     out: Path = typer.Option(None, help="write every (task, source, target) cell as JSON"),
+    only_bases: bool = typer.Option(False, help="with --bases aligned: print how far the models' aligned A/B "
+                                               "agree, then stop (no P/Q training)"),
     anchor: str = typer.Option("", help="with --bases aligned: the model the others are aligned to "
                                         "(default: the smallest, as in a run)"),
 ) -> None:
@@ -176,6 +193,9 @@ def main(
                 aligned = align_bases(loaded[anchor], loaded[name], samples, align)
                 typer.echo(f"aligned {name} to {anchor}: {alignment_summary(aligned.metrics)}", err=True)
                 ab[name] = aligned.state
+        print_bases_agreement(ab)
+        if only_bases:
+            return
 
     def fresh(name: str) -> AdaptedModel:
         model_loaded = load_run_model(config, models[name], data_root)
