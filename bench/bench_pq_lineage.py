@@ -81,9 +81,7 @@ def derive(parent: Path, out: Path, samples: list, steps: int, seed: int, prune:
         processor = AutoProcessor.from_pretrained(parent)
         keep = None
         if prune:
-            from fedmosaic_core.modeling import decoder_parts
-
-            keep = list(range(1, len(decoder_parts(model).layers), 2))
+            keep = list(range(1, len(model.get_decoder().layers), 2))
             keep_layers(model, keep)
         config = PretrainConfig(steps=steps)
         train, held_out = split_held_out(samples, config.held_out_fraction, seed)
