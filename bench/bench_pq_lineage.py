@@ -93,7 +93,8 @@ def derive(parent: Path, out: Path, samples: list, steps: int, seed: int, prune:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         atomic_write_json(tmp / "prepare.json", {"parent": str(parent), "kept_layers": keep, "steps": steps,
-                                                 "seed": seed, "held_out_accuracy": {"before": before, "after": after},
+                                                 "seed": seed, "before": {"held_out_accuracy": before},
+                                                 "after": {"held_out_accuracy": after},
                                                  **timing})
 
     atomic_build_dir(out, save)
@@ -173,7 +174,7 @@ def main(
     for name, source in models.items():
         folder_of = Path(source) if source not in (PARENT, OTHER) else find_prepared(source, seed)
         info = json.loads((folder_of / "prepare.json").read_text())
-        after = info["held_out_accuracy"]["after"] if "held_out_accuracy" in info else info["after"]["held_out_accuracy"]
+        after = info["after"]["held_out_accuracy"]  # the presets' prepare.json fields
         typer.echo(f"{name:12s} public held-out answer accuracy after its training: {after:.3f}", err=True)
 
     loaded = {name: load_run_model(config, source, data_root, quantization="none") for name, source in models.items()}

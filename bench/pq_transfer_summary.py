@@ -17,19 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from scipy import stats
+
+from fedmosaic_cli.comparison import mean_interval
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-
-
-def interval(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95 % t-interval (0 for one value)."""
-    array = np.asarray(values, dtype=float)
-    if len(array) == 0:
-        return float("nan"), float("nan")
-    if len(array) < 2:
-        return float(array.mean()), 0.0
-    return float(array.mean()), float(stats.t.ppf(0.975, len(array) - 1) * array.std(ddof=1) / np.sqrt(len(array)))
 
 
 @app.command()
@@ -61,11 +52,10 @@ def main(
     typer.echo(f"\n| source {arrow} target | gain (points) | target's own gain | transfer | seeds |")
     typer.echo("|---|---:|---:|---:|---:|")
     for (x, y) in sorted(gains, key=lambda p: (p[1], p[0] != p[1], p[0])):
-        gain, gain_ci = interval(gains[(x, y)])
-        own, own_ci = interval(owns[(x, y)])
-        ratio, ratio_ci = interval([g / o for g, o in zip(gains[(x, y)], owns[(x, y)], strict=True) if o > 2.0])
-        typer.echo(f"| {x} {arrow} {y} | {gain:+.1f} ± {gain_ci:.1f} | {own:+.1f} ± {own_ci:.1f} | "
-                   f"{ratio:.2f} ± {ratio_ci:.2f} | {len(gains[(x, y)])} |")
+        gain, own = mean_interval(gains[(x, y)]), mean_interval(owns[(x, y)])
+        ratio = mean_interval([g / o for g, o in zip(gains[(x, y)], owns[(x, y)], strict=True) if o > 2.0])
+        typer.echo(f"| {x} {arrow} {y} | {gain['mean']:+.1f} ± {gain['ci95']:.1f} | {own['mean']:+.1f} ± "
+                   f"{own['ci95']:.1f} | {ratio['mean']:.2f} ± {ratio['ci95']:.2f} | {len(gains[(x, y)])} |")
 
 
 if __name__ == "__main__":
