@@ -235,7 +235,8 @@ def _run_one(
     )
 
     started = time.monotonic()
-    typer.secho("Preparing DRAKE-mini, tiny models and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
+    preparing = "the scenario's models" if config.data_root else "DRAKE-mini, tiny models"
+    typer.secho(f"Preparing {preparing} and A/B alignment (cached after the first run)...", fg=typer.colors.BLUE)
     data_root = prepare_data(config)
     scenario = load_run_scenario(config, data_root)
     known = {str(c.client_id) for c in scenario.clients}

@@ -10,10 +10,12 @@ FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def quiet_libraries() -> None:
-    """Silence messages that say nothing about a run: bitsandbytes' optional-kernel notice (the
-    ``kernels`` package must not be installed here), torch's ``jit.script_method`` deprecation
+    """Silence messages that say nothing about a run: bitsandbytes' optional-kernel notices (on an
+    AVX512-BF16 CPU it asks the ``kernels`` package, which transformers installs, for a hub kernel;
+    offline that fails and bitsandbytes uses its own), torch's ``jit.script_method`` deprecation
     raised while importing transformers, and per-request HTTP logs."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    for noisy in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script_method.*", category=DeprecationWarning)
