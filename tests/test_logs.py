@@ -10,7 +10,7 @@ import sys
 def test_bitsandbytes_kernel_notices_are_silenced_offline() -> None:
     """Importing bitsandbytes offline on an AVX512-BF16 CPU makes it ask the ``kernels`` package for
     a hub kernel, which logs two warnings; after ``quiet_libraries`` neither reaches stderr, while the
-    project's own warnings still do."""
+    project's own warnings still do. (A CPU without AVX512-BF16 logs neither, with or without it.)"""
     script = (
         "import logging\n"
         "from fedmosaic_flower.logs import quiet_libraries\n"
