@@ -3,8 +3,8 @@
 With ``worker-socket`` in the SuperNode's ``--node-config``, each message goes to the node's warm
 worker (``client_app.worker``), and this process imports only Flower; without it, or when no
 worker answers there, the message is answered here. The client is identified by a **stable
-client id**: ``client-id`` from ``--node-config`` in a deployment, the partition id in
-simulation.
+client id**: ``client-id`` from ``--node-config`` in a deployment; in simulation the scenario's
+client at the partition id's position (``client_app.handlers.client_id_of``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ own process or in the node's warm worker, ``client_app.worker``; the logic lives
 ``client_app.training``).
 
 The client is identified by a **stable client id**: ``client-id`` from ``--node-config`` in a
-deployment, the partition id in simulation. Its state lives under ``state-dir`` (node config) or
+deployment; in simulation the scenario's client at the partition id's position (ids in
+increasing order). Its state lives under ``state-dir`` (node config) or
 ``<run dir>/clients``; its data under ``data-root`` (node config) or the run's data root.
 """
 
@@ -20,16 +21,25 @@ from flwr.app import Context, Message, RecordDict  # noqa: E402
 
 from client_app.resources import get_resources  # noqa: E402
 from client_app.training import FedMosaicClient  # noqa: E402
+from drake_data.layout import Scenario  # noqa: E402
 from fedmosaic_flower import records as proto  # noqa: E402
 from fedmosaic_flower.config import FederationConfig, parse_run_config  # noqa: E402
 
 log = logging.getLogger("fedmosaic.client")
 
 
-def client_id_of(node_config: dict) -> str:  # type: ignore[type-arg]
-    for key in ("client-id", "partition-id"):
-        if key in node_config:
-            return str(node_config[key])
+def client_id_of(node_config: dict, scenario: Scenario) -> str:  # type: ignore[type-arg]
+    """``client-id`` as given; a simulation's ``partition-id`` k is the scenario's k-th client id in
+    increasing order (the id itself when the ids are 0 … n − 1)."""
+    if "client-id" in node_config:
+        return str(node_config["client-id"])
+    if "partition-id" in node_config:
+        ids = sorted(scenario.client_ids)
+        partition = int(node_config["partition-id"])
+        if not 0 <= partition < len(ids):
+            raise ValueError(f"partition-id {partition} is out of range: {scenario.source or 'the scenario'} "
+                             f"has {len(ids)} clients (num-supernodes must be {len(ids)})")
+        return str(ids[partition])
     raise ValueError("node config has neither 'client-id' nor 'partition-id'; start the SuperNode "
                      "with --node-config \"client-id=<n>\"")
 
@@ -41,7 +51,7 @@ def build_client(context: Context) -> tuple[FederationConfig, FedMosaicClient]:
     data_root = str(node["data-root"]) if node.get("data-root") else None
     resources = get_resources(config, data_root)
     state_root = Path(str(node["state-dir"])) if node.get("state-dir") else config.run_dir / "clients"
-    return config, FedMosaicClient(config, resources, client_id_of(node), state_root)
+    return config, FedMosaicClient(config, resources, client_id_of(node, resources.scenario), state_root)
 
 
 def query(msg: Message, context: Context) -> Message:

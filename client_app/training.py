@@ -153,9 +153,10 @@ class FedMosaicClient:
         self.res = resources
         self.client_id = client_id
         try:
-            self.entry: ScenarioEntry = resources.scenario.client(int(client_id))
+            number = int(client_id)
         except ValueError:
-            raise ValueError(f"client id {client_id!r} is not an integer client_id of the scenario") from None
+            raise ValueError(f"client id {client_id!r} is not an integer (a scenario's client_id)") from None
+        self.entry: ScenarioEntry = resources.scenario.client(number)
         self.state_root = state_root
 
     @property

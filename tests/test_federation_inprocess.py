@@ -3,6 +3,7 @@ driven by the real round loop on an in-process grid."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -410,3 +411,24 @@ def test_a_saved_round_is_answered_again_only_for_the_same_global_state(data_roo
     assert client.saved_result(1, name, {"pq.0.q_proj.Q": torch.zeros(4)}, {}, run_id=1) is None
     assert client.saved_result(1, name, None, None, run_id=2) is None  # a new run of the same name trains
     assert client.saved_result(2, name, None, None, run_id=1) is None  # never trained
+
+
+def test_a_scenario_whose_client_ids_are_not_0_to_n_runs_in_simulation(data_root: Path, tmp_path: Path) -> None:
+    """Simulation numbers its nodes 0 … n − 1; a scenario of clients 4 and 7 (say, one skill group
+    cut out of a larger one) runs with partition 0 as client 4 and partition 1 as client 7."""
+    clients = json.loads((data_root / "scenario-two-families.json").read_text())
+    subset = [c for c in clients if c["client_id"] in (4, 7)]
+    scenario = tmp_path / "scenario-two-of-nine.json"
+    scenario.write_text(json.dumps(subset))
+    config = _config(data_root, tmp_path / "runs", **{"num-server-rounds": 1, "scenario": str(scenario)})
+    result, _ = _run(config, [0, 1])
+    assert result.last_round == 1
+    tasks = {c["client_id"]: {f"{t['dataset']}-{t['subset_id']}" for t in c["datasets"]} for c in subset}
+    rows = {r["client"]: r for r in result.rows}
+    assert sorted(rows) == ["4", "7"]
+    for client, row in rows.items():
+        assert set(row["scores"]["self"]) <= tasks[int(client)] and row["scores"]["self"]
+    with pytest.raises(ValueError, match=r"partition-id 2 is out of range: .*has 2 clients"):
+        client_app(Message(RecordDict(), dst_node_id=102, message_type="query"),
+                   Context(run_id=1, node_id=102, node_config={"partition-id": 2}, state=RecordDict(),
+                           run_config=config.to_flat()))
