@@ -12,6 +12,10 @@ share of the compute budget. The baselines follow the reference implementation
   upload L; the server's per-client mix (RELA / equal weights) goes into G.
 - ``local``: the same, with nothing shared (G stays 0).
 - ``fedavg``: one adapter. The group mean replaces L; G stays 0.
+- ``rela-fedavg`` (beyond the paper, opt-in): FedAvg's client on RELA's server with the client in
+  its own mix: L_i ← Σ_j w_ij L_j over every j, i included (softmax of s_ij / τ, s_ii = 1), P/Q
+  across architectures and plain LoRA within one, as FedMosaic mixes them; G stays 0. One
+  adapter per client, averaged mostly with itself and its most relevant peers.
 - ``fedavg-dual``: L and the gate train as in FedMosaic; G is the architecture group's mean.
 - ``feddpa`` (FedDPA-F): the first half of the steps trains G alone (β = 1) from the received
   mean; the second half freezes G and trains L and the gate on the mix. Upload G; evaluate the mix.
@@ -69,6 +73,7 @@ class LocalMethod:
     evaluate: Output = None
     compute_share: float = 1.0
     task_vectors: bool = False  # the client computes RELA task vectors
+    include_self: bool = False  # the server keeps the client in its own mix, whatever ``include-self`` says
     #: the optimiser steps of one local iteration: ``mix`` (L and the gate on the mix),
     #: ``global-then-mix`` (FedDPA), ``joint`` (G, L and the gate on the mix), ``ditto`` or ``fedsim``
     steps: Literal["mix", "global-then-mix", "joint", "ditto", "fedsim"] = "mix"
@@ -106,6 +111,7 @@ METHODS: dict[str, LocalMethod] = {
         LocalMethod("fedmosaic-joint-global", "fedmosaic", upload="global", compute_share=0.94, task_vectors=True,
                     steps="joint"),
         LocalMethod("fedavg", "fedavg", receive="local"),
+        LocalMethod("rela-fedavg", "fedmosaic", receive="local", task_vectors=True, include_self=True),
         LocalMethod("fedavg-dual", "fedavg"),
         LocalMethod("feddpa", "fedavg", upload="global", steps="global-then-mix"),
         LocalMethod("ditto", "fedavg", upload="global", evaluate=0.0, compute_share=0.5, steps="ditto"),

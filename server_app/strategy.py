@@ -121,7 +121,8 @@ class FedMosaicStrategy(Strategy):
     ``config.strategy`` selects the aggregation (:data:`fedmosaic_core.methods.METHODS`):
     ``fedmosaic`` (relevance weights), ``fedmosaic-uniform`` (equal weights over the other
     clients), the architecture group's mean (``fedavg``, ``fedavg-dual``, ``feddpa``, ``ditto``,
-    ``fedsim``; what a client does with it is its side) or ``local`` (no sharing). ``store``
+    ``fedsim``; what a client does with it is its side) or ``local`` (no sharing); ``rela-fedavg``
+    takes relevance weights with the client in its own mix. ``store``
     (optional) keeps the run log and checkpoints on disk.
     """
 
@@ -397,7 +398,7 @@ class FedMosaicStrategy(Strategy):
             tau=self.config.tau,
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
             norm_bound=self.config.norm_bound, share_across_families=self.config.share_across_families,
-            include_self=self.config.include_self,
+            include_self=self.config.include_self or METHODS[self.config.strategy].include_self,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason

@@ -97,6 +97,26 @@ def test_three_clients_receive_their_own_relevance_weighted_globals(data_root: P
 
 
 @pytest.mark.slow
+def test_rela_fedavg_sends_each_client_its_relevance_mix_with_itself_in_it(data_root: Path, tmp_path: Path) -> None:
+    """``rela-fedavg``: client i gets Σ_j w_ij L_j over every j, i included (s_ii = 1), whatever
+    ``include-self`` says, and trains it further as its one adapter."""
+    config = _config(data_root, tmp_path / "runs", strategy="rela-fedavg")
+    assert not config.include_self
+    result, recorders = _run(config, [0, 1, 2])
+    assert result.last_round == 2
+    ids = (0, 1, 2)
+    vectors = [proto.decode_task_vector(recorders[100 + c].replies[1].content.array_records[proto.TASK_VECTOR]) for c in ids]
+    weights = relevance_weights(task_similarity(vectors), tau=config.tau, include_self=True)
+    assert np.all(np.diag(weights) > weights.max(axis=1) - 1e-12)  # each client is its own most relevant
+    locals_ = [proto.decode_state(recorders[100 + c].replies[1].content.array_records[proto.LOCAL_SHARED], "l") for c in ids]
+    received = [proto.decode_state(recorders[100 + c].sent[2].content.array_records[proto.GLOBAL_SHARED], "g") for c in ids]
+    for i in range(3):
+        for key in locals_[i]:
+            expected = sum(weights[i, j] * locals_[j][key] for j in range(3))
+            torch.testing.assert_close(received[i][key], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.slow
 def test_resume_gives_the_same_next_round_states(data_root: Path, tmp_path: Path) -> None:
     full, _ = _run(_config(data_root, tmp_path / "a", **{"num-server-rounds": 3}), [0, 2])
     _run(_config(data_root, tmp_path / "b", **{"num-server-rounds": 3}), [0, 2], stop_after=2)
@@ -168,7 +188,7 @@ def test_fedmosaic_trained_global_uploads_its_global_and_gets_the_rela_mix(data_
     assert all(r["scores"]["self"] for r in result.rows)
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedavg-dual", "fedmosaic"])
+@pytest.mark.parametrize("strategy", ["fedavg", "rela-fedavg", "fedavg-dual", "fedmosaic"])
 def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch(strategy: str) -> None:
     """FedAvg keeps one adapter: the group mean overwrites the local branch and the global branch
     stays 0. The dual-branch strategies put what the server sends into the frozen global branch."""
@@ -193,12 +213,12 @@ def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch
     global_ = {**model.shared_state("global"), **model.same_arch_state("global")}
     sent = {**shared, **same_arch}
     for key, value in sent.items():
-        if strategy == "fedavg":
+        if strategy in ("fedavg", "rela-fedavg"):
             assert torch.equal(local[key], value) and torch.equal(global_[key], global_before[key])
         else:
             assert torch.equal(global_[key], value) and torch.equal(local[key], local_before[key])
     resting = len(model.gates_without_global())
-    assert resting == (len(model.adapted_modules) if strategy == "fedavg" else 0)  # fedavg: G = 0, β rests
+    assert resting == (len(model.adapted_modules) if strategy in ("fedavg", "rela-fedavg") else 0)  # G = 0, β rests
 
 
 @pytest.mark.slow

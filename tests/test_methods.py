@@ -42,7 +42,7 @@ def test_equal_compute_budgets_scale_local_steps_as_the_reference() -> None:
     iterations = {name: parse_run_config({"strategy": name, "local-steps": 32}).local_iterations for name in METHODS}
     assert iterations == {"fedmosaic": 30, "fedmosaic-uniform": 30, "fedmosaic-trained-global": 30,
                           "fedmosaic-uniform-trained-global": 30, "fedmosaic-joint-global": 30,
-                          "fedavg": 32, "fedavg-dual": 32,
+                          "fedavg": 32, "fedavg-dual": 32, "rela-fedavg": 32,
                           "feddpa": 32, "ditto": 16, "fedsim": 24, "local": 32}
     same = {name: parse_run_config({"strategy": name, "local-steps": 32, "equal-compute": False}).local_iterations
             for name in METHODS}

@@ -1,0 +1,101 @@
+"""How much a client could gain from its skill group at best: each skill group run as its own
+federation (an oracle that knows the groups), paired against local training.
+
+``split`` writes one scenario per skill group (the clients whose tasks have the same skill set,
+with their own client ids; they run in simulation as they are). Run ``fedmosaic compare`` on each
+(same strategies and seeds), then ``summary`` pools the groups: per seed, the mean over all
+clients (each group weighted by its clients), and the paired difference to ``local``.
+
+Inside a group run, *Others* is the group peers' tasks (Others of the own skill); Self is the
+client's own tasks as in the full scenario, and a client's ``local`` run does not depend on
+which other clients exist, so local's Self here is its Self in the full scenario.
+
+    python bench/group_oracle.py split DATA_ROOT/scenario-homogeneous.json DATA_ROOT OUT_DIR
+    fedmosaic compare --strategies local,fedavg,fedmosaic --seeds 5,6,7,8,9 \\
+        -c "scenario='OUT_DIR/scenario-homogeneous-digits.json'" --out OUT_DIR/compare-digits   # each group
+    python bench/group_oracle.py summary OUT_DIR/compare-digits OUT_DIR/compare-colours ...
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from drake_data.layout import load_scenario, write_scenario
+from fedmosaic_cli.comparison import mean_interval, task_skills
+
+app = typer.Typer(add_completion=False)
+METRICS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last (group peers' tasks)"}
+
+
+@app.command()
+def split(scenario_file: Path, data_root: Path, out_dir: Path) -> None:
+    """One scenario file per skill set, named ``<scenario>-<skills>.json``."""
+    scenario = load_scenario(scenario_file, data_root)
+    skill = task_skills(data_root)
+    if not skill:
+        raise typer.BadParameter(f"{data_root}: no tasks.json with the tasks' skills")
+    groups: dict[str, list[dict]] = {}
+    for client in scenario.clients:
+        skills = "+".join(sorted({skill[t.key] for t in client.datasets}))
+        groups.setdefault(skills, []).append(client.model_dump(mode="json", exclude_none=True))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = scenario_file.stem
+    for skills, clients in groups.items():
+        if len(clients) < 2:
+            typer.echo(f"{skills}: one client only, skipped")
+            continue
+        path = write_scenario(out_dir / f"{stem}-{skills}.json", clients)
+        typer.echo(f"{path}: clients {', '.join(str(c['client_id']) for c in clients)}")
+
+
+def _per_seed(comparison: dict, method: str, metric: str) -> dict[int, float]:
+    entry = comparison["methods"][method]
+    return dict(zip(entry["seeds"], entry[metric]["per_seed"], strict=True))
+
+
+@app.command()
+def summary(compare_dirs: list[Path], reference: str = typer.Option("local", help="the method paired against")) -> None:
+    """Mean ± 95 % over seeds of the client-weighted pool of the groups, and the paired difference
+    to ``reference``; then the same per group."""
+    groups = {d.name: json.loads((d / "comparison.json").read_text()) for d in compare_dirs}
+    sizes = {name: len(c["methods"][reference]["clients"]) for name, c in groups.items()}
+    methods = [m for m in next(iter(groups.values()))["methods"] if all(m in c["methods"] for c in groups.values())]
+    seeds = sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in groups.values() for m in methods)))
+    total = sum(sizes.values())
+
+    def pooled(method: str, metric: str) -> list[float]:
+        per_group = {name: _per_seed(c, method, metric) for name, c in groups.items()}
+        return [sum(sizes[g] * per_group[g][s] for g in groups) / total for s in seeds]
+
+    def cell(values: list[float]) -> str:
+        stat = mean_interval([100 * v for v in values])
+        return f"{stat['mean']:+.1f} ± {stat['ci95']:.1f}"
+
+    typer.echo(f"Seeds {seeds}; groups {', '.join(f'{g} ({n} clients)' for g, n in sizes.items())}. Mean ± 95 % (points).\n")
+    typer.echo("| method | " + " | ".join(METRICS.values()) + " | " + " | ".join(f"paired {v}" for v in METRICS.values()) + " |")
+    typer.echo("|---" * (1 + 2 * len(METRICS)) + "|")
+    for method in methods:
+        values = {k: pooled(method, k) for k in METRICS}
+        base = {k: pooled(reference, k) for k in METRICS}
+        means = [f"{mean_interval([100 * v for v in values[k]])['mean']:.1f} ± {mean_interval([100 * v for v in values[k]])['ci95']:.1f}" for k in METRICS]
+        paired = ["—" if method == reference else cell([a - b for a, b in zip(values[k], base[k], strict=True)]) for k in METRICS]
+        typer.echo(f"| {method} | " + " | ".join(means + paired) + " |")
+    typer.echo(f"\nPaired Self A_last / Others A_last per group (vs {reference}):\n")
+    typer.echo("| group | " + " | ".join(m for m in methods if m != reference) + " |")
+    typer.echo("|---" * len(methods) + "|")
+    for name, c in groups.items():
+        row = []
+        for method in (m for m in methods if m != reference):
+            parts = []
+            for metric in ("self_last", "others_last"):
+                a, b = _per_seed(c, method, metric), _per_seed(c, reference, metric)
+                parts.append(cell([a[s] - b[s] for s in seeds]))
+            row.append(" / ".join(parts))
+        typer.echo(f"| {name} | " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    app()
