@@ -62,7 +62,10 @@ def summary(compare_dirs: list[Path], reference: str = typer.Option("local", hel
     to ``reference``; then the same per group."""
     groups = {d.name: json.loads((d / "comparison.json").read_text()) for d in compare_dirs}
     sizes = {name: len(c["methods"][reference]["clients"]) for name, c in groups.items()}
-    methods = [m for m in next(iter(groups.values()))["methods"] if all(m in c["methods"] for c in groups.values())]
+    found = [m for m in next(iter(groups.values()))["methods"] if all(m in c["methods"] for c in groups.values())]
+    if reference not in found:
+        raise typer.BadParameter(f"{reference!r} is not in every comparison (have {', '.join(found)})")
+    methods = [reference] + [m for m in found if m != reference]
     seeds = sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in groups.values() for m in methods)))
     total = sum(sizes.values())
 
