@@ -30,12 +30,12 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", err)
         raise  # Flower marks the run failed (a SystemExit would be reported as completed)
     prepare_federation(config)
-    store = RunStore(config)
-    strategy = FedMosaicStrategy(config, store)
-    strategy.start(grid, ArrayRecord(), num_rounds=config.num_server_rounds, timeout=config.round_timeout)
-    _, table = write_report(
-        store.dir, store.rows, strategy.last_weights, strategy.last_weight_ids,
-        f"{config.strategy} on {config.scenario} (seed {config.seed})", outcomes=store.outcomes,
-    )
+    with RunStore(config) as store:
+        strategy = FedMosaicStrategy(config, store)
+        strategy.start(grid, ArrayRecord(), num_rounds=config.num_server_rounds, timeout=config.round_timeout)
+        _, table = write_report(
+            store.dir, store.rows, strategy.last_weights, strategy.last_weight_ids,
+            f"{config.strategy} on {config.scenario} (seed {config.seed})", outcomes=store.outcomes,
+        )
     print(table, flush=True)
     print(f"Report written to {store.dir / 'report'}", flush=True)

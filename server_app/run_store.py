@@ -7,11 +7,15 @@ those excluded with the reason, those that did not reply in time),
 ``checkpoints/round-NNNN/{state.safetensors,state.json}`` written atomically and named by
 ``checkpoints/LATEST``. A fresh run moves an older run of the same name aside; ``resume``
 continues after the newest checkpoint and refuses a config that changed anything but the keys
-in :data:`RESUME_IGNORED_KEYS`.
+in :data:`RESUME_IGNORED_KEYS`. While a ServerApp has the run open it holds an exclusive lock on
+``<output-dir>/.<run-name>.lock`` (beside the folder, which a fresh run may move), so a second
+ServerApp of the same run stops with one error instead of writing into the same files; the
+operating system releases the lock when the process ends, however it ends.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -51,6 +55,40 @@ class RunStore:
         self.keep = keep
         self.rows: list[dict[str, Any]] = []
         self.outcomes: list[dict[str, Any]] = []
+        self._lock: int | None = None
+
+    def __enter__(self) -> RunStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def lock_path(self) -> Path:
+        return self.dir.parent / f".{self.dir.name}.lock"
+
+    def _claim(self) -> None:
+        """Take the run's lock, or raise naming the process that holds it."""
+        if self._lock is not None:
+            return
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RunStateError(f"{self.dir} is in use by another ServerApp (pid {holder}); stop that run "
+                                f"or give this one another run-name") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock = fd
+
+    def close(self) -> None:
+        """Release the run's lock (the files stay)."""
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases its flock
+            self._lock = None
 
     @property
     def log_path(self) -> Path:
@@ -61,7 +99,9 @@ class RunStore:
         return self.dir / OUTCOMES_FILE
 
     def open(self) -> tuple[int, tuple[dict[str, torch.Tensor], dict[str, Any]] | None]:
-        """Fresh run or resume: (first round to run, the checkpoint to restore or None)."""
+        """Fresh run or resume: (first round to run, the checkpoint to restore or None). Takes the
+        run's lock first (:class:`RunStateError` while another ServerApp holds it)."""
+        self._claim()
         saved_config = self.dir / "config.json"
         if self.config.resume:
             checkpoint = self.latest_checkpoint()

@@ -73,9 +73,9 @@ class RunOutcome:
 def run_federation(grid: Grid, config: FederationConfig, *, stop_after: int | None = None) -> RunOutcome:
     """What the ServerApp does, on a given grid: the strategy's ``start`` with a run store
     (``stop_after``: stop after that round, as a crashed server would)."""
-    store = RunStore(config)
-    strategy = FedMosaicStrategy(config, store)
-    strategy.start(grid, num_rounds=stop_after or config.num_server_rounds)
+    with RunStore(config) as store:
+        strategy = FedMosaicStrategy(config, store)
+        strategy.start(grid, num_rounds=stop_after or config.num_server_rounds)
     return RunOutcome(strategy, store.rows, store.dir, strategy.last_round)
 
 

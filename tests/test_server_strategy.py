@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from fedmosaic_core.rela import relevance_weights, task_similarity
 from fedmosaic_flower import records as proto
 from fedmosaic_flower.config import parse_run_config
 from server_app.report import summarise, write_report
-from server_app.run_store import RunStateError
+from server_app.run_store import RunStateError, RunStore
 
 R = 4
 WIDTH = {"arch-a": 16, "arch-b": 24}
@@ -243,6 +244,24 @@ def test_resume_with_changed_config_is_refused(tmp_path: Path) -> None:
     run_federation(InProcessGrid(dict(_clients())), _config(tmp_path), stop_after=1)
     with pytest.raises(RunStateError, match="tau"):
         run_federation(InProcessGrid(dict(_clients())), _config(tmp_path, resume=True, tau=0.9))
+
+
+def test_a_second_serverapp_of_the_same_run_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    """Two ServerApps must not write one run folder: while the first holds the run open, the
+    second stops with one error naming the holder, and the first's log and checkpoints are intact."""
+    config = _config(tmp_path, **{"num-server-rounds": 2})
+    first = run_federation(InProcessGrid(dict(_clients())), config, stop_after=1)
+    rows = (first.run_dir / "rounds.jsonl").read_text()
+    with RunStore(config) as holder:
+        holder.open()  # resume=False: the finished round-1 run is moved aside and a fresh one begins
+        assert holder.lock_path.read_text().strip() == str(os.getpid())
+        with pytest.raises(RunStateError, match=rf"in use by another ServerApp \(pid {os.getpid()}\)"):
+            run_federation(InProcessGrid(dict(_clients())), config)
+        assert not (holder.dir / "rounds.jsonl").exists() and not (holder.dir / "checkpoints").exists()
+    moved = [d for d in tmp_path.rglob("rounds.jsonl") if "-previous-" in str(d)]
+    assert len(moved) == 1 and moved[0].read_text() == rows
+    again = run_federation(InProcessGrid(dict(_clients())), config)  # the lock is released on close
+    assert again.last_round == 2
 
 
 def test_local_strategy_sends_no_global_state_and_asks_for_no_local_state(tmp_path: Path) -> None:
