@@ -331,8 +331,10 @@ def simulation_home(flwr_root: Path, run_dir: Path) -> Path:
 
 @contextmanager
 def simulation_superlink(flwr_home: Path, extra_env: Mapping[str, str] | None = None) -> Iterator[SuperLinkHandle]:
-    """A SuperLink in simulation mode on free loopback ports, stopped on exit."""
-    handle = _start_superlink(flwr_home, extra_env, simulation=True)
+    """A SuperLink in simulation mode on free loopback ports, stopped on exit. Its state is in
+    memory: a database in ``flwr_home`` would outlive a stopped command, and the next SuperLink on
+    it would start the run that command had left pending again, beside the new one."""
+    handle = _start_superlink(flwr_home, extra_env, simulation=True, persistent=False)
     try:
         yield handle
     finally:

@@ -167,6 +167,21 @@ def test_one_launch_per_flwr_home_and_a_home_per_simulation_run(tmp_path: Path) 
     assert simulation_home(home, runs / "two-families-local-seed0") == seed0
 
 
+@pytest.mark.slow
+def test_a_simulation_superlink_keeps_no_state_on_disk(tmp_path: Path) -> None:
+    """A database in the run's FLWR_HOME would outlive a stopped command, and the next SuperLink on
+    it would start the run left pending there again, beside the new one (seen: two ServerApps
+    writing one run folder). The simulation SuperLink keeps its state in memory."""
+    from fedmosaic_cli.launch import simulation_superlink
+
+    home = tmp_path / "flwr-home"
+    with simulation_superlink(home) as link:
+        assert link.process.poll() is None
+        assert not list(home.glob("state.db*"))
+    assert link.process.poll() is not None
+    assert not list(home.glob("state.db*"))
+
+
 def _compare_without_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[list[dict], dict]:
     """``compare`` with its runs and its table replaced by recorders: which runs it would start."""
     import fedmosaic_cli.comparison as comparison
