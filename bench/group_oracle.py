@@ -73,17 +73,17 @@ def summary(compare_dirs: list[Path], reference: str = typer.Option("local", hel
         per_group = {name: _per_seed(c, method, metric) for name, c in groups.items()}
         return [sum(sizes[g] * per_group[g][s] for g in groups) / total for s in seeds]
 
-    def cell(values: list[float]) -> str:
+    def cell(values: list[float], signed: bool = True) -> str:
         stat = mean_interval([100 * v for v in values])
-        return f"{stat['mean']:+.1f} ± {stat['ci95']:.1f}"
+        return f"{stat['mean']:{'+' if signed else ''}.1f} ± {stat['ci95']:.1f}"
 
     typer.echo(f"Seeds {seeds}; groups {', '.join(f'{g} ({n} clients)' for g, n in sizes.items())}. Mean ± 95 % (points).\n")
     typer.echo("| method | " + " | ".join(METRICS.values()) + " | " + " | ".join(f"paired {v}" for v in METRICS.values()) + " |")
     typer.echo("|---" * (1 + 2 * len(METRICS)) + "|")
+    base = {k: pooled(reference, k) for k in METRICS}
     for method in methods:
         values = {k: pooled(method, k) for k in METRICS}
-        base = {k: pooled(reference, k) for k in METRICS}
-        means = [f"{mean_interval([100 * v for v in values[k]])['mean']:.1f} ± {mean_interval([100 * v for v in values[k]])['ci95']:.1f}" for k in METRICS]
+        means = [cell(values[k], signed=False) for k in METRICS]
         paired = ["—" if method == reference else cell([a - b for a, b in zip(values[k], base[k], strict=True)]) for k in METRICS]
         typer.echo(f"| {method} | " + " | ".join(means + paired) + " |")
     typer.echo(f"\nPaired Self A_last / Others A_last per group (vs {reference}):\n")
