@@ -41,13 +41,18 @@ def centred(vectors: list[np.ndarray]) -> list[np.ndarray]:
     return [u - mean for u in unit]
 
 
+def pair_auroc(similarity: np.ndarray, same: np.ndarray) -> float:
+    """AUROC of ``s_ij`` over pairs i < j, ``same[i, j]`` (same group) positive."""
+    upper = np.triu_indices(len(same), k=1)
+    return roc_auc(similarity[upper].tolist(), same[upper].tolist())
+
+
 def measures(similarity: np.ndarray, same: np.ndarray, tau: float) -> dict[str, float]:
     """AUROC (same group vs rest, pairs i < j), off-diagonal spread, weight on same-group peers."""
-    upper = np.triu_indices(len(same), k=1)
     off = ~np.eye(len(same), dtype=bool)
     weights = relevance_weights(similarity, tau=tau)
     return {
-        "auroc": roc_auc(similarity[upper].tolist(), same[upper].tolist()),
+        "auroc": pair_auroc(similarity, same),
         "spread": float(similarity[off].std()),
         "same_group_weight": float((weights * same * off).sum(axis=1).mean()),
     }

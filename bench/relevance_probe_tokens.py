@@ -28,13 +28,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
 
 def task_level_auroc(vectors: list[np.ndarray], skills: list[str]) -> float:
-    from fedmosaic_cli.comparison import roc_auc
+    from relevance_centring import pair_auroc  # bench/ is the script's folder, first on sys.path
+
     from fedmosaic_core.rela.similarity import task_similarity
 
-    similarity = task_similarity(vectors)
-    upper = np.triu_indices(len(skills), k=1)
-    same = np.array([[a == b for b in skills] for a in skills])
-    return roc_auc(similarity[upper].tolist(), same[upper].tolist())
+    return pair_auroc(task_similarity(vectors), np.array([[a == b for b in skills] for a in skills]))
 
 
 @app.command()
