@@ -9,8 +9,9 @@ those excluded with the reason, those that did not reply in time),
 continues after the newest checkpoint and refuses a config that changed anything but the keys
 in :data:`RESUME_IGNORED_KEYS`. While a ServerApp has the run open it holds an exclusive lock on
 ``<output-dir>/.<run-name>.lock`` (beside the folder, which a fresh run may move), so a second
-ServerApp of the same run stops with one error instead of writing into the same files; the
-operating system releases the lock when the process ends, however it ends.
+ServerApp of the same run stops with one error instead of writing into the same files. Closing the
+run removes the lock file while still holding the lock; one left by a killed process is taken over
+by the next run (the operating system releases the lock however the process ends).
 """
 
 from __future__ import annotations
@@ -72,21 +73,26 @@ class RunStore:
         if self._lock is not None:
             return
         self.dir.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunStateError(f"{self.dir} is in use by another ServerApp (pid {holder}); stop that run "
-                                f"or give this one another run-name") from None
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunStateError(f"{self.dir} is in use by another ServerApp (pid {holder}); stop that run "
+                                    f"or give this one another run-name") from None
+            if _same_file(fd, self.lock_path):
+                break
+            os.close(fd)  # its holder removed the file between our open and our flock: lock the new one
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock = fd
 
     def close(self) -> None:
-        """Release the run's lock (the files stay)."""
+        """Release the run's lock and remove its file (the run's files stay)."""
         if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)  # while locked, so no one holds a lock on a removed file
             os.close(self._lock)  # closing the descriptor releases its flock
             self._lock = None
 
@@ -174,3 +180,13 @@ def _read_lines(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash mid-append
     return records
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)

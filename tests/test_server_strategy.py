@@ -260,8 +260,39 @@ def test_a_second_serverapp_of_the_same_run_is_refused_and_writes_nothing(tmp_pa
         assert not (holder.dir / "rounds.jsonl").exists() and not (holder.dir / "checkpoints").exists()
     moved = [d for d in tmp_path.rglob("rounds.jsonl") if "-previous-" in str(d)]
     assert len(moved) == 1 and moved[0].read_text() == rows
+    assert not holder.lock_path.exists()  # removed on close
     again = run_federation(InProcessGrid(dict(_clients())), config)  # the lock is released on close
     assert again.last_round == 2
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".lock")] == []
+
+
+def test_a_lock_file_removed_while_claiming_is_not_the_lock_taken(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the holder closes (removing the lock file) between our open and our flock, the lock we
+    get is on a removed file that a third ServerApp would not see: the claim must lock the new file."""
+    import fcntl
+
+    from server_app import run_store
+
+    config = _config(tmp_path)
+    store = RunStore(config)
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_the_holder_left(fd: int, op: int) -> None:
+        if not calls:  # the holder's close, between our open and our first flock
+            store.lock_path.unlink()
+            store.lock_path.write_text("")
+        calls.append(fd)
+        real_flock(fd, op)
+
+    store.lock_path.parent.mkdir(parents=True, exist_ok=True)
+    store.lock_path.write_text("123\n")  # left by a ServerApp that was killed
+    monkeypatch.setattr(run_store.fcntl, "flock", flock_after_the_holder_left)
+    with store:
+        store.open()
+        assert len(calls) == 2  # the first lock was on the removed file: claimed again
+        assert os.fstat(calls[1]).st_ino == store.lock_path.stat().st_ino
+        assert store.lock_path.read_text().strip() == str(os.getpid())
+    assert not store.lock_path.exists()
 
 
 def test_local_strategy_sends_no_global_state_and_asks_for_no_local_state(tmp_path: Path) -> None:
