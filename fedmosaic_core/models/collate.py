@@ -202,10 +202,10 @@ def _tokens_per_image(processor: Any, pixel_values: torch.Tensor | None) -> int:
     return image_token_count(processor, pixel_values) if pixel_values is not None else 0
 
 
-def collate(
-    processor: Any, samples: Sequence[SampleLike], max_length: int = 256
-) -> dict[str, torch.Tensor]:
-    """Right-padded training batch: input_ids, attention_mask, labels (+ pixel_values)."""
+def _tokenized_batch(
+    processor: Any, samples: Sequence[SampleLike], max_length: int, with_answer: bool
+) -> tuple[list[Any], torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Each sample tokenized, the pixel values, and a pad-filled ids tensor with a zero mask."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     if max_length <= 0:
@@ -214,48 +214,50 @@ def collate(
     pixel_values = pixel_values_for(processor, samples)
     per_image = _tokens_per_image(processor, pixel_values)
     tokenized = [
-        tokenize_sample(processor, s, max_length, with_answer=True, tokens_per_image=per_image)
+        tokenize_sample(processor, s, max_length, with_answer=with_answer, tokens_per_image=per_image)
         for s in samples
     ]
     width = max(len(t.input_ids) for t in tokenized)
     input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    return tokenized, pixel_values, input_ids, attention_mask
+
+
+def _with_pixels(batch: dict[str, torch.Tensor], pixel_values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def collate(
+    processor: Any, samples: Sequence[SampleLike], max_length: int = 256
+) -> dict[str, torch.Tensor]:
+    """Right-padded training batch: input_ids, attention_mask, labels (+ pixel_values)."""
+    tokenized, pixel_values, input_ids, attention_mask = _tokenized_batch(
+        processor, samples, max_length, with_answer=True
+    )
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, item in enumerate(tokenized):
         ids = torch.tensor(item.input_ids, dtype=torch.long)
         input_ids[row, : len(ids)] = ids
         attention_mask[row, : len(ids)] = 1
         labels[row, item.num_prompt_tokens : len(ids)] = ids[item.num_prompt_tokens :]
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-    if pixel_values is not None:
-        batch["pixel_values"] = pixel_values
-    return batch
+    return _with_pixels({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, pixel_values)
 
 
 def collate_for_generation(
     processor: Any, samples: Sequence[SampleLike], max_length: int = 256
 ) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch (no answers, no labels) for ``generate``."""
-    if not samples:
-        raise ValueError("collate_for_generation needs at least one sample")
-    tokenizer = _tokenizer(processor)
-    pixel_values = pixel_values_for(processor, samples)
-    per_image = _tokens_per_image(processor, pixel_values)
-    tokenized = [
-        tokenize_sample(processor, s, max_length, with_answer=False, tokens_per_image=per_image)
-        for s in samples
-    ]
-    width = max(len(t.input_ids) for t in tokenized)
-    input_ids = torch.full((len(samples), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    tokenized, pixel_values, input_ids, attention_mask = _tokenized_batch(
+        processor, samples, max_length, with_answer=False
+    )
+    width = input_ids.shape[1]
     for row, item in enumerate(tokenized):
         ids = torch.tensor(item.input_ids, dtype=torch.long)
         input_ids[row, width - len(ids) :] = ids
         attention_mask[row, width - len(ids) :] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if pixel_values is not None:
-        batch["pixel_values"] = pixel_values
-    return batch
+    return _with_pixels({"input_ids": input_ids, "attention_mask": attention_mask}, pixel_values)
 
 
 def _generator_of(model: nn.Module) -> Any:
