@@ -18,42 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedmosaic_core.rela import (
-    TaskVectorAccumulator,
     TaskVectorCompression,
-    TaskVectorProbe,
     compress_task_vector,
     relevance_weights,
     task_similarity,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # shared fixture data
-from demo_batches import BYTE_VOCAB_SIZE, task_batches  # noqa: E402
-
-TASKS = (
-    "chatterbot:food", "chatterbot:computers", "chatterbot:greetings",
-    "easyvqa:color", "easyvqa:shape", "easyvqa:yesno",
-)
-
-
-def real_task_vectors(d_model: int, d_ff: int) -> list[np.ndarray]:
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=BYTE_VOCAB_SIZE, hidden_size=d_model, intermediate_size=d_ff,
-            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-        )
-    ).eval()
-    probe = TaskVectorProbe(model)
-    vectors = []
-    for client, task in enumerate(TASKS):
-        acc = TaskVectorAccumulator(probe, seed=0, noise_seed=client)
-        for step, batch in enumerate(task_batches(task, num_batches=3, batch_size=8, seed=client)):
-            acc.maybe_update(step * acc.every_m_steps, batch)
-        vectors.append(acc.end_round().numpy())
-    return vectors
+from demo_batches import probed_task_vectors  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +41,7 @@ def main() -> None:
     print(f"{'d_model x d_ff':>14} {'sketch':>10} {'ratio':>7} {'max|dw| mean':>12} {'worst':>7} {'<=0.02':>7}")
     for shape in args.shapes:
         d_model, d_ff = (int(x) for x in shape.split("x"))
-        vectors = real_task_vectors(d_model, d_ff)
+        vectors = probed_task_vectors(d_model, d_ff)
         rows, cols = vectors[0].shape
         weights = relevance_weights(task_similarity(vectors))
         for sketch_dim in args.sketch_dims:

@@ -96,3 +96,38 @@ def task_batches(
     pairs = list(task_pairs(task))
     rng = random.Random(f"{task}:{seed}")
     return [byte_batch(rng.sample(pairs, batch_size), max_length) for _ in range(num_batches)]
+
+
+DEMO_TASKS = (
+    "chatterbot:food",
+    "chatterbot:computers",
+    "chatterbot:greetings",
+    "easyvqa:color",
+    "easyvqa:shape",
+    "easyvqa:yesno",
+)
+
+
+def probed_task_vectors(d_model: int, d_ff: int, tasks: tuple[str, ...] = DEMO_TASKS) -> list:
+    """One client per task on a seeded tiny Llama probe: 3 probe updates of 8 real samples each,
+    sanitised and averaged (RELA's task vectors as numpy arrays)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedmosaic_core.rela import TaskVectorAccumulator, TaskVectorProbe
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=BYTE_VOCAB_SIZE, hidden_size=d_model, intermediate_size=d_ff,
+            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+        )
+    ).eval()
+    probe = TaskVectorProbe(model)
+    vectors = []
+    for client, task in enumerate(tasks):
+        accumulator = TaskVectorAccumulator(probe, seed=0, noise_seed=client)
+        for step, batch in enumerate(task_batches(task, num_batches=3, batch_size=8, seed=client)):
+            if not accumulator.maybe_update(step * accumulator.every_m_steps, batch):
+                raise RuntimeError(f"probe step {step} of {task} did not update the task vector")
+        vectors.append(accumulator.end_round().numpy())
+    return vectors

@@ -6,47 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from demo_batches import BYTE_VOCAB_SIZE, task_batches
-from transformers import LlamaConfig, LlamaForCausalLM
+from demo_batches import DEMO_TASKS, probed_task_vectors
 
 from fedmosaic_core.rela import (
-    TaskVectorAccumulator,
     TaskVectorCompression,
-    TaskVectorProbe,
     compress_task_vector,
     relevance_weights,
     task_similarity,
 )
 
-TASKS = (
-    "chatterbot:food",
-    "chatterbot:computers",
-    "chatterbot:greetings",
-    "easyvqa:color",
-    "easyvqa:shape",
-    "easyvqa:yesno",
-)
 D_MODEL, D_FF = 512, 2048
 
 
 @pytest.fixture(scope="module")
 def real_task_vectors() -> list[np.ndarray]:
     """One client per task: 3 probe updates of 8 real samples each, sanitised and averaged."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=BYTE_VOCAB_SIZE, hidden_size=D_MODEL, intermediate_size=D_FF,
-            num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
-        )
-    ).eval()
-    probe = TaskVectorProbe(model)
-    vectors = []
-    for client, task in enumerate(TASKS):
-        accumulator = TaskVectorAccumulator(probe, seed=0, noise_seed=client)
-        for step, batch in enumerate(task_batches(task, num_batches=3, batch_size=8, seed=client)):
-            assert accumulator.maybe_update(step * accumulator.every_m_steps, batch)
-        vectors.append(accumulator.end_round().numpy())
-    return vectors
+    return probed_task_vectors(D_MODEL, D_FF)
 
 
 def test_compressed_weights_match_uncompressed_on_real_tasks(real_task_vectors: list[np.ndarray]) -> None:
@@ -71,7 +46,7 @@ def test_compressed_weights_match_uncompressed_on_real_tasks(real_task_vectors: 
         f"Llama-3.2-1B shapes: ratio {llama_1b.byte_ratio(819, 8192):.1f}x"
     )
     # The tasks are really different: the weights are not uniform ...
-    assert np.ptp(weights[~np.eye(len(TASKS), dtype=bool)]) > 0.05
+    assert np.ptp(weights[~np.eye(len(DEMO_TASKS), dtype=bool)]) > 0.05
     # ... and the compressed weights stay within the issue's tolerance.
     assert max_diff <= 0.02
 
