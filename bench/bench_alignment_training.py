@@ -13,27 +13,31 @@ anchor keeps its seeded A/B in every variant.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 import tomllib
 import torch
+import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("seeded", "cca-raw", "cca-orthonormal")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=None, help="FEDMOSAIC_CACHE (prepared if missing)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=32)
-    args = parser.parse_args()
-    if args.cache is not None:
-        os.environ["FEDMOSAIC_CACHE"] = str(args.cache)
-    torch.set_num_threads(args.threads)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+@app.command()
+def main(
+    cache: Path | None = typer.Option(None, help="FEDMOSAIC_CACHE (prepared if missing)"),
+    threads: int = typer.Option(1, help="torch threads"),
+    steps: int = typer.Option(32, help="AdamW steps per client and variant"),
+) -> None:
+    """Answer loss before and after local training, per client and A/B variant."""
+    if cache is not None:
+        os.environ["FEDMOSAIC_CACHE"] = str(cache)
+    torch.set_num_threads(threads)
 
     from client_app.resources import get_resources
     from fedmosaic_core.models.align import AlignConfig, align_bases
@@ -63,7 +67,7 @@ def main() -> None:
             aligned = align_bases(anchor, other, public, AlignConfig(r=config.r, seed=config.seed, b_normalisation=norm))
             bases[model_id][name] = aligned.state
 
-    print(f"threads {args.threads}, {args.steps} steps, lr-pq {config.lr_pq}, lr-lora {config.lr_lora}, r {config.r}")
+    print(f"threads {threads}, {steps} steps, lr-pq {config.lr_pq}, lr-lora {config.lr_lora}, r {config.r}")
     print("| client | model | task | loss before | after: seeded A/B | after: CCA raw B | after: CCA orthonormal B |")
     print("|---|---|---|---:|---:|---:|---:|")
     for entry in scenario.clients:
@@ -75,7 +79,7 @@ def main() -> None:
             if variant != "seeded" and state is None:  # the anchor: same A/B in every variant
                 after[variant] = after["seeded"]
                 continue
-            before, after[variant] = train_and_measure(entry.model_id, state, samples, config, args.steps, data_root)
+            before, after[variant] = train_and_measure(entry.model_id, state, samples, config, steps, data_root)
         print(f"| {entry.client_id} | {entry.model_id} | {ref.key} | {before:.2f} | {after['seeded']:.2f} | "
               f"{after['cca-raw']:.2f} | {after['cca-orthonormal']:.2f} |", flush=True)
 
@@ -116,4 +120,4 @@ def train_and_measure(model_id: str, state: dict[str, torch.Tensor] | None, samp
 
 
 if __name__ == "__main__":
-    main()
+    app()

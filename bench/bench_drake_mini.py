@@ -5,26 +5,29 @@ Run: ``python bench/bench_drake_mini.py [--size default] [--seed 0]`` (builds in
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import typer
 
 from drake_data import load_scenario, load_task, render_sample
 from drake_data.mini import build_drake_mini, load_public, verify_build
 
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="default")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+
+@app.command()
+def main(
+    size: str = typer.Option("default", help="DRAKE-mini size (default, tiny)"),
+    seed: int = typer.Option(0, help="the build seed"),
+) -> None:
+    """Build DRAKE-mini into a temp folder and print its figures."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        root = build_drake_mini(Path(tmp) / "drake-mini", seed=args.seed, size=args.size)
+        root = build_drake_mini(Path(tmp) / "drake-mini", seed=seed, size=size)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         manifest = verify_build(root)
@@ -38,7 +41,7 @@ def main() -> None:
                 n += 1
         render_s = time.perf_counter() - t0
         tasks = manifest["tasks"]
-        print(f"size={args.size} seed={args.seed}")
+        print(f"size={size} seed={seed}")
         print(f"build: {build_s:.2f} s   verify (hashes + leakage): {verify_s:.2f} s")
         print(f"files: {len(manifest['files'])}   images: {manifest['counts']['images']}   "
               f"bytes: {manifest['total_bytes'] / 1e6:.2f} MB")
@@ -51,4 +54,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app()

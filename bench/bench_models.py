@@ -18,7 +18,6 @@ processes use the cores are slower than on a quiet machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import typer
 
 from drake_data.prompts import RenderedSample
 from fedmosaic_core.models import PRESETS, collate, load_model
@@ -82,24 +82,28 @@ def _text_only(sample: RenderedSample) -> RenderedSample:
                           sample.choices, sample.task_type)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--public-data", type=Path, required=True)
-    parser.add_argument("--cache-dir", type=Path, default=None)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--r", type=int, default=16)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    results: dict[str, object] = {"threads": args.threads, "load_before": os.getloadavg()[0]}
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
-    public = DrakePublicSplit(args.public_data)
+
+@app.command()
+def main(
+    public_data: Path = typer.Option(..., help="DRAKE-mini's public split folder"),
+    cache_dir: Path | None = typer.Option(None, help="prepared presets (a fresh temp folder if omitted)"),
+    threads: int = typer.Option(1, help="torch threads"),
+    r: int = typer.Option(16, help="the alignment's rank"),
+    out: Path | None = typer.Option(None, help="write the results as JSON here"),
+) -> None:
+    """Tiny presets: train-step time, preparation and A/B alignment."""
+    torch.set_num_threads(threads)
+    results: dict[str, object] = {"threads": threads, "load_before": os.getloadavg()[0]}
+
+    public = DrakePublicSplit(public_data)
     samples = public.samples()
     step_seconds = {name: step_time(name, samples) for name in PRESETS}
     results["step_seconds_b8_t64"] = step_seconds
     print("train step (batch 8 × 64 tokens, 1 image):", {k: f"{v:.3f} s" for k, v in step_seconds.items()})
 
-    cache = args.cache_dir or Path(tempfile.mkdtemp(prefix="fedmosaic-bench-"))
+    cache = cache_dir or Path(tempfile.mkdtemp(prefix="fedmosaic-bench-"))
     start = time.perf_counter()
     prepared = prepare_presets(public, cache, seed=0)
     results["prepare_total_seconds"] = time.perf_counter() - start
@@ -120,14 +124,14 @@ def main() -> None:
     results["alignment"] = {}
     for other_name in ("tiny-llama-m", "tiny-qwen2-s"):
         other = load_model(other_name, cache_dir=cache, public_split=public)
-        bases = align_bases(anchor, other, samples, AlignConfig(r=args.r))
+        bases = align_bases(anchor, other, samples, AlignConfig(r=r))
         m = bases.metrics
         keep = ("cosine_before", "cosine_after", "cka_before", "cka_after", "max_orthonormality_error_A",
                 "token_matching_error_held_out", "cca_mean_correlation", "fit_positions",
                 "held_out_positions", "seconds", "b_transfer_seeded", "b_transfer_cca_raw",
                 "b_transfer_after", "cca_raw_b_max_singular")
         results["alignment"][other_name] = {k: m[k] for k in keep}  # type: ignore[index]
-        print(f"align {other_name} -> tiny-llama-s (r={args.r}): latent cosine {m['cosine_before']:.3f} -> "
+        print(f"align {other_name} -> tiny-llama-s (r={r}): latent cosine {m['cosine_before']:.3f} -> "
               f"{m['cosine_after']:.3f}, CKA {m['cka_before']:.3f} -> {m['cka_after']:.3f}, "
               f"max ||AA^T - I|| {m['max_orthonormality_error_A']:.1e}, token matching error "
               f"{m['token_matching_error_held_out']:.3f}, {m['seconds']:.1f} s; B transfer cosine "
@@ -139,9 +143,9 @@ def main() -> None:
           f"{results['dtw_error_vs_600_vocab_tokenizer']:.3f} (mean 1 - IoU of matched char spans)")
     results["load_after"] = os.getloadavg()[0]
     print(f"1-min load average: {results['load_before']:.2f} before, {results['load_after']:.2f} after")
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=2))
+    if out:
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    app()

@@ -19,7 +19,6 @@ the growth above the post-build baseline (activations, gradients, optimiser stat
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -27,9 +26,11 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import typer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,7 +38,23 @@ VARIANTS = ("pqlora", "peft")
 TIME_TARGET, MEMORY_TARGET = 1.25, 1.10
 
 
-def base_model(args: argparse.Namespace) -> LlamaForCausalLM:
+@dataclass
+class BenchArgs:
+    device: str
+    hidden: int
+    layers: int
+    vocab: int
+    seq: int
+    batch: int
+    dropout: float
+    steps: int
+    warmup: int
+    memory_steps: int
+    threads: int
+    model: str
+
+
+def base_model(args: BenchArgs) -> LlamaForCausalLM:
     torch.manual_seed(0)
     if args.model:  # a real pretrained checkpoint, e.g. smollm2-135m (fp32, CPU)
         from fedmosaic_core.models.loading import load_model
@@ -54,7 +71,7 @@ def base_model(args: argparse.Namespace) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def adapt(model: LlamaForCausalLM, variant: str, args: argparse.Namespace) -> torch.nn.Module:
+def adapt(model: LlamaForCausalLM, variant: str, args: BenchArgs) -> torch.nn.Module:
     r = args.hidden // 16
     if variant == "pqlora":
         from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
@@ -70,7 +87,7 @@ def adapt(model: LlamaForCausalLM, variant: str, args: argparse.Namespace) -> to
 
 
 class Trainer:
-    def __init__(self, model: torch.nn.Module, device: torch.device, args: argparse.Namespace):
+    def __init__(self, model: torch.nn.Module, device: torch.device, args: BenchArgs):
         self.model = model.to(device).train()
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = sum(p.numel() for p in params)
@@ -104,7 +121,7 @@ def proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_worker(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+def memory_worker(variant: str, args: BenchArgs) -> dict[str, Any]:
     import peft  # noqa: F401  (both libraries loaded in both workers: same import baseline)
 
     import fedmosaic_core.pqlora  # noqa: F401
@@ -140,40 +157,43 @@ def measure_memory(variant: str, argv: list[str]) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=2048)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--dropout", type=float, default=0.05)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--memory-steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--model", default="", help="a real Llama-architecture model instead of a random "
-                        "one (e.g. smollm2-135m); --hidden, --layers and --vocab are then read from it")
-    parser.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+@app.command()
+def main(
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    hidden: int = typer.Option(512, help="hidden size of the random Llama"),
+    layers: int = typer.Option(8, help="decoder layers of the random Llama"),
+    vocab: int = typer.Option(2048, help="vocabulary of the random Llama"),
+    seq: int = typer.Option(128, help="tokens per sample"),
+    batch: int = typer.Option(4, help="samples per step"),
+    dropout: float = typer.Option(0.05, help="adapter dropout"),
+    steps: int = typer.Option(10, help="timed steps per variant"),
+    warmup: int = typer.Option(2, help="untimed steps first"),
+    memory_steps: int = typer.Option(3, help="steps in each memory subprocess"),
+    threads: int = typer.Option(1, help="torch threads"),
+    model: str = typer.Option("", help="a real Llama-architecture model instead of a random one (e.g. "
+                              "smollm2-135m); --hidden, --layers and --vocab are then read from it"),
+    memory_worker_variant: str = typer.Option("", "--memory-worker", hidden=True),
+) -> None:
+    """PQ-LoRA vs peft LoRA of the same rank: train-step time and peak memory."""
+    if device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"--device must be cpu or cuda, got {device!r}")
+    if memory_worker_variant and memory_worker_variant not in VARIANTS:
+        raise typer.BadParameter(f"--memory-worker must be one of {VARIANTS}, got {memory_worker_variant!r}")
+    args = BenchArgs(device, hidden, layers, vocab, seq, batch, dropout, steps, warmup, memory_steps, threads, model)
     if args.model:
         from fedmosaic_core.models.loading import load_model
 
         config = load_model(args.model).model.config
         args.hidden, args.layers, args.vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    return args
-
-
-def main() -> None:
-    args = parse()
     torch.set_num_threads(args.threads)
-    if args.memory_worker:
-        print(json.dumps(memory_worker(args.memory_worker, args)))
+    if memory_worker_variant:
+        print(json.dumps(memory_worker(memory_worker_variant, args)))
         return
-    device = torch.device(args.device)
     shared_base = base_model(args)
-    trainers = {v: Trainer(adapt(copy.deepcopy(shared_base), v, args), device, args) for v in VARIANTS}
+    trainers = {v: Trainer(adapt(copy.deepcopy(shared_base), v, args), torch.device(args.device), args) for v in VARIANTS}
     del shared_base
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(args.warmup + args.steps):
@@ -214,4 +234,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    app()

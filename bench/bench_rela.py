@@ -13,17 +13,17 @@ memory). The aggregation is called as the
 strategy calls it: with the schemas declared at the handshake, on replies decoded into the rows
 of one round matrix (``records.decode_state(into=...)``), which it mixes in place.
 
-    python bench/bench_rela.py --n 10 100 1000 [--device cuda] [--threads 1]
+    python bench/bench_rela.py [--n 10 --n 100 --n 1000] [--device cuda] [--threads 1] [--repeats 3]
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 
 import numpy as np
 import torch
+import typer
 
 from fedmosaic_core.rela import ClientUpdate, TaskVectorCompression, aggregate_global_states
 
@@ -133,15 +133,19 @@ def measure(
     return wall, floor, reused, distinct, kept
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+@app.command()
+def main(
+    n: list[int] = typer.Option([10, 100, 1000], help="clients (repeat the option for several)"),
+    device_name: str = typer.Option("cpu", "--device", help="torch device"),
+    threads: int = typer.Option(1, help="torch threads"),
+    repeats: int = typer.Option(3, help="timed repeats; the best is kept"),
+) -> None:
+    """Aggregation wall time against the FLOP floor, per number of clients."""
+    torch.set_num_threads(threads)
+    device = torch.device(device_name)
 
     sketch = TaskVectorCompression.for_shape(round(0.4 * 2048), 8192, min_ratio=100)
     sketch_shape = sketch.compressed_shape(round(0.4 * 2048), 8192)
@@ -149,7 +153,7 @@ def main() -> None:
     numel_param = R * R + R
     numel_total = BLOCKS * len(MODULES) * numel_param
     print(
-        f"device={device} threads={args.threads}; per client: {BLOCKS * len(MODULES)} PQ modules × "
+        f"device={device} threads={threads}; per client: {BLOCKS * len(MODULES)} PQ modules × "
         f"(r²+r) = {numel_total} floats ({numel_total * 4 / 2**20:.1f} MiB), task-vector sketch "
         f"{sketch_shape} ({d_sketch * 4 / 2**10:.0f} KiB)"
     )
@@ -158,17 +162,17 @@ def main() -> None:
         f"{'ratio':>6} {'distinct GFLOP/s':>16} {'ratio':>6} {'kept GFLOP/s':>12} {'ratio':>6} "
         f"{'big-matmul GFLOP/s':>18} {'ratio':>6}"
     )
-    peak_big = big_matmul_rate(device, args.repeats)
+    peak_big = big_matmul_rate(device, repeats)
     print(header)
-    for n in args.n:
-        wall, floor, rate_plain, rate_distinct, rate_kept = measure(n, sketch_shape, device, args.repeats)
+    for clients in n:
+        wall, floor, rate_plain, rate_distinct, rate_kept = measure(clients, sketch_shape, device, repeats)
         rate = floor / wall / 1e9
         print(
-            f"{n:>5} {wall:>8.4f} {floor / 1e9:>11.2f} {rate:>8.1f} {rate_plain:>14.1f} "
+            f"{clients:>5} {wall:>8.4f} {floor / 1e9:>11.2f} {rate:>8.1f} {rate_plain:>14.1f} "
             f"{rate / rate_plain:>6.2f} {rate_distinct:>16.1f} {rate / rate_distinct:>6.2f} "
             f"{rate_kept:>12.1f} {rate / rate_kept:>6.2f} {peak_big:>18.1f} {rate / peak_big:>6.2f}"
         )
         gc.collect()
 
 if __name__ == "__main__":
-    main()
+    app()
