@@ -101,3 +101,22 @@ def test_importing_the_method_loads_no_flower_and_no_benchmark() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _scripts() -> list[Path]:
+    """Every file with a ``__main__`` block: the bench scripts and the packages' entry points."""
+    files = [*(ROOT / "bench").glob("*.py"), *(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))]
+    return sorted(p for p in files if "__name__ == \"__main__\"" in p.read_text())
+
+
+def test_script_finder_finds_the_bench_scripts() -> None:
+    names = {p.name for p in _scripts()}
+    assert {"bench_rela.py", "bench_pqlora.py", "group_oracle.py"} <= names
+
+
+@pytest.mark.parametrize("path", _scripts(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_command_line_is_typer(path: Path) -> None:
+    imports = _imports(path)
+    assert "argparse" not in imports, f"{path.relative_to(ROOT)} parses its command line with argparse"
+    source = path.read_text()
+    assert "typer" in imports or "sys.argv" not in source, f"{path.relative_to(ROOT)} reads sys.argv by hand"
