@@ -207,7 +207,7 @@ def _tokenized_batch(
 ) -> tuple[list[Any], torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Each sample tokenized, the pixel values, and a pad-filled ids tensor with a zero mask."""
     if not samples:
-        raise ValueError("collate needs at least one sample")
+        raise ValueError(f"{'collate' if with_answer else 'collate_for_generation'} needs at least one sample")
     if max_length <= 0:
         raise ValueError(f"max_length must be positive, got {max_length}")
     tokenizer = _tokenizer(processor)
