@@ -28,6 +28,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "fedmosaic-trained-global-with-self": {"strategy": "fedmosaic-trained-global", "include-self": True},
     "fedmosaic-trained-global-within-family-with-self": {
         "strategy": "fedmosaic-trained-global", "share-across-families": False, "include-self": True},
+    # a client with no same-architecture (or, within families, no family) peer keeps a zero global
+    "fedmosaic-peerless-keep": {"strategy": "fedmosaic", "peerless-global": "keep"},
 }
 
 
@@ -86,6 +88,10 @@ class FederationConfig(BaseModel):
     share_across_families: bool = True
     # true (beyond the paper): a client's own uploaded state is in its RELA mix (W_ii > 0)
     include_self: bool = False
+    # a client with no peer in a part's mix (no same-architecture peer; no family peer with
+    # share-across-families false): "self-copy" (the reference) gets its own state of this round as
+    # that part's global; "keep" (beyond the paper) keeps its previous global, zero until it had a peer
+    peerless_global: Literal["self-copy", "keep"] = "self-copy"
     # --- PQ-LoRA ---
     r: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0)
@@ -129,6 +135,16 @@ class FederationConfig(BaseModel):
         strategy = info.data.get("strategy")
         if value and strategy in METHODS and METHODS[strategy].aggregation not in ("fedmosaic", "fedmosaic-uniform"):
             raise ValueError(f"true applies only to the RELA strategies (fedmosaic*); strategy {strategy!r} "
+                             f"aggregates with {METHODS[strategy].aggregation!r}")
+        return value
+
+    @field_validator("peerless_global")
+    @classmethod
+    def _peerless_global(cls, value: str, info: ValidationInfo) -> str:
+        strategy = info.data.get("strategy")
+        if value != "self-copy" and strategy in METHODS and METHODS[strategy].aggregation not in (
+                "fedmosaic", "fedmosaic-uniform"):
+            raise ValueError(f"{value!r} applies only to the RELA strategies (fedmosaic*); strategy {strategy!r} "
                              f"aggregates with {METHODS[strategy].aggregation!r}")
         return value
 

@@ -399,6 +399,7 @@ class FedMosaicStrategy(Strategy):
             expected_shared=expected_shared, expected_same_arch=expected_same_arch,
             norm_bound=self.config.norm_bound, share_across_families=self.config.share_across_families,
             include_self=self.config.include_self or METHODS[self.config.strategy].include_self,
+            peerless_global=self.config.peerless_global,
         )
         for client, reason in result.excluded.items():
             outcome.excluded[client] = reason

@@ -53,6 +53,14 @@ def test_include_self_is_refused_for_a_strategy_without_relevance_weights() -> N
         assert parse_run_config({**_pyproject_config(), "strategy": strategy, "include-self": True}).include_self
 
 
+def test_peerless_global_keep_is_refused_for_a_strategy_without_relevance_weights() -> None:
+    with pytest.raises(ConfigError, match="peerless-global.*'fedavg'"):
+        parse_run_config({**_pyproject_config(), "strategy": "fedavg", "peerless-global": "keep"})
+    with pytest.raises(ConfigError, match="peerless-global"):
+        parse_run_config({**_pyproject_config(), "peerless-global": "zero"})
+    assert parse_run_config({**_pyproject_config(), "peerless-global": "keep"}).peerless_global == "keep"
+
+
 def test_server_app_rejects_bad_config_before_any_message(tmp_path: Path) -> None:
     from server_app.app import app as server_app
 

@@ -422,3 +422,72 @@ def test_within_families_the_shared_mix_leaves_other_families_out() -> None:
     for u in updates:  # the same-architecture part is unchanged by the option
         for key, value in across.globals[u.client_id].same_arch.items():
             torch.testing.assert_close(result.globals[u.client_id].same_arch[key], value)
+
+
+@pytest.mark.parametrize("mode", ["fedmosaic", "fedmosaic-uniform"])
+def test_peerless_keep_leaves_a_lone_client_its_previous_same_arch_global(mode: str) -> None:
+    """``peerless_global="keep"``: the lone qwen-s client's plain-LoRA global is its previous one
+    (nothing new: empty when it never had one), not a copy of its upload; everything else is as
+    with the reference's self-copy."""
+    updates = _updates()
+    previous = _previous(updates)
+    copy = aggregate_global_states(updates, previous, mode=mode)
+    keep = aggregate_global_states(updates, previous, mode=mode, peerless_global="keep")
+    lone = ARCHS.index("qwen-s")
+    lone_id = updates[lone].client_id
+    np.testing.assert_array_equal(keep.weights, copy.weights)
+    for key, value in previous[lone_id].same_arch.items():
+        assert torch.equal(keep.globals[lone_id].same_arch[key], value)
+        assert not torch.equal(keep.globals[lone_id].same_arch[key], copy.globals[lone_id].same_arch[key])
+    for u in updates:
+        for part in ("shared", "same_arch"):
+            if part == "same_arch" and u.client_id == lone_id:
+                continue
+            for key, value in getattr(copy.globals[u.client_id], part).items():
+                assert torch.equal(getattr(keep.globals[u.client_id], part)[key], value), (u.client_id, key)
+    fresh = aggregate_global_states(updates, {}, mode=mode, peerless_global="keep")
+    assert fresh.globals[lone_id].same_arch == {} and set(fresh.globals[lone_id].shared) == set(updates[lone].shared)
+
+
+def test_peerless_keep_within_families_leaves_a_client_without_family_peers_its_previous_global() -> None:
+    """With ``share_across_families=False`` the qwen2 client has no peer in either part: "keep"
+    gives it its whole previous global back (its weight row is all zero); the llama rows are the
+    same as with the self-copy."""
+    ids = {"llama-s": "llama-d64-L4-ff176-q64-kv32-r16", "llama-m": "llama-d96-L8-ff256-q96-kv32-r16",
+           "qwen-s": "qwen2-d64-L4-ff176-q64-kv32-r16"}
+    updates = _updates()
+    previous = _previous(updates)
+    for u in updates:
+        u.arch = ids[u.arch]
+    copy = aggregate_global_states(updates, previous, mode="fedmosaic", share_across_families=False)
+    keep = aggregate_global_states(updates, previous, mode="fedmosaic", share_across_families=False,
+                                   peerless_global="keep")
+    lone = ARCHS.index("qwen-s")
+    lone_id = updates[lone].client_id
+    assert np.all(keep.weights[lone] == 0) and copy.weights[lone, lone] == 1.0
+    llama = [i for i in range(len(updates)) if i != lone]
+    np.testing.assert_array_equal(keep.weights[llama], copy.weights[llama])
+    for part in ("shared", "same_arch"):
+        for key, value in getattr(previous[lone_id], part).items():
+            assert torch.equal(getattr(keep.globals[lone_id], part)[key], value), key
+    for i in llama:
+        cid = updates[i].client_id
+        for part in ("shared", "same_arch"):
+            for key, value in getattr(copy.globals[cid], part).items():
+                assert torch.equal(getattr(keep.globals[cid], part)[key], value), (cid, key)
+    fresh = aggregate_global_states(updates, {}, mode="fedmosaic", share_across_families=False, peerless_global="keep")
+    assert fresh.globals[lone_id].shared == {} and fresh.globals[lone_id].same_arch == {}
+
+
+def test_peerless_keep_does_not_change_fedavg_and_a_wrong_value_is_refused() -> None:
+    """FedAvg's lone client gets its group mean (itself) whatever ``peerless_global`` says."""
+    updates = _updates()
+    previous = _previous(updates)
+    copy = aggregate_global_states(updates, previous, mode="fedavg")
+    keep = aggregate_global_states(updates, previous, mode="fedavg", peerless_global="keep")
+    for u in updates:
+        for part in ("shared", "same_arch"):
+            for key, value in getattr(copy.globals[u.client_id], part).items():
+                assert torch.equal(getattr(keep.globals[u.client_id], part)[key], value)
+    with pytest.raises(ValueError, match="peerless_global must be one of .*'zero'"):
+        aggregate_global_states(updates, previous, peerless_global="zero")

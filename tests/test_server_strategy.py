@@ -655,3 +655,18 @@ def test_a_question_is_asked_again_on_a_fixed_doubling_schedule_within_the_timeo
     assert _waits(300.0, 2000.0) == [300.0, 600.0, 1100.0]
     assert _waits(300.0, 100.0) == [100.0]
     assert _waits(300.0, 0.0) == [0.0]
+
+
+@pytest.mark.parametrize(("peerless", "lone_gets_same_arch"), [("self-copy", True), ("keep", False)])
+def test_peerless_global_from_the_run_config_decides_what_a_lone_architecture_gets(
+        tmp_path: Path, peerless: str, lone_gets_same_arch: bool) -> None:
+    """c2 is the only arch-b client: under the reference's self-copy it gets a same-architecture
+    global (its own upload) in round 2; under ``peerless-global = "keep"`` none (it never had a
+    peer). The paired arch-a clients get theirs either way."""
+    specs = [("c0", "arch-a", 0), ("c1", "arch-a", 0), ("c2", "arch-b", 1)]
+    clients = {100 + i: MockClient(cid, arch, g) for i, (cid, arch, g) in enumerate(specs)}
+    run_federation(InProcessGrid(dict(clients)), _config(tmp_path, **{"num-server-rounds": 2,
+                                                                      "peerless-global": peerless}))
+    by_id = {c.client_id: c for c in clients.values()}
+    assert (by_id["c2"].same_arch_bytes[2] > 0) is lone_gets_same_arch
+    assert by_id["c0"].same_arch_bytes[2] > 0 and by_id["c1"].same_arch_bytes[2] > 0

@@ -27,7 +27,9 @@ out of the round with one ``logging`` warning naming the client and the reason; 
 aggregated as if it had not replied. With fewer than 2 valid clients everyone keeps its previous
 global state. Clients that are absent or excluded keep their previous global state. A client
 with no same-architecture peer among the valid clients gets its own local same-architecture state
-as that global (the reference does the same; under ``fedavg`` it is its group's mean anyway).
+as that global (``peerless_global="self-copy"``, the reference's rule; under ``fedavg`` it is its
+group's mean anyway); with ``peerless_global="keep"`` (beyond the paper) it keeps its previous
+same-architecture global instead, zero until it has ever had a peer.
 
 ``globals`` holds an entry for every client in ``previous`` and every valid client. A part that
 has nothing new and no previous value is an empty dict, meaning "keep what you have". Outputs
@@ -53,6 +55,8 @@ from fedmosaic_core.rela.similarity import relevance_weights, task_similarity
 logger = logging.getLogger(__name__)
 
 MODES = ("fedmosaic", "fedmosaic-uniform", "fedavg", "local")
+#: what a client with no peer to mix with gets (the reference's copy of its own state, or nothing new)
+PEERLESS_GLOBALS = ("self-copy", "keep")
 
 
 @dataclass
@@ -266,6 +270,7 @@ def aggregate_global_states(
     norm_bound: float = 0.0,
     share_across_families: bool = True,
     include_self: bool = False,
+    peerless_global: str = "self-copy",
 ) -> AggregationResult:
     """Build every client's global state for the next round (see the module docstring).
 
@@ -278,6 +283,12 @@ def aggregate_global_states(
     ``share_across_families`` False (beyond the paper): the shared P/Q mix only within a model
     family (the architecture id's family, :mod:`fedmosaic_core.models.fingerprint`): W_ij = 0
     across families, each row renormalised; a client with no family peer gets its own state.
+
+    ``peerless_global`` (``fedmosaic`` and ``fedmosaic-uniform``): what a client with no peer in a
+    part's mix gets, in its same-architecture part (no same-architecture peer) and, with
+    ``share_across_families`` False, its shared part (no family peer). ``"self-copy"`` (the
+    reference): its own uploaded state of this round. ``"keep"`` (beyond the paper): that part of
+    its previous global, unchanged (empty, i.e. zero, until it has had a peer).
 
     ``include_self`` True (beyond the paper; ``fedmosaic`` and ``fedmosaic-uniform``): W_ii > 0,
     the client's own state is in its mix: the softmax runs over every j with s_ii (1 for a non-zero
@@ -294,6 +305,9 @@ def aggregate_global_states(
         raise ValueError(f"aggregate_global_states: norm_bound must be a number >= 0, got {norm_bound!r}")
     if not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"aggregate_global_states: tau must be a positive number, got {tau!r}")
+    if peerless_global not in PEERLESS_GLOBALS:
+        raise ValueError(f"aggregate_global_states: peerless_global must be one of {PEERLESS_GLOBALS}, "
+                         f"got {peerless_global!r}")
     ids = [u.client_id for u in updates]
     duplicates = sorted({cid for cid, count in Counter(ids).items() if count > 1})
     if duplicates:
@@ -343,7 +357,7 @@ def aggregate_global_states(
     valid = list(candidates)
     while True:  # normally once; again without the clients whose values turn out non-finite
         mixed = _mix_round(mode, tau, valid, shared_spec, arch_specs, target, norm_bound, share_across_families,
-                           include_self)
+                           include_self, self_copy=peerless_global == "self-copy" or mode == "fedavg")
         if not mixed.bad:
             break
         for update in mixed.bad:
@@ -364,8 +378,10 @@ def aggregate_global_states(
         for cid in client_ids:
             result_globals.setdefault(cid, GlobalState())
         return AggregationResult(result_globals, np.zeros((m, m)), client_ids, excluded)
-    for update, shared in zip(valid, mixed.shared, strict=True):
+    for index, (update, shared) in enumerate(zip(valid, mixed.shared, strict=True)):
         before = previous.get(update.client_id)
+        if index in mixed.kept_shared:
+            shared = dict(before.shared) if before else {}
         result_globals[update.client_id] = GlobalState(shared, dict(before.same_arch) if before else {})
     for client_index, same_arch in mixed.same_arch.items():
         result_globals[valid[client_index].client_id].same_arch = same_arch
@@ -378,6 +394,7 @@ class _MixedRound:
     shared: list[dict[str, torch.Tensor]] = field(default_factory=list)
     same_arch: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # client index → state
     bad: list[ClientUpdate] = field(default_factory=list)  # clients with NaN/Inf values
+    kept_shared: set[int] = field(default_factory=set)  # client indices whose shared global stays the previous
 
 
 def _contribution_scales(
@@ -401,14 +418,15 @@ def _contribution_scales(
     return scales
 
 
-def _within_families(weights: np.ndarray, archs: Sequence[str]) -> np.ndarray:
+def _within_families(weights: np.ndarray, archs: Sequence[str], self_copy: bool = True) -> np.ndarray:
     """W with the cross-family entries zeroed and each row renormalised; a row left empty (no
-    family peer) becomes the client's own state."""
+    family peer) becomes the client's own state (``self_copy``) or stays all zero."""
     family = np.array([ArchitectureFingerprint.family_of(a) for a in archs], dtype=object)
     masked = weights * (family[:, None] == family[None, :])
     totals = masked.sum(axis=1)
     lone = totals <= 0
-    masked[lone] = np.eye(len(archs))[lone]
+    if self_copy:
+        masked[lone] = np.eye(len(archs))[lone]
     totals[lone] = 1.0
     return masked / totals[:, None]
 
@@ -416,24 +434,26 @@ def _within_families(weights: np.ndarray, archs: Sequence[str]) -> np.ndarray:
 def _mix_round(
     mode: str, tau: float, valid: list[ClientUpdate], shared_spec: Spec, arch_specs: dict[str, Spec],
     device: torch.device, norm_bound: float = 0.0, share_across_families: bool = True, include_self: bool = False,
+    self_copy: bool = True,
 ) -> _MixedRound:
-    """Every valid client's shared global (all architectures) and same-arch global (its own)."""
+    """Every valid client's shared global (all architectures) and same-arch global (its own); a
+    client with no peer in a part gets its own state there (``self_copy``) or nothing new."""
     if mode == "local" or len(valid) < 2:
         return _MixedRound(None, bad=[u for u in valid if _non_finite_key(u.shared, shared_spec) is not None
                                       or _non_finite_key(u.same_arch, arch_specs[u.arch]) is not None])
     weights = _weight_matrix(mode, valid, tau, include_self)
     if not share_across_families:
-        weights = _within_families(weights, [u.arch for u in valid])
+        weights = _within_families(weights, [u.arch for u in valid], self_copy)
     ids = [u.client_id for u in valid]
     shared_scales = _contribution_scales([u.shared for u in valid], shared_spec, norm_bound, ids, "shared")
     shared, bad_rows = _mix_states(weights * shared_scales[None, :], [u.shared for u in valid], shared_spec, device)
-    result = _MixedRound(weights, shared)
+    result = _MixedRound(weights, shared, kept_shared={i for i in range(len(valid)) if weights[i].sum() <= 0})
     bad_rows_all = set(bad_rows)
     for arch in sorted({u.arch for u in valid}):
         members = [i for i, u in enumerate(valid) if u.arch == arch]
         block = weights[np.ix_(members, members)]
-        if len(members) == 1:
-            block = np.ones((1, 1))  # no peer: its own local state is its global
+        if len(members) == 1:  # no peer: its own local state is its global, or it keeps the one it has
+            block = np.ones((1, 1)) if self_copy else np.zeros((1, 1))
         totals = block.sum(axis=1)
         receivers = [k for k in range(len(members)) if totals[k] > 0]
         normalised = block[receivers] / totals[receivers, None] if receivers else np.zeros((0, len(members)))
