@@ -272,8 +272,9 @@ class FedMosaicClient:
     ) -> None:
         """The server's G_i into the global branch (validated before anything is written). Under
         ``fedavg`` it is the architecture group's mean and replaces the local branch instead: one
-        adapter, as in FedAvg; the global branch stays 0, so the gate rests as in ``local``."""
-        if shared is not None or same_arch is not None:
+        adapter, as in FedAvg; the global branch stays 0, so the gate rests as in ``local``. An
+        empty or absent part is nothing new: the model keeps what it has there."""
+        if shared or same_arch:
             if self.method.receive == "local":
                 state.model.load_local_state(shared=shared or None, same_arch=same_arch or None)
             else:

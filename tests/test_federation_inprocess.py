@@ -221,6 +221,31 @@ def test_fedavg_replaces_the_local_adapter_and_the_others_fill_the_global_branch
     assert resting == (len(model.adapted_modules) if strategy in ("fedavg", "rela-fedavg") else 0)  # G = 0, β rests
 
 
+@pytest.mark.parametrize("strategy", ["fedavg", "fedmosaic"])
+def test_an_empty_global_from_the_server_keeps_what_the_client_has(strategy: str) -> None:
+    """The server sends empty parts to a client that has nothing new (no peer yet under
+    ``peerless-global = keep``; a round with fewer than 2 valid clients): the client goes on with
+    the adapter it has instead of failing the round."""
+    from types import SimpleNamespace
+
+    from client_app.training import FedMosaicClient
+    from fedmosaic_core.models import load_model
+    from fedmosaic_core.pqlora import PQLoRAConfig, inject_pqlora
+
+    model = inject_pqlora(load_model("tiny-llama-m", random_init=True).model,
+                          PQLoRAConfig(r=4, alpha=8, dropout=0.0, gate_noise=False, seed=0))
+    gen = torch.Generator().manual_seed(2)
+    model.load_global_state(shared={k: torch.randn(v.shape, generator=gen) for k, v in model.shared_state().items()})
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    client = FedMosaicClient.__new__(FedMosaicClient)
+    client.config = parse_run_config({"strategy": strategy})
+    state = SimpleNamespace(model=model)
+    client.load_global(state, {}, {})  # type: ignore[arg-type]
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    assert set(state.global_at_start) == set(model.branch_parameters("global"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("overrides", "uploaded"), [
     ({"strategy": "local"}, set()),
