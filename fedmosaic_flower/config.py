@@ -129,21 +129,12 @@ class FederationConfig(BaseModel):
             raise ValueError(f"must be -1 (the learned gate) or a value in [0, 1], got {value!r}")
         return value
 
-    @field_validator("include_self")
+    @field_validator("include_self", "peerless_global")
     @classmethod
-    def _include_self(cls, value: bool, info: ValidationInfo) -> bool:
+    def _rela_only(cls, value: Any, info: ValidationInfo) -> Any:
+        """A value off its default (include-self true, peerless-global keep) needs RELA aggregation."""
         strategy = info.data.get("strategy")
-        if value and strategy in METHODS and METHODS[strategy].aggregation not in ("fedmosaic", "fedmosaic-uniform"):
-            raise ValueError(f"true applies only to the RELA strategies (fedmosaic*); strategy {strategy!r} "
-                             f"aggregates with {METHODS[strategy].aggregation!r}")
-        return value
-
-    @field_validator("peerless_global")
-    @classmethod
-    def _peerless_global(cls, value: str, info: ValidationInfo) -> str:
-        strategy = info.data.get("strategy")
-        if value != "self-copy" and strategy in METHODS and METHODS[strategy].aggregation not in (
-                "fedmosaic", "fedmosaic-uniform"):
+        if info.field_name and value != cls.model_fields[info.field_name].default and strategy in METHODS and METHODS[strategy].aggregation not in ("fedmosaic", "fedmosaic-uniform"):
             raise ValueError(f"{value!r} applies only to the RELA strategies (fedmosaic*); strategy {strategy!r} "
                              f"aggregates with {METHODS[strategy].aggregation!r}")
         return value
