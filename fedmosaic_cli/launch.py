@@ -280,8 +280,11 @@ def _start_superlink(
         "--host", bind, "--port", str(http_port),
         "--database", str(flwr_home / "state.db") if persistent else IN_MEMORY_STATE,
     ]
+    # cwd: Ray's simulation workers put their driver's cwd first on sys.path, so a caller's
+    # checkout there would shadow the app that `flwr run` installed; the home holds no packages
     with open(log_file, "ab") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+                                   cwd=flwr_home)
     try:
         _wait_for_port(address, http_port, process, 60.0, log_file, operator)
     except BaseException:

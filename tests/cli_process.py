@@ -11,12 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_fedmosaic(args: list[str], cache: Path, timeout: float) -> subprocess.CompletedProcess[str]:
-    """``python -m fedmosaic_cli.main ARGS`` offline with ``FEDMOSAIC_CACHE=cache``; output merged."""
+def run_fedmosaic(args: list[str], cache: Path, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """``python -m fedmosaic_cli.main ARGS`` offline with ``FEDMOSAIC_CACHE=cache``; output merged.
+    From another ``cwd`` it runs as the console script does, without the cwd on its own sys.path
+    (``-P``): the installed package, not whatever ``cwd`` holds."""
     env = dict(os.environ, FEDMOSAIC_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "fedmosaic_cli.main", *args]
+    command = [sys.executable, *([] if cwd == ROOT else ["-P"]), "-m", "fedmosaic_cli.main", *args]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True, cwd=ROOT)
+                               text=True, start_new_session=True, cwd=cwd)
     try:
         output, _ = process.communicate(timeout=timeout)
     finally:

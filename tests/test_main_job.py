@@ -15,10 +15,16 @@ from cli_process import run_fedmosaic
 
 @pytest.mark.slow
 def test_main_job_runs_end_to_end(tmp_path: Path) -> None:
+    """Run from a folder whose packages have the app's names and fail on import (another checkout,
+    say): the run must use the app that `flwr run` installed, in the ServerApp and the ClientApps."""
+    elsewhere = tmp_path / "elsewhere"
+    for package in ("client_app", "server_app", "fedmosaic_core", "fedmosaic_flower", "drake_data"):
+        (elsewhere / package).mkdir(parents=True)
+        (elsewhere / package / "__init__.py").write_text(f"raise ImportError('{package} imported from the cwd')\n")
     result = run_fedmosaic(
         ["main-job", "-c", "num-server-rounds=2", "-c", "local-steps=4", "-c", "eval-max-samples=4",
          "-c", "rounds-per-task=1", "-c", "pretrained=false", "-c", "eval-others-max-samples=4"],
-        tmp_path / "cache", timeout=1500,
+        tmp_path / "cache", timeout=1500, cwd=elsewhere,
     )
     output = result.stdout
     assert result.returncode == 0, output[-4000:]
