@@ -98,6 +98,42 @@ def summary(compare_dirs: list[Path], reference: str = typer.Option("local", hel
                 parts.append(cell([a[s] - b[s] for s in seeds]))
             row.append(" / ".join(parts))
         typer.echo(f"| {name} | " + " | ".join(row) + " |")
+    _by_peer(groups, methods, reference, seeds, cell)
+
+
+def _client_scores(comparison: dict, method: str, seeds: list[int]) -> dict[int, dict[str, dict]]:
+    """Per seed, the run's per-client scores (``report/summary.json``), by client id."""
+    entry = comparison["methods"][method]
+    runs = dict(zip(entry["seeds"], entry["runs"], strict=True))
+    return {s: json.loads((Path(runs[s]) / "report" / "summary.json").read_text())["clients"] for s in seeds}
+
+
+def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds: list[int], cell) -> None:
+    """Paired Self / Others of the clients with a same-model peer in their group and of those
+    without one (their same-architecture global has no peer to come from), apart: per seed the
+    mean over those clients, then mean ± 95 % over seeds."""
+    scores = {(g, m): _client_scores(c, m, seeds) for g, c in groups.items() for m in methods}
+    first = {g: scores[g, reference][seeds[0]] for g in groups}
+    peerless = {(g, cid) for g, clients in first.items() for cid, row in clients.items()
+                if sum(other["model_id"] == row["model_id"] for other in clients.values()) == 1}
+    kinds = {"with a same-model peer": lambda key: key not in peerless, "without one": lambda key: key in peerless}
+    typer.echo(f"\nClients with a same-model peer in their group and without one, paired Self A_last / Others A_last "
+               f"(vs {reference}; {len(peerless)} client(s) without):\n")
+    typer.echo("| method | " + " | ".join(kinds) + " |")
+    typer.echo("|---" * (1 + len(kinds)) + "|")
+    for method in (m for m in methods if m != reference):
+        row = []
+        for keep in kinds.values():
+            parts = []
+            for metric in ("self_last", "others_last"):
+                per_seed = []
+                for s in seeds:
+                    diffs = [scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
+                             for g in groups for cid in first[g] if keep((g, cid))]
+                    per_seed.append(sum(diffs) / len(diffs) if diffs else float("nan"))
+                parts.append(cell(per_seed))
+            row.append(" / ".join(parts))
+        typer.echo(f"| {method} | " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":
