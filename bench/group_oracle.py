@@ -4,7 +4,8 @@ federation (an oracle that knows the groups), paired against local training.
 ``split`` writes one scenario per skill group (the clients whose tasks have the same skill set,
 with their own client ids; they run in simulation as they are). Run ``fedmosaic compare`` on each
 (same strategies and seeds), then ``summary`` pools the groups: per seed, the mean over all
-clients (each group weighted by its clients), and the paired difference to ``local``.
+clients (each group weighted by its clients), and the paired difference to ``local``; then the
+same per group, and for the clients with and without a same-model peer in their group apart.
 
 Inside a group run, *Others* is the group peers' tasks (Others of the own skill); Self is the
 client's own tasks as in the full scenario, and a client's ``local`` run does not depend on
