@@ -117,20 +117,19 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
     first = {g: scores[g, reference][seeds[0]] for g in groups}
     peerless = {(g, cid) for g, clients in first.items() for cid, row in clients.items()
                 if sum(other["model_id"] == row["model_id"] for other in clients.values()) == 1}
-    kinds = {"with a same-model peer": lambda key: key not in peerless, "without one": lambda key: key in peerless}
     typer.echo(f"\nClients with a same-model peer in their group and without one, paired Self A_last / Others A_last "
                f"(vs {reference}; {len(peerless)} client(s) without):\n")
-    typer.echo("| method | " + " | ".join(kinds) + " |")
-    typer.echo("|---" * (1 + len(kinds)) + "|")
+    typer.echo("| method | with a same-model peer | without one |")
+    typer.echo("|---" * 3 + "|")
     for method in (m for m in methods if m != reference):
         row = []
-        for keep in kinds.values():
+        for without in (False, True):
             parts = []
             for metric in ("self_last", "others_last"):
                 per_seed = []
                 for s in seeds:
                     diffs = [scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
-                             for g in groups for cid in first[g] if keep((g, cid))]
+                             for g in groups for cid in first[g] if ((g, cid) in peerless) == without]
                     per_seed.append(sum(diffs) / len(diffs) if diffs else float("nan"))
                 parts.append(cell(per_seed))
             row.append(" / ".join(parts))
