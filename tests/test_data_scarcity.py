@@ -4,23 +4,14 @@ everything else and the manifest's record of it consistent; bad input leaves not
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import typer
+from bench_scripts import load_bench
 
 from drake_data.mini import build_drake_mini, load_unseen
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _scarcity():
-    spec = importlib.util.spec_from_file_location("data_scarcity", ROOT / "bench" / "data_scarcity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +21,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_client_tasks_keep_their_first_n_train_questions(tiny: Path, tmp_path: Path) -> None:
     out = tmp_path / "scarce"
-    manifest = _scarcity().subsample_train(tiny, out, train=5)
+    manifest = load_bench("data_scarcity").subsample_train(tiny, out, train=5)
     source = json.loads((tiny / "manifest.json").read_text())
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert manifest["subsampled_from"] == {"path": str(tiny.resolve()), "train": 5}
@@ -49,7 +40,7 @@ def test_client_tasks_keep_their_first_n_train_questions(tiny: Path, tmp_path: P
 
 def test_more_questions_than_a_task_holds_is_refused_and_nothing_is_left(tiny: Path, tmp_path: Path) -> None:
     with pytest.raises(typer.BadParameter, match=r"holds 12 train questions, fewer than --train 13"):
-        _scarcity().subsample_train(tiny, tmp_path / "scarce", train=13)
+        load_bench("data_scarcity").subsample_train(tiny, tmp_path / "scarce", train=13)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -57,5 +48,5 @@ def test_an_existing_folder_is_not_replaced(tiny: Path, tmp_path: Path) -> None:
     (tmp_path / "scarce").mkdir()
     (tmp_path / "scarce" / "keep.txt").write_text("mine")
     with pytest.raises(typer.BadParameter, match="exists"):
-        _scarcity().subsample_train(tiny, tmp_path / "scarce", train=5)
+        load_bench("data_scarcity").subsample_train(tiny, tmp_path / "scarce", train=5)
     assert (tmp_path / "scarce" / "keep.txt").read_text() == "mine"

@@ -3,20 +3,11 @@ in their group are paired apart from the others."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
+from bench_scripts import load_bench
 from typer.testing import CliRunner
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _oracle():
-    spec = importlib.util.spec_from_file_location("group_oracle", ROOT / "bench" / "group_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _group(tmp_path: Path, name: str, models: dict[str, str], self_last: dict[str, dict[int, dict[str, float]]]) -> Path:
@@ -48,7 +39,7 @@ def test_the_client_without_a_same_model_peer_is_paired_apart(tmp_path: Path) ->
     pair_only = _group(tmp_path, "b", {"3": "small", "4": "small"},
                        {"local": {5: {"3": 0.5, "4": 0.5}, 6: {"3": 0.5, "4": 0.5}},
                         "shared": {5: {"3": 0.6, "4": 0.6}, 6: {"3": 0.7, "4": 0.7}}})
-    result = CliRunner().invoke(_oracle().app, ["summary", str(_group(tmp_path, "a", models,
+    result = CliRunner().invoke(load_bench("group_oracle").app, ["summary", str(_group(tmp_path, "a", models,
                                                                        {"local": local, "shared": shared})),
                                                 str(pair_only)])
     assert result.exit_code == 0, result.output
