@@ -124,13 +124,14 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
     for method in (m for m in methods if m != reference):
         row = []
         for without in (False, True):
+            members = [(g, cid) for g in groups for cid in first[g] if ((g, cid) in peerless) == without]
+            if not members:
+                row.append("— (no client)")
+                continue
             parts = []
             for metric in ("self_last", "others_last"):
-                per_seed = []
-                for s in seeds:
-                    diffs = [scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
-                             for g in groups for cid in first[g] if ((g, cid) in peerless) == without]
-                    per_seed.append(sum(diffs) / len(diffs) if diffs else float("nan"))
+                per_seed = [sum(scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
+                                for g, cid in members) / len(members) for s in seeds]
                 parts.append(cell(per_seed))
             row.append(" / ".join(parts))
         typer.echo(f"| {method} | " + " | ".join(row) + " |")

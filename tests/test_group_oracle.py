@@ -48,3 +48,14 @@ def test_the_client_without_a_same_model_peer_is_paired_apart(tmp_path: Path) ->
     # with a peer: seed 5 mean(+10, +10, +10, +10) = +10, seed 6 mean(+20, +20, +20, +20) = +20;
     # without: −10 in both seeds (interval 0); Others are half of Self
     assert "| shared | +15.0 ± 63.5 / +7.5 ± 31.8 | -10.0 ± 0.0 / -5.0 ± 0.0 |" in split, split
+
+
+def test_groups_in_which_every_client_has_a_same_model_peer_show_no_empty_side(tmp_path: Path) -> None:
+    models = {"0": "small", "1": "small"}
+    group = _group(tmp_path, "a", models, {"local": {5: {"0": 0.5, "1": 0.6}, 6: {"0": 0.5, "1": 0.6}},
+                                           "shared": {5: {"0": 0.6, "1": 0.6}, 6: {"0": 0.6, "1": 0.8}}})
+    result = CliRunner().invoke(load_bench("group_oracle").app, ["summary", str(group)])
+    assert result.exit_code == 0, result.output
+    split = result.output.split("without one")[-1]
+    assert "nan" not in result.output
+    assert "| shared | +10.0 ± 63.5 / +5.0 ± 31.8 | — (no client) |" in split, split
