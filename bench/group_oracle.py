@@ -6,6 +6,8 @@ with their own client ids; they run in simulation as they are). Run ``fedmosaic 
 (same strategies and seeds), then ``summary`` pools the groups: per seed, the mean over all
 clients (each group weighted by its clients), and the paired difference to ``local``; then the
 same per group, and for the clients with and without a same-model peer in their group apart.
+``by-task`` splits Self A_last by where a task sits in its client's stream: the first task, a later
+task whose kind a group peer trained before it, or a later task new to the group.
 
 Inside a group run, *Others* is the group peers' tasks (Others of the own skill); Self is the
 client's own tasks as in the full scenario, and a client's ``local`` run does not depend on
@@ -15,6 +17,7 @@ which other clients exist, so local's Self here is its Self in the full scenario
     fedmosaic compare --strategies local,fedavg,fedmosaic --seeds 5,6,7,8,9 \\
         -c "scenario='OUT_DIR/scenario-homogeneous-digits.json'" --out OUT_DIR/compare-digits   # each group
     python bench/group_oracle.py summary OUT_DIR/compare-digits OUT_DIR/compare-colours ...
+    python bench/group_oracle.py by-task OUT_DIR/compare-digits OUT_DIR/compare-colours ...
 """
 
 from __future__ import annotations
@@ -135,6 +138,76 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
                 parts.append(cell(per_seed))
             row.append(" / ".join(parts))
         typer.echo(f"| {method} | " + " | ".join(row) + " |")
+
+
+SLOTS = ("the client's first task", "a later task whose kind a group peer trained before",
+         "a later task whose kind no group peer trained before")
+
+
+def _task_slots(run: Path) -> dict[str, dict[str, int]]:
+    """Client id → task key → its slot (index into ``SLOTS``), from the run's scenario and the
+    task kinds in its data's ``tasks.json``: a client's first task; a later task whose kind a
+    peer in the same scenario had as an earlier task (so its training came first); any other."""
+    config = json.loads((run / "config.json").read_text())
+    kinds = {t["key"]: t["kind"] for t in json.loads((Path(config["data_root"]) / "tasks.json").read_text())}
+    scenario = load_scenario(config["scenario"])
+    order = {str(c.client_id): [t.key for t in c.datasets] for c in scenario.clients}
+    slots: dict[str, dict[str, int]] = {}
+    for cid, tasks in order.items():
+        slots[cid] = {}
+        for i, key in enumerate(tasks):
+            before = any(kinds[other[j]] == kinds[key] for p, other in order.items() if p != cid
+                         for j in range(min(i, len(other))))
+            slots[cid][key] = 0 if i == 0 else (1 if before else 2)
+    return slots
+
+
+def _last_round_self(run: Path) -> dict[str, dict[str, float]]:
+    """Client id → task key → its Self score at the client's last round (``rounds.jsonl``)."""
+    last: dict[str, tuple[int, dict[str, float]]] = {}
+    for line in (run / "rounds.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["round"] >= last.get(str(row["client"]), (-1, {}))[0]:
+            last[str(row["client"])] = (row["round"], row["scores"]["self"])
+    return {cid: scores for cid, (_, scores) in last.items()}
+
+
+@app.command("by-task")
+def by_task(compare_dirs: list[Path], reference: str = typer.Option("local", help="the method paired against")) -> None:
+    """Self A_last split by where a task sits in its client's stream (``SLOTS``), paired against
+    ``reference``: per seed the mean over the groups' tasks of that slot, then mean ± 95 %."""
+    groups = [json.loads((d / "comparison.json").read_text()) for d in compare_dirs]
+    found = [m for m in groups[0]["methods"] if all(m in c["methods"] for c in groups)]
+    if reference not in found:
+        raise typer.BadParameter(f"{reference!r} is not in every comparison (have {', '.join(found)})")
+    methods = [reference] + [m for m in found if m != reference]
+    seeds = sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in groups for m in methods)))
+    runs = [{m: dict(zip(c["methods"][m]["seeds"], map(Path, c["methods"][m]["runs"]), strict=True)) for m in methods}
+            for c in groups]
+    slots = [_task_slots(g[reference][seeds[0]]) for g in runs]
+    counts = [sum(v == k for s in slots for c in s.values() for v in c.values()) for k in range(len(SLOTS))]
+    per_slot: dict[tuple[str, int], list[float]] = {}
+    for seed in seeds:
+        scores = {m: [_last_round_self(g[m][seed]) for g in runs] for m in methods}
+        for method in methods:
+            for k in range(len(SLOTS)):
+                diffs = [scores[method][i][cid][key] - (0.0 if method == reference else scores[reference][i][cid][key])
+                         for i, group in enumerate(slots) for cid, tasks in group.items()
+                         for key, slot in tasks.items() if slot == k]
+                if diffs:
+                    per_slot.setdefault((method, k), []).append(100 * sum(diffs) / len(diffs))
+    typer.echo(f"Seeds {seeds}. Self A_last per task, by its place in the client's stream: {reference}'s "
+               f"score and each method's paired difference to it (mean ± 95 % over seeds, points).\n")
+    shown = [k for k in range(len(SLOTS)) if counts[k]]
+    typer.echo("| method | " + " | ".join(f"{SLOTS[k]} ({counts[k]})" for k in shown) + " |")
+    typer.echo("|---" * (len(shown) + 1) + "|")
+    for method in methods:
+        cells = []
+        for k in shown:
+            stat = mean_interval(per_slot[method, k])
+            sign = "" if method == reference else "+"
+            cells.append(f"{stat['mean']:{sign}.1f} ± {stat['ci95']:.1f}")
+        typer.echo(f"| {method} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from pathlib import Path
 from bench_scripts import load_bench
 from typer.testing import CliRunner
 
+from drake_data.layout import write_scenario
+
 
 def _group(tmp_path: Path, name: str, models: dict[str, str], self_last: dict[str, dict[int, dict[str, float]]]) -> Path:
     """A comparison folder of one group; ``self_last[method][seed][client]``, Others = Self / 2."""
@@ -59,3 +61,54 @@ def test_groups_in_which_every_client_has_a_same_model_peer_show_no_empty_side(t
     split = result.output.split("without one")[-1]
     assert "nan" not in result.output
     assert "| shared | +10.0 ± 63.5 / +5.0 ± 31.8 | — (no client) |" in split, split
+
+
+
+def _streamed_group(tmp_path: Path, self_by_method: dict[str, dict[int, dict[str, float]]]) -> Path:
+    """Three clients, two tasks each; kinds: client 0 name→parity, 1 parity→big, 2 big→colour.
+    ``self_by_method[method][seed][task]`` is each task's Self at the last round (round 2); round 1
+    holds a decoy score that must be ignored."""
+    data = tmp_path / "data"
+    data.mkdir()
+    tasks = {"Digits-0": "name", "Digits-1": "parity", "Digits-2": "parity", "Digits-3": "big",
+             "Digits-4": "big", "Digits-5": "colour"}
+    (data / "tasks.json").write_text(json.dumps([{"key": k, "kind": v} for k, v in tasks.items()]))
+    scenario = write_scenario(tmp_path / "scenario.json", [
+        {"client_id": c, "model_id": "small", "datasets": [
+            {"dataset": "Digits", "subset_id": 2 * c + i, "type": "multi-choice"} for i in range(2)]}
+        for c in range(3)])
+    methods = {}
+    for method, per_seed in self_by_method.items():
+        runs = []
+        for seed, scores in per_seed.items():
+            run = tmp_path / "runs" / f"{method}-seed{seed}"
+            run.mkdir(parents=True)
+            (run / "config.json").write_text(json.dumps({"data_root": str(data), "scenario": str(scenario)}))
+            rows = [{"client": c, "round": r, "scores": {"self": {
+                f"Digits-{2 * c + i}": (scores[f"Digits-{2 * c + i}"] if r == 2 else 0.0) for i in range(2)}}}
+                for r in (2, 1) for c in range(3)]
+            (run / "rounds.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            runs.append(str(run))
+        methods[method] = {"seeds": sorted(per_seed), "runs": runs}
+    folder = tmp_path / "compare"
+    folder.mkdir()
+    (folder / "comparison.json").write_text(json.dumps({"methods": methods}))
+    return folder
+
+
+def test_by_task_splits_self_by_the_place_of_a_task_in_its_stream(tmp_path: Path) -> None:
+    base = {"Digits-0": 0.5, "Digits-1": 0.5, "Digits-2": 0.5, "Digits-3": 0.5, "Digits-4": 0.5, "Digits-5": 0.5}
+    shared = {5: {**base, "Digits-0": 0.6, "Digits-2": 0.7, "Digits-4": 0.8,  # first tasks +10/+20/+30
+                  "Digits-1": 0.6, "Digits-3": 0.6,  # later, kind trained first by a peer: +10
+                  "Digits-5": 0.4},  # later, kind new to the group: −10
+              6: {**base, "Digits-0": 0.6, "Digits-2": 0.7, "Digits-4": 0.8, "Digits-1": 0.8, "Digits-3": 0.8,
+                  "Digits-5": 0.4}}
+    folder = _streamed_group(tmp_path, {"shared": shared, "local": {5: base, 6: base}})
+    result = CliRunner().invoke(load_bench("group_oracle").app, ["by-task", str(folder)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert ("| method | the client's first task (3) | a later task whose kind a group peer trained before (2) "
+            "| a later task whose kind no group peer trained before (1) |") in lines
+    assert "| local | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in lines
+    # first: +20 in both seeds; peer-trained: +10 then +30 (mean +20, ± 12.706 · 14.14 / √2); new: −10
+    assert "| shared | +20.0 ± 0.0 | +20.0 ± 127.1 | -10.0 ± 0.0 |" in lines, result.output
