@@ -7,7 +7,8 @@ with their own client ids; they run in simulation as they are). Run ``fedmosaic 
 clients (each group weighted by its clients), and the paired difference to ``local``; then the
 same per group, and for the clients with and without a same-model peer in their group apart.
 ``by-task`` splits Self A_last by where a task sits in its client's stream: the first task, a later
-task whose kind a group peer trained before it, or a later task new to the group.
+task whose kind another client of the run trained before it, or a later task new to the run
+(on a full scenario too).
 
 Inside a group run, *Others* is the group peers' tasks (Others of the own skill); Self is the
 client's own tasks as in the full scenario, and a client's ``local`` run does not depend on
@@ -24,11 +25,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import typer
 
 from drake_data.layout import load_scenario, write_scenario
 from fedmosaic_cli.comparison import mean_interval, task_skills
+from fedmosaic_flower.prepare import scenario_path
 
 app = typer.Typer(add_completion=False)
 METRICS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last (group peers' tasks)"}
@@ -140,17 +143,17 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
         typer.echo(f"| {method} | " + " | ".join(row) + " |")
 
 
-SLOTS = ("the client's first task", "a later task whose kind a group peer trained before",
-         "a later task whose kind no group peer trained before")
+SLOTS = ("the client's first task", "a later task whose kind another client trained before",
+         "a later task whose kind no other client trained before")
 
 
 def _task_slots(run: Path) -> dict[str, dict[str, int]]:
     """Client id → task key → its slot (index into ``SLOTS``), from the run's scenario and the
-    task kinds in its data's ``tasks.json``: a client's first task; a later task whose kind a
-    peer in the same scenario had as an earlier task (so its training came first); any other."""
+    task kinds in its data's ``tasks.json``: a client's first task; a later task whose kind
+    another client of the scenario had as an earlier task (so its training came first); any other."""
     config = json.loads((run / "config.json").read_text())
     kinds = {t["key"]: t["kind"] for t in json.loads((Path(config["data_root"]) / "tasks.json").read_text())}
-    scenario = load_scenario(config["scenario"])
+    scenario = load_scenario(scenario_path(SimpleNamespace(scenario=config["scenario"]), Path(config["data_root"])))
     order = {str(c.client_id): [t.key for t in c.datasets] for c in scenario.clients}
     slots: dict[str, dict[str, int]] = {}
     for cid, tasks in order.items():

@@ -67,13 +67,14 @@ def test_groups_in_which_every_client_has_a_same_model_peer_show_no_empty_side(t
 def _streamed_group(tmp_path: Path, self_by_method: dict[str, dict[int, dict[str, float]]]) -> Path:
     """Three clients, two tasks each; kinds: client 0 name→parity, 1 parity→big, 2 big→colour.
     ``self_by_method[method][seed][task]`` is each task's Self at the last round (round 2); round 1
-    holds a decoy score that must be ignored."""
+    holds a decoy score that must be ignored. The runs name their scenario as ``fedmosaic`` does a
+    shipped one: by name, under the data root."""
     data = tmp_path / "data"
     data.mkdir()
     tasks = {"Digits-0": "name", "Digits-1": "parity", "Digits-2": "parity", "Digits-3": "big",
              "Digits-4": "big", "Digits-5": "colour"}
     (data / "tasks.json").write_text(json.dumps([{"key": k, "kind": v} for k, v in tasks.items()]))
-    scenario = write_scenario(tmp_path / "scenario.json", [
+    write_scenario(data / "scenario-mini.json", [
         {"client_id": c, "model_id": "small", "datasets": [
             {"dataset": "Digits", "subset_id": 2 * c + i, "type": "multi-choice"} for i in range(2)]}
         for c in range(3)])
@@ -83,7 +84,7 @@ def _streamed_group(tmp_path: Path, self_by_method: dict[str, dict[int, dict[str
         for seed, scores in per_seed.items():
             run = tmp_path / "runs" / f"{method}-seed{seed}"
             run.mkdir(parents=True)
-            (run / "config.json").write_text(json.dumps({"data_root": str(data), "scenario": str(scenario)}))
+            (run / "config.json").write_text(json.dumps({"data_root": str(data), "scenario": "mini"}))
             rows = [{"client": c, "round": r, "scores": {"self": {
                 f"Digits-{2 * c + i}": (scores[f"Digits-{2 * c + i}"] if r == 2 else 0.0) for i in range(2)}}}
                 for r in (2, 1) for c in range(3)]
@@ -107,8 +108,8 @@ def test_by_task_splits_self_by_the_place_of_a_task_in_its_stream(tmp_path: Path
     result = CliRunner().invoke(load_bench("group_oracle").app, ["by-task", str(folder)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert ("| method | the client's first task (3) | a later task whose kind a group peer trained before (2) "
-            "| a later task whose kind no group peer trained before (1) |") in lines
+    assert ("| method | the client's first task (3) | a later task whose kind another client trained before (2) "
+            "| a later task whose kind no other client trained before (1) |") in lines
     assert "| local | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in lines
     # first: +20 in both seeds; peer-trained: +10 then +30 (mean +20, ± 12.706 · 14.14 / √2); new: −10
     assert "| shared | +20.0 ± 0.0 | +20.0 ± 127.1 | -10.0 ± 0.0 |" in lines, result.output
