@@ -30,7 +30,7 @@ from types import SimpleNamespace
 import typer
 
 from drake_data.layout import load_scenario, write_scenario
-from fedmosaic_cli.comparison import mean_interval, task_skills
+from fedmosaic_cli.comparison import mean_interval, run_rows, task_skills
 from fedmosaic_flower.prepare import scenario_path
 
 app = typer.Typer(add_completion=False)
@@ -58,6 +58,15 @@ def split(scenario_file: Path, data_root: Path, out_dir: Path) -> None:
         typer.echo(f"{path}: clients {', '.join(str(c['client_id']) for c in clients)}")
 
 
+def _methods_and_seeds(comparisons: list[dict], reference: str) -> tuple[list[str], list[int]]:
+    """The methods every comparison holds, ``reference`` first, and the seeds all of them ran."""
+    found = [m for m in comparisons[0]["methods"] if all(m in c["methods"] for c in comparisons)]
+    if reference not in found:
+        raise typer.BadParameter(f"{reference!r} is not in every comparison (have {', '.join(found)})")
+    methods = [reference] + [m for m in found if m != reference]
+    return methods, sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in comparisons for m in methods)))
+
+
 def _per_seed(comparison: dict, method: str, metric: str) -> dict[int, float]:
     entry = comparison["methods"][method]
     return dict(zip(entry["seeds"], entry[metric]["per_seed"], strict=True))
@@ -68,12 +77,8 @@ def summary(compare_dirs: list[Path], reference: str = typer.Option("local", hel
     """Mean ± 95 % over seeds of the client-weighted pool of the groups, and the paired difference
     to ``reference``; then the same per group."""
     groups = {d.name: json.loads((d / "comparison.json").read_text()) for d in compare_dirs}
+    methods, seeds = _methods_and_seeds(list(groups.values()), reference)
     sizes = {name: len(c["methods"][reference]["clients"]) for name, c in groups.items()}
-    found = [m for m in next(iter(groups.values()))["methods"] if all(m in c["methods"] for c in groups.values())]
-    if reference not in found:
-        raise typer.BadParameter(f"{reference!r} is not in every comparison (have {', '.join(found)})")
-    methods = [reference] + [m for m in found if m != reference]
-    seeds = sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in groups.values() for m in methods)))
     total = sum(sizes.values())
 
     def pooled(method: str, metric: str) -> list[float]:
@@ -168,8 +173,7 @@ def _task_slots(run: Path) -> dict[str, dict[str, int]]:
 def _last_round_self(run: Path) -> dict[str, dict[str, float]]:
     """Client id → task key → its Self score at the client's last round (``rounds.jsonl``)."""
     last: dict[str, tuple[int, dict[str, float]]] = {}
-    for line in (run / "rounds.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in run_rows(run):
         if row["round"] >= last.get(str(row["client"]), (-1, {}))[0]:
             last[str(row["client"])] = (row["round"], row["scores"]["self"])
     return {cid: scores for cid, (_, scores) in last.items()}
@@ -180,11 +184,7 @@ def by_task(compare_dirs: list[Path], reference: str = typer.Option("local", hel
     """Self A_last split by where a task sits in its client's stream (``SLOTS``), paired against
     ``reference``: per seed the mean over the groups' tasks of that slot, then mean ± 95 %."""
     groups = [json.loads((d / "comparison.json").read_text()) for d in compare_dirs]
-    found = [m for m in groups[0]["methods"] if all(m in c["methods"] for c in groups)]
-    if reference not in found:
-        raise typer.BadParameter(f"{reference!r} is not in every comparison (have {', '.join(found)})")
-    methods = [reference] + [m for m in found if m != reference]
-    seeds = sorted(set.intersection(*(set(c["methods"][m]["seeds"]) for c in groups for m in methods)))
+    methods, seeds = _methods_and_seeds(groups, reference)
     runs = [{m: dict(zip(c["methods"][m]["seeds"], map(Path, c["methods"][m]["runs"]), strict=True)) for m in methods}
             for c in groups]
     slots = [_task_slots(g[reference][seeds[0]]) for g in runs]

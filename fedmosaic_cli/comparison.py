@@ -93,7 +93,7 @@ def others_by_skill(run_dir: Path, skill_of: Mapping[str, str]) -> dict[str, flo
     """The last round's Others accuracy split by skill (:data:`SPLIT_METRICS`): per client, the
     mean over the other clients' tasks whose skill is one of its own tasks' skills, and over the
     rest; then the mean over clients (nan where no client has such tasks)."""
-    scored = [r for r in _rows(run_dir) if isinstance(r.get("scores"), dict)]
+    scored = [r for r in run_rows(run_dir) if isinstance(r.get("scores"), dict)]
     last = max((int(r["round"]) for r in scored), default=0)
     per_client: dict[str, list[float]] = {name: [] for name in SPLIT_METRICS}
     for row in (r for r in scored if int(r["round"]) == last):
@@ -108,7 +108,7 @@ def others_by_skill(run_dir: Path, skill_of: Mapping[str, str]) -> dict[str, flo
     return {name: float(np.mean(v)) if v else math.nan for name, v in per_client.items()}
 
 
-def _rows(run_dir: Path) -> list[dict[str, Any]]:
+def run_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The run's ``rounds.jsonl`` rows (none when it has no log)."""
     path = run_dir / "rounds.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
@@ -117,7 +117,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
 def _round_values(run_dir: Path, value: Callable[[dict[str, Any]], float | None]) -> dict[str, list[float]]:
     """Each client's per-round ``value(row)`` from the run's ``rounds.jsonl`` (rows without one skipped)."""
     out: dict[str, list[float]] = {}
-    for row in _rows(run_dir):
+    for row in run_rows(run_dir):
         found = value(row)
         if found is not None:
             out.setdefault(str(row["client"]), []).append(found)
