@@ -58,6 +58,34 @@ def split(scenario_file: Path, data_root: Path, out_dir: Path) -> None:
         typer.echo(f"{path}: clients {', '.join(str(c['client_id']) for c in clients)}")
 
 
+ALSO_HELP = ("NAME=DIR: the reference method of comparison DIR joins as method NAME (repeat the option once per "
+             "compare dir, in their order), e.g. local training on a copy of the data")
+
+
+def _comparisons(compare_dirs: list[Path], also: list[str], reference: str) -> dict[str, dict]:
+    """Each compare dir's ``comparison.json`` by folder name; with ``also``, the ``reference``
+    method of each further comparison added under a name of its own, the i-th of a name to the
+    i-th compare dir."""
+    groups = {d.name: json.loads((d / "comparison.json").read_text()) for d in compare_dirs}
+    extra: dict[str, list[Path]] = {}
+    for spec in also:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise typer.BadParameter(f"--also {spec!r}: expected NAME=DIR")
+        extra.setdefault(name, []).append(Path(folder))
+    for name, folders in extra.items():
+        if len(folders) != len(groups):
+            raise typer.BadParameter(f"--also {name}: {len(folders)} folder(s) for {len(groups)} compare dir(s)")
+        for comparison, folder in zip(groups.values(), folders, strict=True):
+            if name in comparison["methods"]:
+                raise typer.BadParameter(f"--also {name}: a method of that name is already compared")
+            other = json.loads((folder / "comparison.json").read_text())["methods"]
+            if reference not in other:
+                raise typer.BadParameter(f"--also {name}: {folder} has no {reference!r} runs")
+            comparison["methods"][name] = other[reference]
+    return groups
+
+
 def _methods_and_seeds(comparisons: list[dict], reference: str) -> tuple[list[str], list[int]]:
     """The methods every comparison holds, ``reference`` first, and the seeds all of them ran."""
     found = [m for m in comparisons[0]["methods"] if all(m in c["methods"] for c in comparisons)]
@@ -73,10 +101,14 @@ def _per_seed(comparison: dict, method: str, metric: str) -> dict[int, float]:
 
 
 @app.command()
-def summary(compare_dirs: list[Path], reference: str = typer.Option("local", help="the method paired against")) -> None:
+def summary(
+    compare_dirs: list[Path],
+    reference: str = typer.Option("local", help="the method paired against"),
+    also: list[str] = typer.Option([], help=ALSO_HELP),
+) -> None:
     """Mean ± 95 % over seeds of the client-weighted pool of the groups, and the paired difference
     to ``reference``; then the same per group."""
-    groups = {d.name: json.loads((d / "comparison.json").read_text()) for d in compare_dirs}
+    groups = _comparisons(compare_dirs, also, reference)
     methods, seeds = _methods_and_seeds(list(groups.values()), reference)
     sizes = {name: len(c["methods"][reference]["clients"]) for name, c in groups.items()}
     total = sum(sizes.values())
@@ -121,13 +153,26 @@ def _client_scores(comparison: dict, method: str, seeds: list[int]) -> dict[int,
 
 
 def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds: list[int], cell) -> None:
-    """Paired Self / Others of the clients with a same-model peer in their group and of those
-    without one (their same-architecture global has no peer to come from), apart: per seed the
-    mean over those clients, then mean ± 95 % over seeds."""
+    """Paired Self / Others per base model, and of the clients with a same-model peer in their
+    group and of those without one (their same-architecture global has no peer to come from),
+    apart: per seed the mean over those clients, then mean ± 95 % over seeds."""
     scores = {(g, m): _client_scores(c, m, seeds) for g, c in groups.items() for m in methods}
     first = {g: scores[g, reference][seeds[0]] for g in groups}
     peerless = {(g, cid) for g, clients in first.items() for cid, row in clients.items()
                 if sum(other["model_id"] == row["model_id"] for other in clients.values()) == 1}
+    models = sorted({row["model_id"] for clients in first.values() for row in clients.values()})
+    typer.echo(f"\nPer base model, paired Self A_last / Others A_last (vs {reference}):\n")
+    typer.echo("| method | " + " | ".join(f"{m} ({sum(r['model_id'] == m for c in first.values() for r in c.values())})"
+                                         for m in models) + " |")
+    typer.echo("|---" * (1 + len(models)) + "|")
+    for method in (m for m in methods if m != reference):
+        row = []
+        for model in models:
+            members = [(g, cid) for g in groups for cid, r in first[g].items() if r["model_id"] == model]
+            row.append(" / ".join(cell([sum(scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
+                                            for g, cid in members) / len(members) for s in seeds])
+                                  for metric in ("self_last", "others_last")))
+        typer.echo(f"| {method} | " + " | ".join(row) + " |")
     typer.echo(f"\nClients with a same-model peer in their group and without one, paired Self A_last / Others A_last "
                f"(vs {reference}; {len(peerless)} client(s) without):\n")
     typer.echo("| method | with a same-model peer | without one |")
@@ -180,10 +225,14 @@ def _last_round_self(run: Path) -> dict[str, dict[str, float]]:
 
 
 @app.command("by-task")
-def by_task(compare_dirs: list[Path], reference: str = typer.Option("local", help="the method paired against")) -> None:
+def by_task(
+    compare_dirs: list[Path],
+    reference: str = typer.Option("local", help="the method paired against"),
+    also: list[str] = typer.Option([], help=ALSO_HELP),
+) -> None:
     """Self A_last split by where a task sits in its client's stream (``SLOTS``), paired against
     ``reference``: per seed the mean over the groups' tasks of that slot, then mean ± 95 %."""
-    groups = [json.loads((d / "comparison.json").read_text()) for d in compare_dirs]
+    groups = list(_comparisons(compare_dirs, also, reference).values())
     methods, seeds = _methods_and_seeds(groups, reference)
     runs = [{m: dict(zip(c["methods"][m]["seeds"], map(Path, c["methods"][m]["runs"]), strict=True)) for m in methods}
             for c in groups]

@@ -113,3 +113,32 @@ def test_by_task_splits_self_by_the_place_of_a_task_in_its_stream(tmp_path: Path
     assert "| local | 50.0 ± 0.0 | 50.0 ± 0.0 | 50.0 ± 0.0 |" in lines
     # first: +20 in both seeds; peer-trained: +10 then +30 (mean +20, ± 12.706 · 14.14 / √2); new: −10
     assert "| shared | +20.0 ± 0.0 | +20.0 ± 127.1 | -10.0 ± 0.0 |" in lines, result.output
+
+
+def test_also_pairs_the_local_runs_of_another_comparison_as_a_method(tmp_path: Path) -> None:
+    base = {"Digits-0": 0.5, "Digits-1": 0.5, "Digits-2": 0.5, "Digits-3": 0.5, "Digits-4": 0.5, "Digits-5": 0.5}
+    pooled = {s: {**base, "Digits-1": 0.5 + d, "Digits-3": 0.5 + d} for s, d in ((5, 0.1), (6, 0.3))}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    folder = _streamed_group(tmp_path / "a", {"local": {5: base, 6: base}})
+    other = _streamed_group(tmp_path / "b", {"local": pooled})
+    app = load_bench("group_oracle").app
+    result = CliRunner().invoke(app, ["by-task", str(folder), "--also", f"local-pooled={other}"])
+    assert result.exit_code == 0, result.output
+    assert "| local-pooled | +0.0 ± 0.0 | +20.0 ± 127.1 | +0.0 ± 0.0 |" in result.output.splitlines(), result.output
+    for also, message in ((f"local={other}", "already compared"), (f"x={folder}", "has no 'fedavg' runs"),
+                          (str(other), "expected NAME=DIR")):
+        args = ["by-task", str(folder), "--also", also] + (["--reference", "fedavg"] if also.startswith("x=") else [])
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2 and message in " ".join(result.output.replace("│", " ").split()), result.output
+
+
+def test_summary_pairs_per_base_model(tmp_path: Path) -> None:
+    models = {"0": "small", "1": "small", "2": "medium"}
+    local = {5: {"0": 0.5, "1": 0.6, "2": 0.7}, 6: {"0": 0.5, "1": 0.6, "2": 0.7}}
+    shared = {5: {"0": 0.6, "1": 0.8, "2": 0.6}, 6: {"0": 0.6, "1": 0.8, "2": 0.6}}  # small +10/+20, medium −10
+    result = CliRunner().invoke(load_bench("group_oracle").app,
+                                ["summary", str(_group(tmp_path, "a", models, {"local": local, "shared": shared}))])
+    assert result.exit_code == 0, result.output
+    assert "| method | medium (1) | small (2) |" in result.output
+    assert "| shared | -10.0 ± 0.0 / -5.0 ± 0.0 | +15.0 ± 0.0 / +7.5 ± 0.0 |" in result.output, result.output
