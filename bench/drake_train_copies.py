@@ -17,6 +17,10 @@ client trains alone on what a federation could at most have shared with it as da
 for the Self of any method that shares over the same stream. Its Others are not meaningful (a
 client has trained on some of its peers' tasks).
 
+``rehearsal`` computes, with the clients' replay memory, the share of a client's training draws
+that go to its first task once its second has begun, for a given number of new samples a round:
+what a pooled copy's extra data takes from the rehearsal of earlier tasks at a fixed step budget.
+
 Put one copy per seed under a cache of its own, next to the source cache's prepared bases and
 models, and run ``fedmosaic compare`` there (``bench/group_oracle.py`` for the skill-group split):
 
@@ -41,6 +45,7 @@ import typer
 
 from drake_data.layout import load_scenario
 from drake_data.mini.builder import read_manifest
+from drake_data.streams import ReplayMemory
 from fedmosaic_core.storage import atomic_write_text
 
 app = typer.Typer(add_completion=False)
@@ -140,6 +145,42 @@ def pool_kind(source: Path, out: Path, scenario_file: Path, when: str = "earlier
     return copy_with_train_splits(
         source, out, pooled, ("pooled_from", {"scenario": str(scenario_file.resolve()), "when": when, "peers": peers})
     )
+
+
+def first_task_share(first: int, later: int, steps: int, batch_size: int, rounds_per_task: int, seed: int) -> list[float]:
+    """The share of a client's training draws that go to its first task's samples in each round
+    of its second task, under the client's replay memory (``drake_data.streams.ReplayMemory``):
+    ``first`` then ``later`` new samples a round, ``steps`` batches of ``batch_size`` a round."""
+    memory = ReplayMemory(seed=seed)
+    shares = []
+    for round_index in range(2 * rounds_per_task):
+        second = round_index >= rounds_per_task
+        memory.add([f"{'later' if second else 'first'}-{round_index}-{i}" for i in range(later if second else first)])
+        drawn = [key for _ in range(steps) for key in memory.sample(batch_size)]
+        if second:
+            shares.append(sum(key.startswith("first-") for key in drawn) / len(drawn))
+    return shares
+
+
+@app.command()
+def rehearsal(
+    first: int = typer.Option(30, help="new samples a round while the client trains its first task"),
+    later: list[int] = typer.Option([30, 60], help="new samples a round on its second task (one row each)"),
+    steps: list[int] = typer.Option([32], help="batches a round (one row each)"),
+    batch_size: int = typer.Option(8),
+    rounds_per_task: int = typer.Option(4),
+    seeds: int = typer.Option(20, help="replay-memory seeds averaged"),
+) -> None:
+    """How much of a client's training rehearses its first task once its second begins, when the
+    second brings ``later`` new samples a round (a pooled copy doubles them)."""
+    typer.echo("| new samples a round (first task → second) | batches a round | "
+               + " | ".join(f"round {rounds_per_task + k + 1}" for k in range(rounds_per_task)) + " |")
+    typer.echo("|---" * (2 + rounds_per_task) + "|")
+    for n in later:
+        for k in steps:
+            rows = [first_task_share(first, n, k, batch_size, rounds_per_task, seed) for seed in range(seeds)]
+            means = [sum(r[i] for r in rows) / seeds for i in range(rounds_per_task)]
+            typer.echo(f"| {first} → {n} | {k} | " + " | ".join(f"{m:.2f}" for m in means) + " |")
 
 
 @app.command()

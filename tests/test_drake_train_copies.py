@@ -93,3 +93,12 @@ def test_pooling_by_a_scenario_of_other_tasks_is_refused_and_nothing_is_left(tin
     with pytest.raises(typer.BadParameter, match=r"two.json trains \['Digits-0', 'Digits-1', 'Digits-2', 'Digits-3'\]"):
         load_bench("drake_train_copies").pool_kind(tiny, tmp_path / "pooled", tmp_path / "two.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.json"]
+
+
+def test_a_doubled_second_task_takes_the_rehearsal_of_the_first_at_a_fixed_step_budget() -> None:
+    share = load_bench("drake_train_copies").first_task_share
+    same, doubled, doubled_steps = (share(30, n, k, 8, 4, seed=0) for n, k in ((30, 32), (60, 32), (60, 64)))
+    assert len(same) == 4 and all(0.0 <= s <= 1.0 for s in same + doubled)
+    # the 60 unused samples of round 5 draw almost every batch away from the 120 used ones
+    assert doubled[0] < same[0] / 3 and doubled_steps[0] > 2 * doubled[0]
+    assert sum(doubled) < sum(same)
