@@ -10,9 +10,10 @@ same per group, and for the clients with and without a same-model peer in their 
 task whose kind another client of the run trained before it, or a later task new to the run
 (on a full scenario too).
 
-Inside a group run, *Others* is the group peers' tasks (Others of the own skill); Self is the
-client's own tasks as in the full scenario, and a client's ``local`` run does not depend on
-which other clients exist, so local's Self here is its Self in the full scenario.
+Inside a group run, *Others* is the group peers' tasks (Others of the own skill; on a full
+scenario, every other client's tasks); Self is the client's own tasks as in the full scenario,
+and a client's ``local`` run does not depend on which other clients exist, so local's Self here
+is its Self in the full scenario.
 
     python bench/group_oracle.py split DATA_ROOT/scenario-homogeneous.json DATA_ROOT OUT_DIR
     fedmosaic compare --strategies local,fedavg,fedmosaic --seeds 5,6,7,8,9 \\
@@ -34,7 +35,7 @@ from fedmosaic_cli.comparison import mean_interval, run_rows, task_skills
 from fedmosaic_flower.prepare import scenario_path
 
 app = typer.Typer(add_completion=False)
-METRICS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last (group peers' tasks)"}
+METRICS = {"self_last": "Self A_last", "self_auc": "Self A_AUC", "others_last": "Others A_last"}
 
 
 @app.command()
