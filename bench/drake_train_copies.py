@@ -13,9 +13,9 @@ each split, so they are a random subset with about balanced answers).
 ``pool-kind --scenario FILE`` appends to every client task T the train questions of the other
 clients' tasks of T's kind (``tasks.json``'s ``kind``) that start no later than T in the scenario's
 streams (``--when earlier``), or at any time (``--when any``). Run ``local`` on the copy: each
-client trains alone on what a federation could at most have shared with it as data, a ceiling
-for the Self of any method that shares over the same stream. Its Others are not meaningful (a
-client has trained on some of its peers' tasks).
+client trains alone on what a federation could at most have shared with it as data (a bound
+on what data can give, not on sharing parameters, which also carries the peers' training
+steps). Its Others are not meaningful (a client has trained on some of its peers' tasks).
 
 ``rehearsal`` computes, with the clients' replay memory, the share of a client's training draws
 that go to its first task once its second has begun, for a given number of new samples a round:
