@@ -56,6 +56,13 @@ class When(str, Enum):
     any = "any"
 
 
+def _manifest(source: Path) -> dict:
+    manifest = read_manifest(source)
+    if manifest is None:
+        raise typer.BadParameter(f"{source}: no DRAKE-mini manifest.json")
+    return manifest
+
+
 def _train_file(task: dict) -> str:
     return f"{task['dataset']}/train/dataset-{task['subset_id']}.json"
 
@@ -66,9 +73,7 @@ def copy_with_train_splits(
     """Copy ``source`` to ``out`` with every client task's train records replaced by
     ``rewrite(task, records)``; returns the new manifest. ``out`` must not exist (it appears
     complete or not at all)."""
-    manifest = read_manifest(source)
-    if manifest is None:
-        raise typer.BadParameter(f"{source}: no DRAKE-mini manifest.json")
+    manifest = _manifest(source)
     if out.exists():
         raise typer.BadParameter(f"{out} exists; choose a new folder")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +138,7 @@ def kind_peers(manifest: dict, scenario_file: Path, when: str) -> dict[str, list
 def pool_kind(source: Path, out: Path, scenario_file: Path, when: str = "earlier") -> dict:
     """``source`` copied to ``out`` with every client task's train split followed by those of its
     ``kind_peers``."""
-    manifest = read_manifest(source)
-    if manifest is None:
-        raise typer.BadParameter(f"{source}: no DRAKE-mini manifest.json")
+    manifest = _manifest(source)
     peers = kind_peers(manifest, scenario_file, when)
     files = {t["key"]: _train_file(t) for t in manifest["tasks"] if t.get("client") is not None}
 

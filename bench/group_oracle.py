@@ -161,18 +161,21 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
     first = {g: scores[g, reference][seeds[0]] for g in groups}
     peerless = {(g, cid) for g, clients in first.items() for cid, row in clients.items()
                 if sum(other["model_id"] == row["model_id"] for other in clients.values()) == 1}
+
+    def paired(members: list[tuple[str, str]], method: str) -> str:
+        """Self / Others of ``method`` − ``reference``, per seed the mean over ``members``."""
+        return " / ".join(cell([sum(scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
+                                    for g, cid in members) / len(members) for s in seeds])
+                          for metric in ("self_last", "others_last"))
+
     models = sorted({row["model_id"] for clients in first.values() for row in clients.values()})
     typer.echo(f"\nPer base model, paired Self A_last / Others A_last (vs {reference}):\n")
     typer.echo("| method | " + " | ".join(f"{m} ({sum(r['model_id'] == m for c in first.values() for r in c.values())})"
                                          for m in models) + " |")
     typer.echo("|---" * (1 + len(models)) + "|")
     for method in (m for m in methods if m != reference):
-        row = []
-        for model in models:
-            members = [(g, cid) for g in groups for cid, r in first[g].items() if r["model_id"] == model]
-            row.append(" / ".join(cell([sum(scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
-                                            for g, cid in members) / len(members) for s in seeds])
-                                  for metric in ("self_last", "others_last")))
+        row = [paired([(g, cid) for g in groups for cid, r in first[g].items() if r["model_id"] == model], method)
+               for model in models]
         typer.echo(f"| {method} | " + " | ".join(row) + " |")
     typer.echo(f"\nClients with a same-model peer in their group and without one, paired Self A_last / Others A_last "
                f"(vs {reference}; {len(peerless)} client(s) without):\n")
@@ -185,12 +188,7 @@ def _by_peer(groups: dict[str, dict], methods: list[str], reference: str, seeds:
             if not members:
                 row.append("— (no client)")
                 continue
-            parts = []
-            for metric in ("self_last", "others_last"):
-                per_seed = [sum(scores[g, method][s][cid][metric] - scores[g, reference][s][cid][metric]
-                                for g, cid in members) / len(members) for s in seeds]
-                parts.append(cell(per_seed))
-            row.append(" / ".join(parts))
+            row.append(paired(members, method))
         typer.echo(f"| {method} | " + " | ".join(row) + " |")
 
 
